@@ -1,0 +1,161 @@
+"""``unet-train``: the one console command. Parses argv and settings, then dispatches.
+
+This is the only module that reads argv or settings.yaml. Every sub-command is a thin
+wrapper over a library function that takes typed settings. Heavy imports (TensorFlow,
+Horovod) happen inside the command that needs them, after CPU settings are applied.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from trainer.errors import UserError
+
+DEFAULT_SETTINGS = Path("settings.yaml")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unet-train", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = _command(sub, "config", "show the merged configuration", _cmd_config)
+    config.add_argument("action", choices=["show"])
+
+    synth = _command(sub, "synth", "write a synthetic dataset in the real BraTS/Decathlon layout", _cmd_synth)
+    synth.add_argument("--format", required=True, choices=["brats", "decathlon"])
+    synth.add_argument("--out", required=True, type=Path, help="dataset folder to create")
+    synth.add_argument("--cases", type=_positive_int, default=20, help="labelled cases (default 20)")
+    synth.add_argument("--test-cases", type=_non_negative_int, default=None,
+                       help="decathlon: unlabelled imagesTs cases (default cases/3)")
+    synth.add_argument("--seed", type=_non_negative_int, default=0)
+    synth.add_argument("--size", type=_shape3, default=None,
+                       help="X,Y,Z volume size (default the real 240,240,155; smaller for tests)")
+    synth.add_argument("--workers", type=_non_negative_int, default=0, help="processes (0 = CPU count)")
+    synth.add_argument("--no-appledouble", action="store_true",
+                       help="decathlon: omit the macOS ._* files the official tarball carries")
+    synth.add_argument("--overwrite", action="store_true")
+
+    prepare = _command(sub, "prepare", "convert raw data: BraTS -> 2D slices HDF5, Decathlon -> checked cache + split",
+                       _cmd_prepare)
+    prepare.add_argument("--format", required=True, choices=["brats", "decathlon"])
+    prepare.add_argument("--src", type=Path, default=None, help="raw dataset folder (default from settings)")
+    prepare.add_argument("--out", type=Path, default=None,
+                         help="brats: slices .h5 file; decathlon: cache folder (default from settings)")
+    prepare.add_argument("--workers", type=_non_negative_int, default=0)
+    prepare.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def _command(sub, name: str, help_text: str, handler: Callable, settings: bool = True) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help_text, description=help_text)
+    if settings:
+        parser.add_argument("--settings", type=Path, default=None,
+                            help=f"settings file (default ./{DEFAULT_SETTINGS} when present)")
+        parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                            help="override one setting, e.g. --set train.epochs=3 (repeatable)")
+        parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def load_cli_settings(args: argparse.Namespace, flags: dict[str, Any] | None = None):
+    from trainer.config import load_settings
+
+    path = args.settings
+    if path is None and DEFAULT_SETTINGS.is_file():
+        path = DEFAULT_SETTINGS
+    return load_settings(path, args.overrides, flags)
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from trainer.config import settings_to_yaml
+
+    print(settings_to_yaml(load_cli_settings(args)), end="")
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from trainer.data.synth.phantom import REAL_SHAPE
+    from trainer.data.synth.writers import SynthRequest, write_brats, write_decathlon
+
+    load_cli_settings(args)  # validate settings even though synth needs none of them
+    request = SynthRequest(out=args.out, cases=args.cases, seed=args.seed, shape=args.size or REAL_SHAPE,
+                           test_cases=args.test_cases, appledouble=not args.no_appledouble,
+                           workers=args.workers, overwrite=args.overwrite)
+    writer = write_brats if args.format == "brats" else write_decathlon
+    out = writer(request, progress=not args.quiet)
+    print(f"wrote {args.cases} {args.format} case(s) to {out}")
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from trainer.data.split import split_path_for
+
+    settings = load_cli_settings(args)
+    if args.format == "brats":
+        from trainer.data.prepare2d import PrepareRequest, prepare_brats
+
+        request = PrepareRequest(src=args.src or settings.data.brats_dir, out=args.out or settings.data.slices_h5,
+                                 image_size=settings.data.image_size, split=settings.data.split,
+                                 workers=args.workers, overwrite=args.overwrite)
+        counts = prepare_brats(request, progress=not args.quiet)
+        print(f"wrote {request.out} (slices: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+              + f"); split: {split_path_for(request.out)}")
+    else:
+        from trainer.data.decathlon import prepare_decathlon
+
+        src = args.src or settings.data.decathlon_dir
+        cache = args.out or settings.data.cache_dir
+        split_file = settings.data.decathlon_split
+        split = prepare_decathlon(src, cache, settings.data.split, split_file, progress=not args.quiet)
+        print(f"checked {sum(len(v) for v in split.values())} case(s) in {src}; cache: {cache}; "
+              f"split: {split_file}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _shape3(text: str) -> tuple[int, int, int]:
+    parts = text.replace("x", ",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 8:
+        raise argparse.ArgumentTypeError(f"expected X,Y,Z with each >= 8, e.g. 64,64,48; got {text!r}")
+    return shape  # type: ignore[return-value]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except UserError as exc:
+        print(f"unet-train {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"unet-train {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

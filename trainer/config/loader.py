@@ -1,0 +1,93 @@
+"""Read settings.yaml, apply ``--set key=value`` overrides, validate once."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+from pydantic import ValidationError
+
+from trainer.config.settings import Settings
+from trainer.errors import ConfigError
+
+
+def load_settings(path: Path | None, overrides: Iterable[str] = (),
+                  flag_overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Return validated settings: file < ``--set`` overrides < explicit CLI flags."""
+    raw = _read_yaml(path) if path is not None else {}
+    for item in overrides:
+        key, value = _parse_override(item)
+        _assign(raw, key, value, source=f"--set {item}")
+    for key, value in (flag_overrides or {}).items():
+        if value is not None:
+            _assign(raw, key, value, source=f"--{key.split('.')[-1].replace('_', '-')}")
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, path)) from None
+
+
+def settings_to_yaml(settings: Settings) -> str:
+    """The merged configuration as YAML (what ``unet-train config show`` prints)."""
+    data = settings.model_dump(mode="json", by_alias=True)
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: settings file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read settings file ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (data, model, train, ...), "
+                          f"got {type(data).__name__}")
+    return data
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=3")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def _assign(tree: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{source}: '{'.'.join(parts[:depth + 1])}' is a value, not a section")
+        node = child
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def _format_validation_error(exc: ValidationError, path: Path | None) -> str:
+    source = str(path) if path is not None else "settings"
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "(root)"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key (check spelling; see settings.yaml for the valid keys)"
+        got = err.get("input")
+        shown = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{source}: {key}: {message}{shown}")
+    return "\n".join(lines)

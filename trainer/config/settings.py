@@ -1,0 +1,181 @@
+"""Typed settings: the one schema behind settings.yaml.
+
+Parsed once at the CLI edge (see ``trainer.config.load``) and passed down as these
+immutable objects; nothing below the CLI reads YAML, argv or the environment for
+configuration. Unknown keys, wrong types and out-of-range values are rejected by
+pydantic with the offending key's dotted path.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Modality = Literal["flair", "t1", "t1ce", "t2"]
+MODALITIES: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
+
+
+def _check_host_port(address: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9.-]+:[0-9]{1,5}", address):
+        raise ValueError(f"expected 'host:port' (letters, digits, '.', '-'), got {address!r}")
+    port = int(address.rsplit(":", 1)[1])
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port out of range 1..65535 in {address!r}")
+    return address
+
+
+class _Section(BaseModel):
+    """Strict, frozen base: typos in settings must fail loudly, not be ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class SplitSettings(_Section):
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    seed: int = Field(42, ge=0)
+
+    @model_validator(mode="after")
+    def _leave_training_cases(self) -> "SplitSettings":
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be < 1 (no cases left to train on)")
+        return self
+
+
+class DataSettings(_Section):
+    brats_dir: Path = Path("data/raw/MICCAI_BraTS_2019_Data_Training")
+    slices_h5: Path = Path("data/brats_slices.h5")
+    decathlon_dir: Path = Path("data/raw/Task01_BrainTumour")
+    cache_dir: Optional[Path] = Path("data/cache/decathlon")
+    decathlon_split: Path = Path("data/decathlon.split.json")
+    channels: tuple[Modality, ...] = Field(MODALITIES, min_length=1, max_length=4)
+    image_size: int = Field(128, ge=16, le=1024, multiple_of=16)
+    crop_size: tuple[int, int, int] = (64, 64, 64)
+    tumour_crop_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    split: SplitSettings = SplitSettings()
+    augment: bool = True
+    shuffle: bool = True
+    shuffle_buffer: int = Field(2048, ge=1)
+    parallel_calls: int = Field(0, ge=0, description="0 = tf.data AUTOTUNE")
+    prefetch: int = Field(0, ge=0, description="0 = tf.data AUTOTUNE")
+
+    @field_validator("crop_size")
+    @classmethod
+    def _crop_divisible_by_16(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(edge < 16 or edge % 16 for edge in value):
+            raise ValueError(f"every crop edge must be a multiple of 16 and >= 16, got {list(value)}")
+        return value
+
+    @field_validator("channels")
+    @classmethod
+    def _unique_channels(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"channels must not repeat, got {list(value)}")
+        return value
+
+
+class ModelSettings(_Section):
+    base_filters_2d: int = Field(32, ge=1, le=256)
+    base_filters_3d: int = Field(16, ge=1, le=128)
+    upsampling: Literal["transposed", "upsample"] = "transposed"
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    batch_norm_2d: bool = False
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+
+
+class LossSettings(_Section):
+    name: Literal["dice", "log_dice", "bce_dice"] = "bce_dice"
+    bce_weight: float = Field(1.0, ge=0.0)
+    smooth_numerator: float = Field(1.0, ge=0.0)
+    smooth_denominator: float = Field(1.0, gt=0.0)
+
+
+class ScheduleSettings(_Section):
+    name: Literal["constant", "step", "cosine", "plateau"] = "constant"
+    step_epochs: int = Field(10, ge=1)
+    gamma: float = Field(0.5, gt=0.0, le=1.0)
+    min_lr: float = Field(1e-6, ge=0.0)
+    plateau_patience: int = Field(3, ge=1)
+
+
+class TrainSettings(_Section):
+    model: Literal["2d", "3d"] = "2d"
+    dist: Literal["single", "horovod", "ps"] = "single"
+    run_dir: Path = Path("runs")
+    run_name: str = Field("default", pattern=r"^[A-Za-z0-9._-]+$")
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(16, ge=1, description="per worker/rank")
+    steps_per_epoch: int = Field(0, ge=0, description="0 = one pass over the (sharded) training set")
+    validation_steps: int = Field(0, ge=0, description="0 = one pass over the (sharded) validation set")
+    optimizer: Literal["adam", "sgd"] = "adam"
+    learning_rate: float = Field(1e-3, gt=0.0, le=10.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    scale_lr: bool = Field(True, description="multiply LR by the number of workers (Horovod/PS)")
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    loss: LossSettings = LossSettings()
+    schedule: ScheduleSettings = ScheduleSettings()
+    early_stopping_patience: int = Field(0, ge=0, description="0 = off")
+    keep_checkpoints: int = Field(3, ge=1)
+    image_every_epochs: int = Field(1, ge=0, description="0 = no TensorBoard image panels")
+    mixed_precision: bool = False
+    seed: int = Field(1234, ge=0)
+
+
+class CpuSettings(_Section):
+    intra_op_threads: int = Field(0, ge=0, description="0 = physical cores / local ranks")
+    inter_op_threads: int = Field(2, ge=1)
+    omp_num_threads: int = Field(0, ge=0, description="0 = same as intra_op_threads")
+    kmp_blocktime: int = Field(1, ge=0)
+    kmp_affinity: str = Field("granularity=fine,compact,1,0", pattern=r"^[A-Za-z0-9_=,.]*$")
+    onednn: bool = True
+    numa_node: int = Field(-1, ge=-1, description="-1 = no numactl binding")
+    knl_mcdram: bool = False
+
+
+class ClusterSettings(_Section):
+    ps_hosts: tuple[str, ...] = ("127.0.0.1:2222",)
+    worker_hosts: tuple[str, ...] = ("127.0.0.1:2223", "127.0.0.1:2224")
+    chief_host: str = "127.0.0.1:2225"
+    asynchronous: bool = Field(False, alias="async")
+    startup_timeout_s: float = Field(60.0, gt=0.0)
+    step_timeout_s: float = Field(300.0, gt=0.0)
+    ssh_user: str = Field("", pattern=r"^[A-Za-z0-9._-]*$")
+    ssh_key: Optional[Path] = None
+    ssh_port: int = Field(22, ge=1, le=65535)
+    workdir: str = Field("~/unet-train", pattern=r"^[A-Za-z0-9_./~-]+$")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("ps_hosts", "worker_hosts")
+    @classmethod
+    def _host_ports(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for address in value:
+            _check_host_port(address)
+        return value
+
+    @field_validator("chief_host")
+    @classmethod
+    def _chief_host_port(cls, value: str) -> str:
+        return _check_host_port(value)
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    tensorboard_host: str = "127.0.0.1"
+    tensorboard_port: int = Field(6006, ge=1, le=65535)
+    log_file: str = "training.log"
+
+
+class Settings(_Section):
+    data: DataSettings = DataSettings()
+    model: ModelSettings = ModelSettings()
+    train: TrainSettings = TrainSettings()
+    cpu: CpuSettings = CpuSettings()
+    cluster: ClusterSettings = ClusterSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @property
+    def run_path(self) -> Path:
+        return self.train.run_dir / self.train.run_name
