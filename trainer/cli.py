@@ -46,7 +46,29 @@ def build_parser() -> argparse.ArgumentParser:
                          help="brats: slices .h5 file; decathlon: cache folder (default from settings)")
     prepare.add_argument("--workers", type=_non_negative_int, default=0)
     prepare.add_argument("--overwrite", action="store_true")
+
+    train = _command(sub, "train", "train a UNet (single process, Horovod or parameter-server chief)", _cmd_train)
+    _add_run_flags(train)
+    train.add_argument("--dist", choices=["single", "horovod", "ps"], default=None)
+    train.add_argument("--epochs", type=_positive_int, default=None)
+    train.add_argument("--batch-size", type=_positive_int, default=None, help="per worker/rank")
+    train.add_argument("--learning-rate", type=float, default=None)
     return parser
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=["2d", "3d"], default=None)
+    parser.add_argument("--run-name", default=None, help="runs/<run-name>/ (resumes when it holds a checkpoint)")
+    parser.add_argument("--run-dir", type=Path, default=None)
+
+
+RUN_FLAGS = {"model": "train.model", "run_name": "train.run_name", "run_dir": "train.run_dir",
+             "dist": "train.dist", "epochs": "train.epochs", "batch_size": "train.batch_size",
+             "learning_rate": "train.learning_rate"}
+
+
+def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {key: getattr(args, attr) for attr, key in RUN_FLAGS.items() if hasattr(args, attr)}
 
 
 def _command(sub, name: str, help_text: str, handler: Callable, settings: bool = True) -> argparse.ArgumentParser:
@@ -113,6 +135,55 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         split = prepare_decathlon(src, cache, settings.data.split, split_file, progress=not args.quiet)
         print(f"checked {sum(len(v) for v in split.values())} case(s) in {src}; cache: {cache}; "
               f"split: {split_file}")
+    return 0
+
+
+def _start_runtime(settings):
+    """Apply CPU settings, import TensorFlow, and start the runtime named by train.dist."""
+    from trainer.runtime.cpu import apply_cpu_environment, configure_threads
+
+    plan = apply_cpu_environment(settings.cpu)
+    configure_threads(plan)
+    if settings.train.dist == "horovod":
+        from trainer.runtime.horovod import HorovodRuntime
+
+        runtime = HorovodRuntime.start()
+    elif settings.train.dist == "ps":
+        raise UserError("train.dist=ps: start the roles with 'unet-train ps|worker|chief' "
+                        "(see README, parameter-server mode)")
+    else:
+        from trainer.runtime.base import SingleRuntime
+
+        runtime = SingleRuntime()
+    _log_to_run_file(settings, runtime)
+    logging.getLogger(__name__).info("rank %d/%d, threads: %s", runtime.rank, runtime.size, plan.describe())
+    return runtime
+
+
+def _log_to_run_file(settings, runtime) -> None:
+    root = logging.getLogger()
+    if not runtime.is_chief:
+        root.setLevel(logging.WARNING)
+        return
+    settings.run_path.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(settings.run_path / settings.logging.log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(settings.logging.level)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    settings = load_cli_settings(args, _flag_overrides(args))
+    runtime = _start_runtime(settings)
+    from trainer.training.run import train
+
+    try:
+        result = train(settings, runtime)
+    finally:
+        runtime.shutdown()
+    if runtime.is_chief:
+        print(f"trained {result.epochs_run} epoch(s) (now at epoch {result.final_epoch}, step {result.step}); "
+              f"best val Dice {result.best_val_dice:.4f}; run: {result.run_path}")
     return 0
 
 

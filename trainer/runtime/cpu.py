@@ -1,0 +1,90 @@
+"""CPU threading and oneDNN settings, applied before TensorFlow is imported.
+
+TensorFlow reads TF_ENABLE_ONEDNN_OPTS and OpenMP/KMP variables once, at import time, so
+``apply_cpu_environment`` must run first (the CLI calls it before importing anything that
+imports TensorFlow); thread-pool sizes are set right after import by ``configure_threads``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from dataclasses import dataclass
+
+from trainer.config.settings import CpuSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    intra_op: int
+    inter_op: int
+    env: dict[str, str]
+
+    def describe(self) -> str:
+        env = " ".join(f"{k}={v}" for k, v in sorted(self.env.items()))
+        return f"intra_op={self.intra_op} inter_op={self.inter_op} {env}"
+
+
+def physical_cores() -> int:
+    """Physical cores (not hyper-threads) from ``lscpu -p``; falls back to os.cpu_count()."""
+    try:
+        out = subprocess.run(["lscpu", "-p=CORE,SOCKET"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout
+        cores = {line for line in out.splitlines() if line and not line.startswith("#")}
+        if cores:
+            return len(cores)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.cpu_count() or 1
+
+
+def local_ranks_from_environment() -> int:
+    """Processes sharing this host, as told by horovodrun (Gloo) or mpirun (Open MPI)."""
+    for key in ("HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+        if os.environ.get(key, "").isdigit():
+            return max(1, int(os.environ[key]))
+    return 1
+
+
+def plan_threads(cpu: CpuSettings, local_ranks: int = 1, cores: int | None = None) -> ThreadPlan:
+    cores = cores or physical_cores()
+    intra = cpu.intra_op_threads or max(1, cores // max(1, local_ranks))
+    omp = cpu.omp_num_threads or intra
+    env = {
+        "TF_ENABLE_ONEDNN_OPTS": "1" if cpu.onednn else "0",
+        "OMP_NUM_THREADS": str(omp),
+        "KMP_BLOCKTIME": str(cpu.kmp_blocktime),
+        "KMP_AFFINITY": cpu.kmp_affinity,
+        "TF_NUM_INTRAOP_THREADS": str(intra),
+        "TF_NUM_INTEROP_THREADS": str(cpu.inter_op_threads),
+    }
+    return ThreadPlan(intra_op=intra, inter_op=cpu.inter_op_threads, env=env)
+
+
+def apply_cpu_environment(cpu: CpuSettings, local_ranks: int | None = None) -> ThreadPlan:
+    """Export the plan's variables into this process (call before importing TensorFlow)."""
+    plan = plan_threads(cpu, local_ranks or local_ranks_from_environment())
+    os.environ.update(plan.env)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    return plan
+
+
+def configure_threads(plan: ThreadPlan) -> None:
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(plan.intra_op)
+        tf.config.threading.set_inter_op_parallelism_threads(plan.inter_op)
+    except RuntimeError:  # already initialised (e.g. a second run in one process): keep the first
+        log.debug("TensorFlow thread pools already initialised; keeping them")
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

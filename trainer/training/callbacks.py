@@ -1,0 +1,171 @@
+"""Keras callbacks: each cross-cutting concern of a run is one pluggable handler."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from trainer.config.settings import ScheduleSettings
+from trainer.fsutil import write_json
+from trainer.training.panels import panel, volume_panel
+from trainer.training.state import CheckpointStore, TrainingState
+
+log = logging.getLogger(__name__)
+MONITOR = "val_dice"
+
+
+class Throughput(tf.keras.callbacks.Callback):
+    """images/s over the whole epoch (all workers), added to the epoch logs."""
+
+    def __init__(self, global_batch: int, steps_per_epoch: int):
+        super().__init__()
+        self.global_batch, self.steps = global_batch, steps_per_epoch
+        self._start = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._train_end = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = getattr(self, "_train_end", time.perf_counter()) - self._start
+        logs["images_per_sec"] = self.global_batch * self.steps / max(seconds, 1e-9)
+        logs["epoch_seconds"] = time.perf_counter() - self._start
+
+
+class LearningRateController(tf.keras.callbacks.Callback):
+    """One owner of the LR: schedule x plateau factor x worker scaling, with linear warm-up.
+
+    Warm-up follows Goyal et al. (and Horovod's recipe): the LR ramps from the single-worker
+    value to the scaled value over ``warmup_epochs``.
+    """
+
+    def __init__(self, base_lr: float, scale: float, warmup_epochs: float, steps_per_epoch: int,
+                 epochs: int, schedule: ScheduleSettings, state: TrainingState):
+        super().__init__()
+        self.base_lr, self.scale, self.warmup = base_lr, scale, warmup_epochs
+        self.steps, self.epochs, self.schedule, self.state = steps_per_epoch, epochs, schedule, state
+        self._epoch = 0
+
+    def lr_at(self, epoch: int, batch: int = 0) -> float:
+        sched = self.schedule
+        if sched.name == "step":
+            factor = sched.gamma ** (epoch // sched.step_epochs)
+        elif sched.name == "cosine":
+            factor = 0.5 * (1 + math.cos(math.pi * min(epoch, self.epochs) / self.epochs))
+        else:
+            factor = 1.0
+        lr = self.base_lr * factor * float(self.state.lr_factor.numpy())
+        target = max(lr * self.scale, sched.min_lr if sched.name != "constant" else 0.0)
+        progress = (epoch + batch / self.steps) / self.warmup if self.warmup > 0 else 1.0
+        if progress < 1.0 and self.scale > 1:
+            return target * (1.0 / self.scale + (1.0 - 1.0 / self.scale) * progress)
+        return target
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._set(self.lr_at(epoch))
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.warmup > 0 and self._epoch < self.warmup:
+            self._set(self.lr_at(self._epoch, batch))
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["lr"] = float(tf.keras.backend.get_value(self.model.optimizer.learning_rate))
+        if self.schedule.name != "plateau" or MONITOR not in logs:
+            return
+        if logs[MONITOR] > float(self.state.best_dice.numpy()):
+            self.state.plateau_wait.assign(0)
+        else:
+            self.state.plateau_wait.assign_add(1)
+            if int(self.state.plateau_wait.numpy()) >= self.schedule.plateau_patience:
+                self.state.lr_factor.assign(self.state.lr_factor * self.schedule.gamma)
+                self.state.plateau_wait.assign(0)
+                log.info("validation Dice plateaued: LR factor now %.4g", float(self.state.lr_factor.numpy()))
+
+    def _set(self, value: float) -> None:
+        self.model.optimizer.learning_rate.assign(value)
+
+
+class EpochCheckpoint(tf.keras.callbacks.Callback):
+    """Advance the epoch counter, track the best val Dice, early-stop, save (chief only).
+
+    Runs on every worker so that all of them take the same early-stop decision from the
+    (already averaged) validation metrics; only the chief writes files.
+    """
+
+    def __init__(self, store: CheckpointStore | None, state: TrainingState, patience: int):
+        super().__init__()
+        self.store, self.state, self.patience = store, state, patience
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.state.epoch.assign(epoch + 1)
+        score = logs.get(MONITOR)
+        is_best = score is not None and score > float(self.state.best_dice.numpy())
+        if is_best:
+            self.state.best_dice.assign(score)
+            self.state.best_epoch.assign(epoch + 1)
+            self.state.early_wait.assign(0)
+        else:
+            self.state.early_wait.assign_add(1)
+        logs["best_val_dice"] = float(self.state.best_dice.numpy())
+        if self.store is not None:
+            self.store.save(epoch + 1, is_best)
+        if self.patience and int(self.state.early_wait.numpy()) >= self.patience:
+            log.info("early stopping: no val Dice gain for %d epoch(s)", self.patience)
+            self.model.stop_training = True
+
+
+class JsonHistory(tf.keras.callbacks.Callback):
+    """history.json: one entry per epoch, appended across resumes, written atomically."""
+
+    def __init__(self, path: Path, extra: dict | None = None):
+        super().__init__()
+        self.path, self.extra = Path(path), extra or {}
+        try:
+            self.entries = json.loads(self.path.read_text())["epochs"]
+        except (OSError, ValueError, KeyError):
+            self.entries = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        entry = {"epoch": epoch + 1, "step": int(self.model.optimizer.iterations.numpy())}
+        entry.update({k: _jsonable(v) for k, v in (logs or {}).items()})
+        self.entries = [e for e in self.entries if e["epoch"] < epoch + 1] + [entry]
+        write_json(self.path, {**self.extra, "epochs": self.entries})
+
+
+class TensorBoardExtras(tf.keras.callbacks.Callback):
+    """LR and images/s scalars, and MRI/truth/prediction panels every N epochs."""
+
+    def __init__(self, log_dir: Path, sample: tuple[np.ndarray, np.ndarray] | None, every: int,
+                 threshold: float):
+        super().__init__()
+        self.writer = tf.summary.create_file_writer(str(Path(log_dir) / "train"))
+        self.sample, self.every, self.threshold = sample, every, threshold
+
+    def on_epoch_end(self, epoch, logs=None):
+        with self.writer.as_default(step=epoch + 1):
+            for key in ("lr", "images_per_sec"):
+                if key in logs:
+                    tf.summary.scalar(f"epoch_{key}", logs[key])
+            if self.sample is not None and self.every and (epoch + 1) % self.every == 0:
+                tf.summary.image("validation_overlay", self._panels(), max_outputs=4)
+        self.writer.flush()
+
+    def _panels(self) -> np.ndarray:
+        images, masks = self.sample
+        predictions = self.model.predict(images, verbose=0) > self.threshold
+        make = panel if images.ndim == 4 else volume_panel
+        panels = [make(images[i, ..., 0], masks[i, ..., 0], predictions[i, ..., 0]) for i in range(len(images))]
+        return np.stack(panels).astype(np.uint8)
+
+
+def _jsonable(value):
+    value = float(value) if isinstance(value, (np.floating, np.integer, float, int)) else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value

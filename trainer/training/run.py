@@ -1,0 +1,138 @@
+"""``train(settings, runtime)``: the one training path every execution mode reuses.
+
+The runtime decides who the process is (rank/size), how gradients are combined
+(optimizer wrapper) and how initial state is shared; this module does everything else
+identically, so single, Horovod and PS runs produce the same numbers.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import tensorflow as tf
+
+from trainer.config import Settings, settings_to_yaml
+from trainer.fsutil import write_json, write_text
+from trainer.losses import make_loss
+from trainer.metrics import keras_metrics
+from trainer.models import build_model
+from trainer.runtime.base import SingleRuntime
+from trainer.runtime.precision import apply_precision
+from trainer.training.callbacks import (EpochCheckpoint, JsonHistory, LearningRateController,
+                                        TensorBoardExtras, Throughput)
+from trainer.training.datasets import build_datasets
+from trainer.training.state import CheckpointStore, TrainingState, weights_checksum
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_path: Path
+    epochs_run: int
+    final_epoch: int
+    step: int
+    best_val_dice: float
+    resumed_from: str | None
+    weights_checksum: float
+
+
+def make_optimizer(settings: Settings):
+    train = settings.train
+    if train.optimizer == "sgd":
+        return tf.keras.optimizers.SGD(learning_rate=train.learning_rate, momentum=train.momentum)
+    return tf.keras.optimizers.Adam(learning_rate=train.learning_rate)
+
+
+def train(settings: Settings, runtime: SingleRuntime | None = None) -> TrainResult:
+    runtime = runtime or SingleRuntime()
+    train_cfg = settings.train
+    run_path = settings.run_path
+    tf.keras.utils.set_random_seed(train_cfg.seed)  # same initial weights on every worker
+    policy = apply_precision(train_cfg.mixed_precision)
+
+    model = build_model(train_cfg.model, settings.model, len(settings.data.channels),
+                        settings.data.image_size, settings.data.crop_size)
+    optimizer = runtime.wrap_optimizer(make_optimizer(settings))
+    model.compile(optimizer=optimizer, loss=make_loss(train_cfg.loss),
+                  metrics=keras_metrics(settings.model.threshold))
+    optimizer.build(model.trainable_variables)  # slots exist before restore and broadcast
+    state = TrainingState()
+    store = CheckpointStore(run_path, model, optimizer, state, train_cfg.keep_checkpoints)
+    resumed = store.restore_latest() if runtime.is_chief else None
+    runtime.sync_initial_state(model.variables + list(optimizer.variables) + state.all_variables())
+    initial_epoch = int(state.epoch.numpy())
+    if resumed:
+        log.info("resuming from %s: epoch %d, step %d, weights checksum %.6f", resumed, initial_epoch,
+                 int(optimizer.iterations.numpy()), weights_checksum(model.variables))
+    if initial_epoch >= train_cfg.epochs:
+        log.info("run %s already finished %d/%d epochs; nothing to do", run_path, initial_epoch, train_cfg.epochs)
+        return _result(run_path, 0, model, optimizer, state, resumed)
+
+    data = build_datasets(settings, runtime.shard, seed_offset=initial_epoch)
+    global_batch = train_cfg.batch_size * runtime.size
+    scale = runtime.size if train_cfg.scale_lr else 1
+    if runtime.is_chief:
+        run_path.mkdir(parents=True, exist_ok=True)
+        write_text(run_path / "settings.yaml", settings_to_yaml(settings))
+        log.info("%s run %s: model %s (%d params, %s), %d worker(s) x batch %d = global batch %d, "
+                 "%d steps/epoch, %d val steps, train samples/shard %d, LR %.3g x %d", runtime.name, run_path,
+                 train_cfg.model, model.count_params(), policy, runtime.size, train_cfg.batch_size,
+                 global_batch, data.steps_per_epoch, data.validation_steps, data.train_samples,
+                 train_cfg.learning_rate, scale)
+
+    callbacks = runtime.callbacks() + [
+        Throughput(global_batch, data.steps_per_epoch),
+        LearningRateController(train_cfg.learning_rate, scale, train_cfg.warmup_epochs, data.steps_per_epoch,
+                               train_cfg.epochs, train_cfg.schedule, state),
+        EpochCheckpoint(store if runtime.is_chief else None, state, train_cfg.early_stopping_patience),
+    ]
+    if runtime.is_chief:
+        callbacks += _chief_callbacks(settings, run_path, data, runtime)
+    history = model.fit(data.train, epochs=train_cfg.epochs, initial_epoch=initial_epoch,
+                        steps_per_epoch=data.steps_per_epoch, validation_data=data.val,
+                        validation_steps=data.validation_steps, callbacks=callbacks,
+                        verbose=_verbosity(runtime))
+    epochs_run = len(history.epoch)
+    result = _result(run_path, epochs_run, model, optimizer, state, resumed)
+    if runtime.is_chief:
+        write_json(run_path / "summary.json", {**result.__dict__, "run_path": str(run_path),
+                                               "dist": runtime.name, "workers": runtime.size,
+                                               "global_batch": global_batch, "precision": policy,
+                                               "host": platform.node()})
+        log.info("finished: epoch %d, step %d, best val Dice %.4f; TensorBoard logs in %s",
+                 result.final_epoch, result.step, result.best_val_dice, run_path / "tensorboard")
+    return result
+
+
+def _chief_callbacks(settings: Settings, run_path: Path, data, runtime) -> list:
+    tensorboard_dir = run_path / "tensorboard"
+    sample = None
+    if settings.train.image_every_epochs:
+        images, masks = next(iter(data.val.take(1)))
+        sample = (images.numpy()[:4], masks.numpy()[:4])
+    return [
+        tf.keras.callbacks.CSVLogger(str(run_path / "history.csv"), append=True),
+        JsonHistory(run_path / "history.json", {"dist": runtime.name, "workers": runtime.size}),
+        tf.keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir), update_freq="epoch",
+                                       write_graph=False, profile_batch=0),
+        TensorBoardExtras(tensorboard_dir, sample, settings.train.image_every_epochs, settings.model.threshold),
+    ]
+
+
+def _verbosity(runtime) -> int:
+    if not runtime.is_chief:
+        return 0
+    return 1 if sys.stdout.isatty() else 2
+
+
+def _result(run_path, epochs_run, model, optimizer, state, resumed) -> TrainResult:
+    return TrainResult(run_path=run_path, epochs_run=epochs_run, final_epoch=int(state.epoch.numpy()),
+                       step=int(optimizer.iterations.numpy()), best_val_dice=float(state.best_dice.numpy()),
+                       resumed_from=resumed, weights_checksum=weights_checksum(model.variables))
+
+
+__all__ = ["train", "TrainResult", "make_optimizer"]
