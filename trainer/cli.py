@@ -53,7 +53,40 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=_positive_int, default=None)
     train.add_argument("--batch-size", type=_positive_int, default=None, help="per worker/rank")
     train.add_argument("--learning-rate", type=float, default=None)
+
+    evaluate = _command(sub, "evaluate", "per-case metrics on a held-out split; predictions as NIfTI", _cmd_evaluate)
+    _add_run_flags(evaluate)
+    evaluate.add_argument("--split", choices=["test", "val", "train"], default="test")
+    evaluate.add_argument("--limit", type=_positive_int, default=None, help="first N cases only")
+    evaluate.add_argument("--out", type=Path, default=None, help="default runs/<run>/evaluation")
+    evaluate.add_argument("--no-predictions", action="store_true", help="metrics only, no NIfTI files")
+    _add_window_flags(evaluate)
+
+    predict = _command(sub, "predict", "predict WT masks (NIfTI + PNG overlay) for case folders or 4D NIfTI files",
+                       _cmd_predict)
+    _add_run_flags(predict)
+    predict.add_argument("inputs", nargs="+", type=Path)
+    predict.add_argument("--out", type=Path, required=True, help="output folder")
+    _add_window_flags(predict)
+
+    export = _command(sub, "export", "export the best checkpoint as a SavedModel (+ parity check)", _cmd_export)
+    _add_run_flags(export)
+    export.add_argument("--out", type=Path, default=None, help="default runs/<run>/export/saved_model")
+
+    bench = _command(sub, "benchmark", "throughput, latency percentiles, peak RSS, input pipeline", _cmd_benchmark)
+    _add_run_flags(bench)
+    bench.add_argument("--mode", action="append", choices=["train", "infer", "pipeline"], default=None,
+                       help="repeatable (default: all three)")
+    bench.add_argument("--batch-size", type=_positive_int, default=32)
+    bench.add_argument("--steps", type=_positive_int, default=20)
+    bench.add_argument("--warmup", type=_non_negative_int, default=5)
+    bench.add_argument("--out", type=Path, default=None, help="JSON file")
     return parser
+
+
+def _add_window_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overlap", type=float, default=0.5, help="3D sliding-window overlap (0..0.9)")
+    parser.add_argument("--blending", choices=["gaussian", "mean"], default="gaussian")
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -184,6 +217,65 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if runtime.is_chief:
         print(f"trained {result.epochs_run} epoch(s) (now at epoch {result.final_epoch}, step {result.step}); "
               f"best val Dice {result.best_val_dice:.4f}; run: {result.run_path}")
+    return 0
+
+
+def _start_inference(args: argparse.Namespace):
+    settings = load_cli_settings(args, _flag_overrides(args))
+    from trainer.runtime.cpu import apply_cpu_environment, configure_threads
+
+    configure_threads(apply_cpu_environment(settings.cpu))
+    return settings
+
+
+def _window_options(args: argparse.Namespace) -> dict[str, Any]:
+    if not 0.0 <= args.overlap < 0.95:
+        raise UserError(f"--overlap: expected 0 <= overlap < 0.95, got {args.overlap}")
+    return {"overlap": args.overlap, "blending": args.blending}
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    settings = _start_inference(args)
+    from trainer.inference.evaluate import evaluate
+
+    summary = evaluate(settings, args.split, args.limit, args.out, not args.no_predictions,
+                       progress=not args.quiet, **_window_options(args))
+    out = args.out or settings.run_path / "evaluation"
+    print(json.dumps({k: summary[k] for k in ("cases", "dice", "hd95")}, indent=1))
+    print(f"per-case metrics: {out / 'per_case.csv'}; summary: {out / 'summary.json'}"
+          + ("" if args.no_predictions else f"; predictions: {out / 'predictions'}"))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    settings = _start_inference(args)
+    from trainer.inference.predict import predict_files
+
+    for path in predict_files(settings, args.inputs, args.out, **_window_options(args)):
+        print(path)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    settings = _start_inference(args)
+    from trainer.inference.export import export
+
+    report = export(settings, args.out)
+    print(f"SavedModel: {report['saved_model']} (max |export - keras| = {report['max_abs_diff']:.2e})")
+    return 0
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    import json
+
+    settings = _start_inference(args)
+    from trainer.benchmark import BenchmarkRequest, run_benchmark
+
+    request = BenchmarkRequest(modes=tuple(args.mode or ("train", "infer", "pipeline")),
+                               batch_size=args.batch_size, steps=args.steps, warmup=args.warmup)
+    print(json.dumps(run_benchmark(settings, request, args.out), indent=1))
     return 0
 
 

@@ -1,0 +1,331 @@
+"""Corrupt or unexpected input: one clear error line, exit != 0, no traceback, nothing left behind."""
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import brats_case_folders, prepare_brats_cli
+from trainer.data.nifti import read_volume, write_volume
+
+MODALITIES = ("flair", "t1", "t1ce", "t2")
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess, out_dir: Path, outputs: list[Path],
+                         mentions: list[str]) -> str:
+    """Non-zero exit, one 'error:' line naming ``mentions``, no traceback, no output or temp files."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    line = lines[0]
+    assert "error:" in line
+    for text in mentions:
+        assert text.lower() in line.lower(), f"{text!r} not in {line!r}"
+    for output in outputs:
+        assert not output.exists(), f"{output} left behind"
+    if out_dir.exists():
+        leftovers = [str(p) for p in out_dir.rglob("*") if ".partial" in p.name]
+        assert leftovers == [], leftovers
+    return line
+
+
+def _brats_outputs(tmp_path: Path) -> tuple[Path, Path, list[Path]]:
+    out_dir = tmp_path / "out"
+    h5 = out_dir / "slices.h5"
+    return out_dir, h5, [h5, out_dir / "slices.split.json"]
+
+
+def _case(brats_copy: Path, index: int = 0) -> tuple[Path, str]:
+    folder = brats_case_folders(brats_copy)[index]
+    return folder, folder.name
+
+
+def _prepare(brats_copy: Path, tmp_path: Path, workers: str = "1"):
+    out_dir, h5, outputs = _brats_outputs(tmp_path)
+    result = prepare_brats_cli(brats_copy, h5, tmp_path, "--workers", workers)
+    return result, out_dir, outputs
+
+
+# ---------------------------------------------------------------- BraTS
+
+def test_missing_modality(brats_copy, tmp_path):
+    folder, name = _case(brats_copy, 2)
+    (folder / f"{name}_t1ce.nii.gz").unlink()
+    result, out_dir, outputs = _prepare(brats_copy, tmp_path)
+    assert_clean_failure(result, out_dir, outputs, [name, "missing", "t1ce"])
+
+
+def test_missing_segmentation(brats_copy, tmp_path):
+    folder, name = _case(brats_copy, 1)
+    (folder / f"{name}_seg.nii.gz").unlink()
+    result, out_dir, outputs = _prepare(brats_copy, tmp_path)
+    assert_clean_failure(result, out_dir, outputs, [name, "missing segmentation"])
+
+
+def test_seg_shape_differs_from_images(brats_copy, tmp_path):
+    folder, name = _case(brats_copy, 3)
+    seg = folder / f"{name}_seg.nii.gz"
+    geometry = read_volume(seg).geometry
+    write_volume(seg, np.zeros((48, 48, 30), dtype=np.uint8), geometry)
+    result, out_dir, outputs = _prepare(brats_copy, tmp_path)
+    assert_clean_failure(result, out_dir, outputs, [seg.name, "shape", "(48, 48, 30)", "(48, 48, 32)"])
+
+
+def test_modality_shape_differs(brats_copy, tmp_path):
+    folder, name = _case(brats_copy, 0)
+    t2 = folder / f"{name}_t2.nii.gz"
+    write_volume(t2, np.ones((40, 48, 32), dtype=np.int16), read_volume(t2).geometry)
+    result, out_dir, outputs = _prepare(brats_copy, tmp_path)
+    assert_clean_failure(result, out_dir, outputs, [t2.name, "shape", "(40, 48, 32)"])
+
+
+@pytest.mark.parametrize("modality", ["flair", "seg"])
+def test_truncated_nii_gz(brats_copy, tmp_path, modality):
+    folder, name = _case(brats_copy, 4)
+    path = folder / f"{name}_{modality}.nii.gz"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    result, out_dir, outputs = _prepare(brats_copy, tmp_path)
+    line = assert_clean_failure(result, out_dir, outputs, [path.name])
+    assert "truncated" in line or "corrupt" in line, line
+
+
+def test_truncated_uncompressed_nii(brats_copy, tmp_path):
+    folder, name = _case(brats_copy, 4)
+    source = folder / f"{name}_t1.nii.gz"
+    volume = read_volume(source)
+    path = folder / f"{name}_t1.nii"
+    write_volume(path, volume.array, volume.geometry, compress=False)
+    source.unlink()
+    data = path.read_bytes()
+    assert len(data) > 352 + volume.array.size  # header + int16 voxels
+    path.write_bytes(data[: len(data) // 2])
+    result, out_dir, outputs = _prepare(brats_copy, tmp_path)
+    line = assert_clean_failure(result, out_dir, outputs, [path.name])
+    assert "truncated" in line or "corrupt" in line, line
+
+
+def test_text_file_with_nifti_name(brats_copy, tmp_path):
+    folder, name = _case(brats_copy, 0)
+    path = folder / f"{name}_flair.nii.gz"
+    path.write_text("hello")
+    result, out_dir, outputs = _prepare(brats_copy, tmp_path)
+    assert_clean_failure(result, out_dir, outputs, [path.name, "not gzip"])
+
+
+def test_gzip_file_that_is_not_nifti(brats_copy, tmp_path):
+    folder, name = _case(brats_copy, 0)
+    path = folder / f"{name}_t1.nii.gz"
+    path.write_bytes(gzip.compress(b"this is a gzip file but not a NIfTI image\n" * 40))
+    result, out_dir, outputs = _prepare(brats_copy, tmp_path)
+    assert_clean_failure(result, out_dir, outputs, [path.name, "not a NIfTI"])
+
+
+def test_uncompressed_text_with_nii_name(brats_copy, tmp_path):
+    folder, name = _case(brats_copy, 0)
+    (folder / f"{name}_t2.nii.gz").unlink()
+    path = folder / f"{name}_t2.nii"
+    path.write_text("hello")
+    result, out_dir, outputs = _prepare(brats_copy, tmp_path)
+    assert_clean_failure(result, out_dir, outputs, [path.name, "not a NIfTI"])
+
+
+def test_brats_label_outside_label_set(brats_copy, tmp_path):
+    folder, name = _case(brats_copy, 5)
+    seg = folder / f"{name}_seg.nii.gz"
+    volume = read_volume(seg)
+    labels = volume.array.copy()
+    labels[labels == 2] = 3  # BraTS has no label 3
+    assert (labels == 3).any()
+    write_volume(seg, labels, volume.geometry)
+    result, out_dir, outputs = _prepare(brats_copy, tmp_path)
+    assert_clean_failure(result, out_dir, outputs, [seg.name, "label", "[3]"])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_voxels(brats_copy, tmp_path, bad):
+    folder, name = _case(brats_copy, 1)
+    path = folder / f"{name}_t1ce.nii.gz"
+    volume = read_volume(path)
+    image = volume.array.astype(np.float32)
+    image[10, 20, 5] = bad
+    image[11, 20, 5] = bad
+    write_volume(path, image, volume.geometry)
+    result, out_dir, outputs = _prepare(brats_copy, tmp_path)
+    assert_clean_failure(result, out_dir, outputs, [path.name, "NaN/Inf", "2 "])
+
+
+def test_error_in_worker_process_is_reported_cleanly(brats_copy, tmp_path):
+    """The spawn pool path (--workers 2) must surface the same one-line error and clean up."""
+    folder, name = _case(brats_copy, 5)
+    path = folder / f"{name}_flair.nii.gz"
+    volume = read_volume(path)
+    image = volume.array.astype(np.float32)
+    image[0, 0, 0] = np.nan
+    write_volume(path, image, volume.geometry)
+    result, out_dir, outputs = _prepare(brats_copy, tmp_path, workers="2")
+    assert_clean_failure(result, out_dir, outputs, [path.name, "NaN/Inf"])
+
+
+def test_duplicate_modality_in_case_folder(brats_copy, tmp_path):
+    folder, name = _case(brats_copy, 0)
+    original = folder / f"{name}_flair.nii.gz"
+    (folder / f"{name}_FLAIR.nii").write_bytes(b"")  # same modality twice
+    result, out_dir, outputs = _prepare(brats_copy, tmp_path)
+    assert_clean_failure(result, out_dir, outputs, [name, "second 'flair'"])
+    assert original.exists()
+
+
+def test_missing_source_folder(tmp_path):
+    result, out_dir, outputs = _prepare(tmp_path / "nowhere", tmp_path)
+    assert_clean_failure(result, out_dir, outputs, ["nowhere", "not found"])
+
+
+def test_folder_without_cases(tmp_path):
+    src = tmp_path / "empty"
+    src.mkdir()
+    (src / "README.txt").write_text("nothing")
+    result, out_dir, outputs = _prepare(src, tmp_path)
+    assert_clean_failure(result, out_dir, outputs, [str(src), "no BraTS cases"])
+
+
+# ---------------------------------------------------------------- output path
+
+def test_existing_output_is_refused_then_overwritten(brats_dataset, tmp_path):
+    out_dir, h5, _ = _brats_outputs(tmp_path)
+    out_dir.mkdir()
+    h5.write_bytes(b"precious")
+    result = prepare_brats_cli(brats_dataset, h5, tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "error:" in lines[0]
+    assert str(h5) in lines[0] and "--overwrite" in lines[0]
+    assert h5.read_bytes() == b"precious"
+    assert not (out_dir / "slices.split.json").exists()
+    assert sorted(p.name for p in out_dir.iterdir()) == ["slices.h5"]
+
+    result = prepare_brats_cli(brats_dataset, h5, tmp_path, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    with h5py.File(h5, "r") as handle:
+        assert handle["train"]["images"].shape[0] > 0
+    assert (out_dir / "slices.split.json").is_file()
+    assert sorted(p.name for p in out_dir.iterdir()) == ["slices.h5", "slices.split.json"]
+
+
+def test_existing_split_file_is_refused(brats_dataset, tmp_path):
+    out_dir, h5, _ = _brats_outputs(tmp_path)
+    out_dir.mkdir()
+    split = out_dir / "slices.split.json"
+    split.write_text("{}")
+    result = prepare_brats_cli(brats_dataset, h5, tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert str(split) in result.stderr
+    assert split.read_text() == "{}"
+    assert not h5.exists()
+
+
+def test_failed_overwrite_keeps_the_previous_output(brats_copy, brats_dataset, tmp_path):
+    out_dir, h5, _ = _brats_outputs(tmp_path)
+    assert prepare_brats_cli(brats_dataset, h5, tmp_path).returncode == 0
+    before = h5.read_bytes()
+    folder, name = _case(brats_copy, 2)
+    (folder / f"{name}_seg.nii.gz").write_text("hello")
+    result = prepare_brats_cli(brats_copy, h5, tmp_path, "--overwrite")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert h5.read_bytes() == before
+    assert not [p for p in out_dir.iterdir() if ".partial" in p.name]
+
+
+# ---------------------------------------------------------------- Decathlon
+
+def _prepare_decathlon(run_cli, src: Path, tmp_path: Path):
+    out_dir = tmp_path / "out"
+    cache = out_dir / "cache"
+    split = out_dir / "decathlon.split.json"
+    result = run_cli("prepare", "--format", "decathlon", "--src", src, "--out", cache,
+                     "--set", f"data.decathlon_split={split}", "--quiet", cwd=tmp_path)
+    return result, out_dir, cache, split
+
+
+def test_decathlon_label_outside_label_set(run_cli, decathlon_copy, tmp_path):
+    label = decathlon_copy / "labelsTr" / "BRATS_003.nii.gz"
+    volume = read_volume(label)
+    labels = volume.array.copy()
+    labels[labels == 1] = 4
+    assert (labels == 4).any()
+    write_volume(label, labels, volume.geometry)
+    result, out_dir, cache, split = _prepare_decathlon(run_cli, decathlon_copy, tmp_path)
+    assert_clean_failure(result, out_dir, [split, cache / "BRATS_003.image.npy", cache / "BRATS_003.mask.npy"],
+                         ["BRATS_003.nii.gz", "label", "[4]"])
+
+
+def test_decathlon_non_finite_image(run_cli, decathlon_copy, tmp_path):
+    image_path = decathlon_copy / "imagesTr" / "BRATS_001.nii.gz"
+    volume = read_volume(image_path)
+    image = volume.array.copy()
+    image[5, 5, 5, 2] = np.inf
+    write_volume(image_path, image, volume.geometry)
+    result, out_dir, cache, split = _prepare_decathlon(run_cli, decathlon_copy, tmp_path)
+    assert_clean_failure(result, out_dir, [split, cache / "BRATS_001.image.npy"],
+                         ["imagesTr/BRATS_001.nii.gz", "NaN/Inf"])
+
+
+def test_decathlon_truncated_image(run_cli, decathlon_copy, tmp_path):
+    image_path = decathlon_copy / "imagesTr" / "BRATS_002.nii.gz"
+    data = image_path.read_bytes()
+    image_path.write_bytes(data[: len(data) // 2])
+    result, out_dir, cache, split = _prepare_decathlon(run_cli, decathlon_copy, tmp_path)
+    line = assert_clean_failure(result, out_dir, [split, cache / "BRATS_002.image.npy"], ["BRATS_002.nii.gz"])
+    assert "truncated" in line or "corrupt" in line, line
+
+
+def test_decathlon_empty_dataset_json(run_cli, decathlon_copy, tmp_path):
+    (decathlon_copy / "dataset.json").write_text("")
+    result, out_dir, cache, split = _prepare_decathlon(run_cli, decathlon_copy, tmp_path)
+    assert_clean_failure(result, out_dir, [split, cache], ["dataset.json", "empty"])
+
+
+def test_decathlon_malformed_dataset_json(run_cli, decathlon_copy, tmp_path):
+    text = (decathlon_copy / "dataset.json").read_text()
+    (decathlon_copy / "dataset.json").write_text(text[: len(text) // 2])
+    result, out_dir, cache, split = _prepare_decathlon(run_cli, decathlon_copy, tmp_path)
+    assert_clean_failure(result, out_dir, [split, cache], ["dataset.json", "malformed JSON", "line"])
+
+
+def test_decathlon_dataset_json_not_an_object(run_cli, decathlon_copy, tmp_path):
+    (decathlon_copy / "dataset.json").write_text("[1, 2, 3]\n")
+    result, out_dir, cache, split = _prepare_decathlon(run_cli, decathlon_copy, tmp_path)
+    assert_clean_failure(result, out_dir, [split, cache], ["dataset.json", "JSON object"])
+
+
+def test_decathlon_missing_referenced_file(run_cli, decathlon_copy, tmp_path):
+    (decathlon_copy / "labelsTr" / "BRATS_004.nii.gz").unlink()
+    result, out_dir, cache, split = _prepare_decathlon(run_cli, decathlon_copy, tmp_path)
+    assert_clean_failure(result, out_dir, [split, cache], ["dataset.json", "labelsTr/BRATS_004.nii.gz",
+                                                           "does not exist"])
+
+
+def test_decathlon_missing_key(run_cli, decathlon_copy, tmp_path):
+    meta = json.loads((decathlon_copy / "dataset.json").read_text())
+    del meta["labels"]
+    (decathlon_copy / "dataset.json").write_text(json.dumps(meta))
+    result, out_dir, cache, split = _prepare_decathlon(run_cli, decathlon_copy, tmp_path)
+    assert_clean_failure(result, out_dir, [split, cache], ["dataset.json", "'labels'"])
+
+
+def test_decathlon_image_that_is_not_4d(run_cli, decathlon_copy, tmp_path):
+    image_path = decathlon_copy / "imagesTr" / "BRATS_001.nii.gz"
+    volume = read_volume(image_path)
+    write_volume(image_path, volume.array[..., 0], volume.geometry)
+    result, out_dir, cache, split = _prepare_decathlon(run_cli, decathlon_copy, tmp_path)
+    assert_clean_failure(result, out_dir, [split, cache / "BRATS_001.image.npy"],
+                         ["BRATS_001.nii.gz", "4D"])

@@ -1,0 +1,343 @@
+"""`unet-train prepare`: BraTS -> chunked HDF5 of normalised slices; Decathlon -> cache + split."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import (BRATS_CASES, DECATHLON_CASES, SHAPE, brats_case_folders, prepare_brats_cli)
+from trainer.data.brats import discover_brats, read_brats_case
+from trainer.data.normalize import zscore_brain
+from trainer.data.synth.writers import APPLEDOUBLE_STUB
+
+SIZE = 128
+MODALITIES = ("flair", "t1", "t1ce", "t2")
+SPLITS = ("train", "val", "test")
+
+
+def _sitk_xyz(path: Path) -> np.ndarray:
+    """Raw NIfTI voxels via SimpleITK, in (x, y, z[, c]) order."""
+    return np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(str(path))))
+
+
+def _split_file(h5_path: Path) -> Path:
+    return h5_path.with_name(h5_path.name.split(".")[0] + ".split.json")
+
+
+def _case_rows(h5: h5py.File, case_id: str) -> tuple[str, np.ndarray]:
+    for name in SPLITS:
+        ids = [c.decode() if isinstance(c, bytes) else c for c in h5[name]["case_ids"][()]]
+        if case_id in ids:
+            rows = np.flatnonzero(h5[name]["case"][()] == ids.index(case_id))
+            return name, rows
+    raise AssertionError(f"{case_id} not in any split")
+
+
+def _case_ids(group: h5py.Group) -> list[str]:
+    return [c.decode() if isinstance(c, bytes) else c for c in group["case_ids"][()]]
+
+
+# ---------------------------------------------------------------- BraTS -> HDF5
+
+def test_prepare_writes_h5_and_split_beside_it(prepared_brats):
+    assert prepared_brats.is_file()
+    assert _split_file(prepared_brats).is_file()
+    leftovers = [p.name for p in prepared_brats.parent.iterdir() if ".partial" in p.name]
+    assert leftovers == []
+
+
+def test_hdf5_structure(prepared_brats):
+    with h5py.File(prepared_brats, "r") as h5:
+        assert set(h5.keys()) == set(SPLITS)
+        assert h5.attrs["image_size"] == SIZE
+        assert [m.decode() if isinstance(m, bytes) else m for m in h5.attrs["modalities"]] == list(MODALITIES)
+        total = 0
+        for name in SPLITS:
+            group = h5[name]
+            images, masks = group["images"], group["masks"]
+            n = images.shape[0]
+            total += n
+            assert n > 0, name
+            assert images.dtype == np.float32
+            assert images.shape == (n, SIZE, SIZE, 4)
+            assert masks.dtype == np.uint8
+            assert masks.shape == (n, SIZE, SIZE, 1)
+            assert images.chunks is not None and masks.chunks is not None
+            assert images.chunks[0] < n or n == 1  # chunked per slice(s), not one monolithic block
+            assert group["case"].shape == (n,) and group["slice"].shape == (n,)
+            assert np.issubdtype(group["case"].dtype, np.integer)
+            assert np.issubdtype(group["slice"].dtype, np.integer)
+            assert set(np.unique(masks[()]).tolist()) <= {0, 1}
+            assert np.isfinite(images[()]).all()
+            slices = group["slice"][()]
+            assert slices.min() >= 0 and slices.max() < SHAPE[2]
+        assert h5["train"]["masks"][()].any(), "no tumour pixels in the training slices"
+
+
+def test_split_is_by_patient_and_covers_all_cases(prepared_brats, brats_dataset):
+    split = json.loads(_split_file(prepared_brats).read_text())
+    sets = {name: set(split[name]) for name in SPLITS}
+    for name in SPLITS:
+        assert len(sets[name]) == len(split[name]), f"duplicate case in {name}"
+    assert not sets["train"] & sets["val"]
+    assert not sets["train"] & sets["test"]
+    assert not sets["val"] & sets["test"]
+    all_cases = {f.name for f in brats_case_folders(brats_dataset)}
+    assert len(all_cases) == BRATS_CASES
+    assert sets["train"] | sets["val"] | sets["test"] == all_cases
+    assert sets["train"] and sets["val"] and sets["test"]
+    assert split["seed"] == 42
+
+
+def test_every_slice_belongs_to_a_case_of_its_split(prepared_brats):
+    split = json.loads(_split_file(prepared_brats).read_text())
+    with h5py.File(prepared_brats, "r") as h5:
+        for name in SPLITS:
+            group = h5[name]
+            ids = _case_ids(group)
+            assert sorted(ids) == sorted(split[name])
+            case_index = group["case"][()]
+            assert case_index.min() >= 0 and case_index.max() < len(ids)
+            used = {ids[i] for i in np.unique(case_index)}
+            assert used == set(split[name]), "a case of the split has no slices (or a stranger has some)"
+
+
+def test_slices_are_the_brain_slices_of_each_case(prepared_brats, brats_dataset):
+    with h5py.File(prepared_brats, "r") as h5:
+        for folder in brats_case_folders(brats_dataset):
+            flair = _sitk_xyz(folder / f"{folder.name}_flair.nii.gz")
+            any_brain = np.zeros(SHAPE[2], dtype=bool)
+            for modality in MODALITIES:
+                any_brain |= np.any(_sitk_xyz(folder / f"{folder.name}_{modality}.nii.gz") != 0, axis=(0, 1))
+            name, rows = _case_rows(h5, folder.name)
+            stored = h5[name]["slice"][()][rows]
+            assert stored.tolist() == np.flatnonzero(any_brain).tolist()
+            assert flair.shape == SHAPE
+
+
+def test_stored_slice_matches_independent_normalisation(prepared_brats, brats_dataset):
+    folders = brats_case_folders(brats_dataset)
+    with h5py.File(prepared_brats, "r") as h5:
+        for folder in (folders[0], folders[-1]):
+            name, rows = _case_rows(h5, folder.name)
+            slices = h5[name]["slice"][()][rows]
+            pick = len(rows) // 2
+            row, z = rows[pick], int(slices[pick])
+            stored_image = h5[name]["images"][row]
+            stored_mask = h5[name]["masks"][row]
+
+            expected = np.zeros((SIZE, SIZE, 4), dtype=np.float32)
+            for channel, modality in enumerate(MODALITIES):
+                volume = _sitk_xyz(folder / f"{folder.name}_{modality}.nii.gz").astype(np.float64)
+                brain = volume != 0
+                values = volume[brain]
+                normalised = np.zeros_like(volume)
+                normalised[brain] = (values - values.mean()) / values.std()
+                plane = normalised[:, :, z].astype(np.float32)  # (x, y)
+                expected[..., channel] = cv2.resize(plane, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+            np.testing.assert_allclose(stored_image, expected, atol=1e-4)
+
+            seg = _sitk_xyz(folder / f"{folder.name}_seg.nii.gz")
+            fraction = cv2.resize((seg[:, :, z] > 0).astype(np.float32), (SIZE, SIZE),
+                                  interpolation=cv2.INTER_AREA)
+            np.testing.assert_array_equal(stored_mask[..., 0], (fraction >= 0.5).astype(np.uint8))
+
+
+def test_tumour_slices_have_tumour_masks(prepared_brats, brats_dataset):
+    with h5py.File(prepared_brats, "r") as h5:
+        for folder in brats_case_folders(brats_dataset):
+            seg = _sitk_xyz(folder / f"{folder.name}_seg.nii.gz")
+            name, rows = _case_rows(h5, folder.name)
+            slices = h5[name]["slice"][()][rows]
+            masks = h5[name]["masks"][()][rows]
+            area = (seg > 0).sum(axis=(0, 1))
+            biggest = int(np.argmax(area))
+            assert masks[list(slices).index(biggest)].any()
+            for index, z in enumerate(slices):
+                if area[z] == 0:
+                    assert not masks[index].any()
+
+
+def test_zscore_brain_gives_zero_mean_unit_std(brats_dataset):
+    case = discover_brats(brats_dataset)[0]
+    image, labels, first = read_brats_case(case)
+    assert image.shape == (*SHAPE, 4) and image.dtype == np.float32
+    assert labels.shape == SHAPE
+    normalised = zscore_brain(image)
+    assert normalised.dtype == np.float32
+    for channel in range(4):
+        brain = image[..., channel] != 0
+        assert brain.any()
+        values = normalised[..., channel][brain].astype(np.float64)
+        assert abs(values.mean()) < 1e-4
+        assert abs(values.std() - 1.0) < 1e-4
+        assert (normalised[..., channel][~brain] == 0).all()
+
+
+def test_zscore_brain_constant_and_empty_channels():
+    image = np.zeros((4, 4, 2, 2), dtype=np.float32)
+    image[1:3, 1:3, :, 0] = 5.0  # constant brain: std 0 must not divide by zero
+    out = zscore_brain(image)
+    assert np.isfinite(out).all()
+    assert (out == 0).all()
+
+
+def test_parallel_workers_give_identical_output(prepared_brats, brats_dataset, run_cli, tmp_path):
+    out = tmp_path / "pool.h5"
+    result = run_cli("prepare", "--format", "brats", "--src", brats_dataset, "--out", out, "--workers", "2",
+                     "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert _split_file(out).read_text() == _split_file(prepared_brats).read_text()
+    with h5py.File(out, "r") as h5:
+        counts = ", ".join(f"{name} {h5[name]['images'].shape[0]}" for name in SPLITS)
+    assert f"(slices: {counts})" in result.stdout
+    assert str(_split_file(out)) in result.stdout
+    with h5py.File(out, "r") as a, h5py.File(prepared_brats, "r") as b:
+        for name in SPLITS:
+            for key in ("images", "masks", "case", "slice", "case_ids"):
+                np.testing.assert_array_equal(a[name][key][()], b[name][key][()])
+
+
+def _compare_case(h5_a: Path, h5_b: Path, case_id: str) -> None:
+    with h5py.File(h5_a, "r") as a, h5py.File(h5_b, "r") as b:
+        name_a, rows_a = _case_rows(a, case_id)
+        name_b, rows_b = _case_rows(b, case_id)
+        assert name_a == name_b
+        assert len(rows_a) > 0
+        np.testing.assert_array_equal(a[name_a]["images"][()][rows_a], b[name_b]["images"][()][rows_b])
+        np.testing.assert_array_equal(a[name_a]["masks"][()][rows_a], b[name_b]["masks"][()][rows_b])
+
+
+def test_uncompressed_nii_files_work(prepared_brats, brats_copy, tmp_path):
+    folder = brats_case_folders(brats_copy)[1]
+    for path in sorted(folder.glob("*.nii.gz")):
+        sitk.WriteImage(sitk.ReadImage(str(path)), str(path.with_name(path.name[:-3])), False)
+        path.unlink()
+    assert sorted(p.suffix for p in folder.iterdir()) == [".nii"] * 5
+    out = tmp_path / "out" / "slices.h5"
+    result = prepare_brats_cli(brats_copy, out, tmp_path)
+    assert result.returncode == 0, result.stderr
+    _compare_case(out, prepared_brats, folder.name)
+
+
+def test_uppercase_modality_suffix_is_recognised(prepared_brats, brats_copy, tmp_path):
+    folder = brats_case_folders(brats_copy)[2]
+    for modality in ("flair", "t1ce", "seg"):
+        path = folder / f"{folder.name}_{modality}.nii.gz"
+        path.rename(folder / f"{folder.name}_{modality.upper()}.nii.gz")
+    case = {c.case_id: c for c in discover_brats(brats_copy)}[folder.name]
+    assert case.images["flair"].name.endswith("_FLAIR.nii.gz")
+    assert case.images["t1ce"].name.endswith("_T1CE.nii.gz")
+    assert case.images["t1"].name.endswith("_t1.nii.gz")
+    assert case.seg.name.endswith("_SEG.nii.gz")
+    out = tmp_path / "out" / "slices.h5"
+    result = prepare_brats_cli(brats_copy, out, tmp_path)
+    assert result.returncode == 0, result.stderr
+    _compare_case(out, prepared_brats, folder.name)
+
+
+def test_appledouble_files_in_case_folder_are_ignored(prepared_brats, brats_copy, tmp_path):
+    folder = brats_case_folders(brats_copy)[0]
+    for modality in (*MODALITIES, "seg"):
+        (folder / f"._{folder.name}_{modality}.nii.gz").write_bytes(APPLEDOUBLE_STUB)
+    (folder.parent / "._x_flair.nii.gz").write_bytes(APPLEDOUBLE_STUB)
+    (brats_copy / "._name_mapping.csv").write_bytes(APPLEDOUBLE_STUB)
+    cases = discover_brats(brats_copy)
+    assert len(cases) == BRATS_CASES
+    for case in cases:
+        assert not any(p.name.startswith("._") for p in case.images.values())
+    out = tmp_path / "out" / "slices.h5"
+    result = prepare_brats_cli(brats_copy, out, tmp_path)
+    assert result.returncode == 0, result.stderr
+    _compare_case(out, prepared_brats, folder.name)
+
+
+def test_flat_brats2020_layout_is_accepted(brats_copy, tmp_path):
+    flat = tmp_path / "MICCAI_BraTS2020_TrainingData"
+    flat.mkdir()
+    for folder in brats_case_folders(brats_copy)[:3]:
+        folder.rename(flat / folder.name)
+    out = tmp_path / "flat.h5"
+    result = prepare_brats_cli(flat, out, tmp_path)
+    assert result.returncode == 0, result.stderr
+    split = json.loads(_split_file(out).read_text())
+    assert sorted(split["train"] + split["val"] + split["test"]) == sorted(p.name for p in flat.iterdir())
+
+
+def test_image_size_setting_is_used(brats_dataset, tmp_path):
+    out = tmp_path / "small.h5"
+    result = prepare_brats_cli(brats_dataset, out, tmp_path, "--set", "data.image_size=64",
+                               "--set", "data.split.seed=7")
+    assert result.returncode == 0, result.stderr
+    with h5py.File(out, "r") as h5:
+        assert h5["train"]["images"].shape[1:] == (64, 64, 4)
+        assert h5["train"]["masks"].shape[1:] == (64, 64, 1)
+        assert h5.attrs["split_seed"] == 7
+    assert json.loads(_split_file(out).read_text())["seed"] == 7
+
+
+# ---------------------------------------------------------------- Decathlon
+
+def _prepare_decathlon(run_cli, src: Path, cache: Path, split: Path, cwd: Path):
+    return run_cli("prepare", "--format", "decathlon", "--src", src, "--out", cache,
+                   "--set", f"data.decathlon_split={split}", "--quiet", cwd=cwd)
+
+
+def test_decathlon_prepare_writes_cache_and_split(run_cli, decathlon_dataset, tmp_path):
+    cache = tmp_path / "cache"
+    split_file = tmp_path / "dec.split.json"
+    result = _prepare_decathlon(run_cli, decathlon_dataset, cache, split_file, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+
+    ids = [f"BRATS_{i:03d}" for i in range(1, DECATHLON_CASES + 1)]
+    expected_files = {f"{i}.{kind}" for i in ids for kind in ("image.npy", "mask.npy", "source.json")}
+    assert {p.name for p in cache.iterdir()} == expected_files  # no ._* cases, no partial files
+    for case_id in ids:
+        image = np.load(cache / f"{case_id}.image.npy")
+        mask = np.load(cache / f"{case_id}.mask.npy")
+        assert image.shape == (*SHAPE, 4) and image.dtype == np.float32
+        assert mask.shape == SHAPE and mask.dtype == np.uint8
+        raw = _sitk_xyz(decathlon_dataset / "imagesTr" / f"{case_id}.nii.gz")
+        labels = _sitk_xyz(decathlon_dataset / "labelsTr" / f"{case_id}.nii.gz")
+        np.testing.assert_array_equal(mask, (labels > 0).astype(np.uint8))
+        for channel in range(4):
+            brain = raw[..., channel] != 0
+            np.testing.assert_array_equal(image[..., channel] != 0, brain)
+            values = image[..., channel][brain].astype(np.float64)
+            assert abs(values.mean()) < 1e-4 and abs(values.std() - 1) < 1e-4
+            expected = (raw[..., channel][brain] - raw[..., channel][brain].astype(np.float64).mean()) \
+                / raw[..., channel][brain].astype(np.float64).std()
+            np.testing.assert_allclose(values, expected, atol=1e-4)
+
+    split = json.loads(split_file.read_text())
+    sets = [set(split[name]) for name in SPLITS]
+    assert sum(len(s) for s in sets) == DECATHLON_CASES
+    assert set().union(*sets) == set(ids)
+    assert all(len(s) == len(split[name]) for s, name in zip(sets, SPLITS))
+    assert all(sets), "every split should get at least one case"
+
+
+def test_decathlon_cache_is_reused_when_up_to_date(run_cli, decathlon_dataset, tmp_path):
+    cache = tmp_path / "cache"
+    split_file = tmp_path / "dec.split.json"
+    assert _prepare_decathlon(run_cli, decathlon_dataset, cache, split_file, tmp_path).returncode == 0
+    before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    result = _prepare_decathlon(run_cli, decathlon_dataset, cache, split_file, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == before
+
+
+def test_decathlon_prepare_accepts_nii_variant(run_cli, decathlon_copy, tmp_path):
+    image = decathlon_copy / "imagesTr" / "BRATS_002.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(str(image)), str(image.with_suffix("")), False)
+    image.unlink()
+    cache = tmp_path / "cache"
+    result = _prepare_decathlon(run_cli, decathlon_copy, cache, tmp_path / "s.json", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (cache / "BRATS_002.image.npy").is_file()
