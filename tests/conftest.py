@@ -30,9 +30,6 @@ def run_cli(*args, cwd, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedP
     """``python -m trainer.cli ARGS`` in ``cwd``; returns the CompletedProcess (text, captured)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    # Keep the subprocess light: the machine is shared.
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = "1"
     return subprocess.run([sys.executable, "-m", "trainer.cli", *(str(a) for a in args)], cwd=str(cwd),
                           capture_output=True, text=True, timeout=timeout, env=env)
 

@@ -329,3 +329,57 @@ def test_decathlon_image_that_is_not_4d(run_cli, decathlon_copy, tmp_path):
     result, out_dir, cache, split = _prepare_decathlon(run_cli, decathlon_copy, tmp_path)
     assert_clean_failure(result, out_dir, [split, cache / "BRATS_001.image.npy"],
                          ["BRATS_001.nii.gz", "4D"])
+
+
+# ---------------------------------------------------------------- NIfTI reader, directly
+
+def _small_volume(tmp_path: Path, name: str, array: np.ndarray, compress: bool = True) -> Path:
+    from trainer.data.nifti import identity_geometry
+
+    path = tmp_path / name
+    write_volume(path, array, identity_geometry(), compress=compress)
+    return path
+
+
+@pytest.mark.parametrize("name", ["v.nii.gz", "v.nii"])
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32, np.float64])
+def test_read_volume_accepts_valid_files(tmp_path, name, dtype):
+    array = (np.arange(9 * 10 * 11) % 97).reshape(9, 10, 11).astype(dtype)
+    path = _small_volume(tmp_path, name, array, compress=name.endswith(".gz"))
+    volume = read_volume(path)
+    assert volume.array.shape == (9, 10, 11)
+    np.testing.assert_array_equal(volume.array, array)
+
+
+@pytest.mark.parametrize("cut", [3, 100, "half"])
+def test_read_volume_rejects_cut_gzip(tmp_path, cut):
+    from trainer.errors import DataError
+
+    path = _small_volume(tmp_path, "v.nii.gz", np.random.default_rng(0).integers(0, 900, (20, 20, 20)).astype(np.int16))
+    data = path.read_bytes()
+    keep = len(data) // 2 if cut == "half" else len(data) - cut
+    path.write_bytes(data[:keep])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        read_volume(path)
+
+
+def test_read_volume_rejects_short_uncompressed_data(tmp_path):
+    from trainer.errors import DataError
+
+    path = _small_volume(tmp_path, "v.nii", np.ones((20, 20, 20), np.float32), compress=False)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(DataError, match="truncated"):
+        read_volume(path)
+
+
+@pytest.mark.parametrize("name", ["v.nii.gz", "v.nii"])
+def test_read_volume_counts_non_finite_voxels(tmp_path, name):
+    from trainer.errors import DataError
+
+    array = np.ones((6, 7, 8, 2), np.float32)
+    array[1, 2, 3, 0] = np.nan
+    array[4, 5, 6, 1] = np.inf
+    array[0, 0, 0, 1] = -np.inf
+    path = _small_volume(tmp_path, name, array, compress=name.endswith(".gz"))
+    with pytest.raises(DataError, match=r"3 NaN/Inf voxel\(s\)"):
+        read_volume(path)

@@ -7,7 +7,8 @@ import pydantic
 import pytest
 import yaml
 
-from trainer.config import Settings, load_settings, settings_to_yaml
+from trainer.config.loader import load_settings, settings_to_yaml
+from trainer.config.settings import Settings
 from trainer.errors import ConfigError, UserError
 
 REPO_SETTINGS = Path(__file__).resolve().parent.parent / "settings.yaml"

@@ -117,7 +117,7 @@ def _command(sub, name: str, help_text: str, handler: Callable, settings: bool =
 
 
 def load_cli_settings(args: argparse.Namespace, flags: dict[str, Any] | None = None):
-    from trainer.config import load_settings
+    from trainer.config.loader import load_settings
 
     path = args.settings
     if path is None and DEFAULT_SETTINGS.is_file():
@@ -126,7 +126,7 @@ def load_cli_settings(args: argparse.Namespace, flags: dict[str, Any] | None = N
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from trainer.config import settings_to_yaml
+    from trainer.config.settings import settings_to_yaml
 
     print(settings_to_yaml(load_cli_settings(args)), end="")
     return 0

@@ -1,5 +1,7 @@
-"""Settings schema and loader. Import this at the CLI edge only."""
-from trainer.config.loader import load_settings, settings_to_yaml
-from trainer.config.settings import Settings
+"""Settings schema (``trainer.config.settings``) and loader (``trainer.config.loader``).
 
-__all__ = ["Settings", "load_settings", "settings_to_yaml"]
+Library code imports only the schema; reading YAML and overrides happens at the CLI edge.
+"""
+from trainer.config.settings import Settings, settings_to_yaml
+
+__all__ = ["Settings", "settings_to_yaml"]

@@ -8,7 +8,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 from pydantic import ValidationError
 
-from trainer.config.settings import Settings
+from trainer.config.settings import Settings, settings_to_yaml  # noqa: F401 (re-export)
 from trainer.errors import ConfigError
 
 
@@ -26,12 +26,6 @@ def load_settings(path: Path | None, overrides: Iterable[str] = (),
         return Settings.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, path)) from None
-
-
-def settings_to_yaml(settings: Settings) -> str:
-    """The merged configuration as YAML (what ``unet-train config show`` prints)."""
-    data = settings.model_dump(mode="json", by_alias=True)
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

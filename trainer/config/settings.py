@@ -179,3 +179,11 @@ class Settings(_Section):
     @property
     def run_path(self) -> Path:
         return self.train.run_dir / self.train.run_name
+
+
+def settings_to_yaml(settings: Settings) -> str:
+    """The merged configuration as YAML (``unet-train config show``, runs/<run>/settings.yaml)."""
+    import yaml
+
+    data = settings.model_dump(mode="json", by_alias=True)
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)

@@ -150,7 +150,7 @@ class TensorBoardExtras(tf.keras.callbacks.Callback):
         self.sample, self.every, self.threshold = sample, every, threshold
 
     def on_epoch_end(self, epoch, logs=None):
-        with self.writer.as_default(step=epoch + 1):
+        with self.writer.as_default(step=epoch):  # same x-axis as the Keras TensorBoard callback
             for key in ("lr", "images_per_sec"):
                 if key in logs:
                     tf.summary.scalar(f"epoch_{key}", logs[key])

@@ -1,0 +1,85 @@
+"""Loss and metric values against numbers worked out by hand."""
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer.config.settings import LossSettings
+from trainer.losses import make_loss, soft_dice
+from trainer.metrics import case_metrics, hard_dice, hd95, precision, sensitivity, specificity
+
+# One 2x2 sample: truth [[1,1],[0,0]], prediction [[1,0],[1,0]] -> TP=1 FP=1 FN=1 TN=1.
+TRUTH = np.array([[[[1.0], [1.0]], [[0.0], [0.0]]]], np.float32)
+PRED = np.array([[[[0.9], [0.2]], [[0.8], [0.1]]]], np.float32)
+
+
+def test_hard_metrics_by_hand():
+    assert hard_dice(TRUTH, PRED).numpy() == pytest.approx([2 * 1 / (2 * 1 + 1 + 1)])
+    assert sensitivity(TRUTH, PRED).numpy() == pytest.approx([1 / 2])
+    assert specificity(TRUTH, PRED).numpy() == pytest.approx([1 / 2])  # TN/(TN+FP)
+    assert precision(TRUTH, PRED).numpy() == pytest.approx([1 / 2])
+
+
+def test_specificity_is_tn_over_tn_plus_fp():
+    truth = np.zeros((1, 4, 1, 1), np.float32)
+    pred = np.array([[[[0.9]], [[0.1]], [[0.1]], [[0.1]]]], np.float32)  # TN=3, FP=1
+    assert specificity(truth, pred).numpy() == pytest.approx([3 / 4])
+
+
+def test_soft_dice_by_hand():
+    # 2*sum(t*p) = 2*(0.9+0.2) = 2.2; sum(t)+sum(p) = 2 + 2.0 = 4.0
+    assert soft_dice(TRUTH, PRED, 0.0, 1e-9).numpy() == pytest.approx([2.2 / 4.0], rel=1e-6)
+    assert soft_dice(TRUTH, PRED, 1.0, 1.0).numpy() == pytest.approx([3.2 / 5.0], rel=1e-6)
+
+
+def test_losses_by_hand():
+    settings = LossSettings(name="dice", smooth_numerator=1.0, smooth_denominator=1.0)
+    dice = 3.2 / 5.0
+    assert make_loss(settings)(TRUTH, PRED).numpy() == pytest.approx([1 - dice], rel=1e-6)
+    log_loss = make_loss(settings.model_copy(update={"name": "log_dice"}))
+    assert log_loss(TRUTH, PRED).numpy() == pytest.approx([-math.log(dice)], rel=1e-6)
+    bce = -np.mean([math.log(0.9), math.log(0.2), math.log(1 - 0.8), math.log(1 - 0.1)])
+    combined = make_loss(settings.model_copy(update={"name": "bce_dice", "bce_weight": 0.5}))
+    assert combined(TRUTH, PRED).numpy() == pytest.approx([0.5 * bce + 1 - dice], rel=1e-4)
+
+
+def test_loss_is_per_sample_mean():
+    """Batch loss = mean of sample losses: what makes N workers x b equal one process x N*b."""
+    loss = make_loss(LossSettings(name="dice"))
+    both = np.concatenate([TRUTH, 1 - TRUTH]), np.concatenate([PRED, PRED])
+    per_sample = loss(*both).numpy()
+    assert per_sample.shape == (2,)
+    assert per_sample[0] == pytest.approx(loss(TRUTH, PRED).numpy()[0])
+
+
+def test_empty_truth_and_empty_prediction():
+    empty = np.zeros((1, 3, 3, 1), np.float32)
+    for metric in (hard_dice, sensitivity, specificity, precision):
+        assert metric(empty, empty).numpy() == pytest.approx([1.0]), metric.__name__
+    assert soft_dice(empty, empty).numpy() == pytest.approx([1.0])
+    # Empty truth but something predicted: Dice 0, precision 0.
+    some = empty.copy()
+    some[0, 0, 0, 0] = 0.9
+    assert hard_dice(empty, some).numpy() == pytest.approx([0.0])
+    assert precision(empty, some).numpy() == pytest.approx([0.0])
+
+
+def test_hd95_by_hand():
+    a = np.zeros((20, 20, 20), bool)
+    a[5:10, 5:10, 5:10] = True
+    b = np.roll(a, 3, axis=0)
+    assert hd95(a, a, (1, 1, 1)) == 0.0
+    assert hd95(a, b, (1, 1, 1)) == pytest.approx(3.0)
+    assert hd95(a, b, (2, 1, 1)) == pytest.approx(6.0)  # spacing along the shifted axis
+    assert math.isnan(hd95(a, np.zeros_like(a), (1, 1, 1)))
+    assert hd95(np.zeros_like(a), np.zeros_like(a), (1, 1, 1)) == 0.0
+
+
+def test_case_metrics_volume():
+    a = np.zeros((10, 10, 10), np.float32)
+    a[2:6, 2:6, 2:6] = 1
+    values = case_metrics(a, a * 0.8, 0.5, (1.0, 1.0, 1.0))
+    assert values["dice"] == pytest.approx(1.0)
+    assert values["hd95"] == 0.0
+    assert tf.is_tensor(values["dice"]) is False

@@ -1,0 +1,184 @@
+"""Real (tiny) training runs through the CLI: checkpoints, TensorBoard, resume, evaluate, export."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import tensorflow as tf
+
+from conftest import REPO_ROOT, run_cli
+
+TINY_2D = ["--set", "model.base_filters_2d=4", "--set", "train.batch_size=4", "--set", "train.steps_per_epoch=2",
+           "--set", "train.validation_steps=1", "--quiet"]
+TINY_3D = ["--set", "model.base_filters_3d=2", "--set", "train.batch_size=1", "--set", "train.steps_per_epoch=2",
+           "--set", "train.validation_steps=1", "--set", "data.crop_size=[32,32,32]", "--quiet"]
+
+
+def data_flags_2d(slices: Path, brats: Path) -> list[str]:
+    return ["--set", f"data.slices_h5={slices}", "--set", f"data.brats_dir={brats}"]
+
+
+@pytest.fixture(scope="module")
+def trained_2d(prepared_brats, brats_dataset, tmp_path_factory):
+    """One tiny 2D run of 2 epochs, shared by the evaluate/export/TensorBoard checks."""
+    work = tmp_path_factory.mktemp("run2d")
+    flags = ["--model", "2d", "--run-dir", work / "runs", "--run-name", "t"] + TINY_2D + data_flags_2d(
+        prepared_brats, brats_dataset)
+    result = run_cli("train", "--epochs", "2", *flags, cwd=work, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work / "runs" / "t", flags, work
+
+
+def test_2d_training_writes_checkpoints_history_and_events(trained_2d):
+    run, _, _ = trained_2d
+    assert sorted(p.name for p in (run / "checkpoints" / "last").glob("*.index")) == ["epoch-1.index",
+                                                                                      "epoch-2.index"]
+    assert list((run / "checkpoints" / "best").glob("best-*.index"))
+    history = json.loads((run / "history.json").read_text())["epochs"]
+    assert [e["epoch"] for e in history] == [1, 2]
+    assert [e["step"] for e in history] == [2, 4]
+    for key in ("loss", "dice", "val_dice", "lr", "images_per_sec", "val_specificity"):
+        assert key in history[-1], key
+    assert (run / "history.csv").read_text().count("\n") == 3
+    assert list((run / "tensorboard" / "train").glob("events.out.tfevents.*"))
+    assert list((run / "tensorboard" / "validation").glob("events.out.tfevents.*"))
+    assert "global batch 4" in (run / "training.log").read_text()
+
+
+def test_3d_training_writes_checkpoints_and_events(decathlon_dataset, tmp_path):
+    split = tmp_path / "split.json"
+    common = ["--set", f"data.decathlon_dir={decathlon_dataset}", "--set", f"data.cache_dir={tmp_path / 'cache'}",
+              "--set", f"data.decathlon_split={split}", "--set", "data.split.val_fraction=0.25",
+              "--set", "data.split.test_fraction=0.25"]
+    prepared = run_cli("prepare", "--format", "decathlon", "--quiet", *common, cwd=tmp_path)
+    assert prepared.returncode == 0, prepared.stderr
+    result = run_cli("train", "--model", "3d", "--epochs", "1", "--run-dir", tmp_path / "runs", "--run-name", "v",
+                     *TINY_3D, *common, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "v"
+    assert (run / "checkpoints" / "last" / "epoch-1.index").exists()
+    assert list((run / "tensorboard" / "train").glob("events.out.tfevents.*"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == 2 and summary["final_epoch"] == 1
+
+
+def _checkpoint_fingerprint(prefix: str) -> tuple[int, int, float]:
+    """(epoch, optimizer step, sum |model weights|) read with TensorFlow's own checkpoint reader."""
+    reader = tf.train.load_checkpoint(prefix)
+    names = reader.get_variable_to_shape_map()
+    epoch = int(reader.get_tensor("state/epoch/.ATTRIBUTES/VARIABLE_VALUE"))
+    step_key = next(n for n in names if n.startswith("optimizer/") and "iter" in n and "VARIABLE_VALUE" in n)
+    checksum = sum(float(np.abs(reader.get_tensor(n).astype(np.float64)).sum()) for n in names
+                   if n.startswith("model/") and n.endswith("VARIABLE_VALUE") and "OPTIMIZER_SLOT" not in n)
+    return epoch, int(reader.get_tensor(step_key)), checksum
+
+
+def test_resume_after_interrupted_run(prepared_brats, brats_dataset, tmp_path):
+    """Kill a long run after its first checkpoint; the rerun continues at that epoch and step
+    with the checkpointed weights and optimizer state."""
+    runs = tmp_path / "runs"
+    flags = ["--model", "2d", "--run-dir", runs, "--run-name", "r"] + TINY_2D + data_flags_2d(
+        prepared_brats, brats_dataset)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", "train", "--epochs", "1000", *map(str, flags)],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = runs / "r" / "checkpoints" / "last"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and tf.train.latest_checkpoint(str(last)) is None:
+            assert proc.poll() is None, "training exited before writing a checkpoint"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    prefix = tf.train.latest_checkpoint(str(last))
+    assert prefix is not None
+    epoch, step, checksum = _checkpoint_fingerprint(prefix)
+    assert epoch >= 1 and step == 2 * epoch
+
+    result = run_cli("train", "--epochs", str(epoch + 1), *flags, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    match = re.search(r"resuming from .*epoch-(\d+): epoch (\d+), step (\d+), weights checksum ([0-9.]+)",
+                      result.stderr)
+    assert match, result.stderr[-3000:]
+    assert int(match.group(2)) == epoch and int(match.group(3)) == step
+    assert float(match.group(4)) == pytest.approx(checksum, rel=1e-9)
+    history = json.loads((runs / "r" / "history.json").read_text())["epochs"]
+    assert history[-1]["epoch"] == epoch + 1 and history[-1]["step"] == step + 2
+    # The optimizer state travelled too: Adam's moment slots in the new checkpoint came from
+    # continuing, not from a fresh optimizer (a fresh one would have step 2, not step + 2).
+    new_epoch, new_step, _ = _checkpoint_fingerprint(tf.train.latest_checkpoint(str(last)))
+    assert (new_epoch, new_step) == (epoch + 1, step + 2)
+
+
+def test_finished_run_is_not_retrained(trained_2d):
+    run, flags, work = trained_2d
+    result = run_cli("train", "--epochs", "2", *flags, cwd=work, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "nothing to do" in result.stderr
+
+
+def test_evaluate_writes_metrics_and_nifti_in_source_geometry(trained_2d, brats_dataset):
+    run, flags, work = trained_2d
+    result = run_cli("evaluate", *flags, cwd=work, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run / "evaluation" / "summary.json").read_text())
+    assert summary["cases"] >= 1
+    for metric in ("dice", "hd95", "sensitivity", "specificity", "precision"):
+        assert set(summary[metric]) == {"mean", "median", "std", "n"}
+    rows = (run / "evaluation" / "per_case.csv").read_text().splitlines()
+    assert rows[0] == "case,dice,hd95,sensitivity,specificity,precision" and len(rows) == summary["cases"] + 1
+    case_id = rows[1].split(",")[0]
+    prediction = sitk.ReadImage(str(run / "evaluation" / "predictions" / f"{case_id}_pred.nii.gz"))
+    source = sitk.ReadImage(str(next(brats_dataset.rglob(f"{case_id}_flair.nii.gz"))))
+    assert prediction.GetSize() == source.GetSize()
+    assert prediction.GetSpacing() == source.GetSpacing()
+    assert prediction.GetOrigin() == source.GetOrigin()
+    assert prediction.GetDirection() == source.GetDirection()
+    assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= {0, 1}
+
+
+def test_predict_writes_mask_and_overlay(trained_2d, brats_dataset, tmp_path):
+    _, flags, work = trained_2d
+    case = next(p.parent for p in brats_dataset.rglob("*_flair.nii.gz"))
+    result = run_cli("predict", *flags, case, "--out", tmp_path / "pred", cwd=work, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    mask = sitk.ReadImage(str(tmp_path / "pred" / f"{case.name}_mask.nii.gz"))
+    assert mask.GetSize() == sitk.ReadImage(str(next(case.glob("*_flair.nii.gz")))).GetSize()
+    png = (tmp_path / "pred" / f"{case.name}_overlay.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_export_parity(trained_2d):
+    run, flags, work = trained_2d
+    result = run_cli("export", *flags, cwd=work, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((run / "export" / "export.json").read_text())
+    assert report["max_abs_diff"] <= 1e-5
+    # Independent check: load the SavedModel here and compare with the checkpointed Keras model.
+    from trainer.config.settings import ModelSettings
+    from trainer.models import UNet2D
+
+    model = UNet2D(ModelSettings(base_filters_2d=4), 4)
+    tf.train.Checkpoint(model=model).restore(tf.train.latest_checkpoint(str(run / "checkpoints" / "best"))
+                                             ).expect_partial()
+    sample = np.random.default_rng(1).normal(size=(1, 128, 128, 4)).astype(np.float32)
+    served = tf.saved_model.load(str(run / "export" / "saved_model")).signatures["serving_default"]
+    exported = list(served(tf.constant(sample)).values())[0].numpy()
+    assert np.abs(exported - model(sample, training=False).numpy()).max() <= 1e-5
+
+
+def test_missing_prepared_data_is_a_clear_error(tmp_path):
+    result = run_cli("train", "--set", f"data.slices_h5={tmp_path / 'nope.h5'}", "--run-dir", tmp_path, "--quiet",
+                     cwd=tmp_path, timeout=300)
+    assert result.returncode != 0
+    assert "nope.h5" in result.stderr and "Traceback" not in result.stderr
