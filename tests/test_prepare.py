@@ -341,3 +341,33 @@ def test_decathlon_prepare_accepts_nii_variant(run_cli, decathlon_copy, tmp_path
     result = _prepare_decathlon(run_cli, decathlon_copy, cache, tmp_path / "s.json", tmp_path)
     assert result.returncode == 0, result.stderr
     assert (cache / "BRATS_002.image.npy").is_file()
+
+
+def test_decathlon_prepare_keeps_a_different_existing_split(run_cli, decathlon_dataset, tmp_path):
+    split_file = tmp_path / "dec.split.json"
+    assert _prepare_decathlon(run_cli, decathlon_dataset, tmp_path / "cache", split_file, tmp_path).returncode == 0
+    before = split_file.read_text()
+    again = _prepare_decathlon(run_cli, decathlon_dataset, tmp_path / "cache", split_file, tmp_path)
+    assert again.returncode == 0, again.stderr  # same split: idempotent
+    reseeded = run_cli("prepare", "--format", "decathlon", "--src", decathlon_dataset, "--out", tmp_path / "cache",
+                       "--set", f"data.decathlon_split={split_file}", "--set", "data.split.seed=99", "--quiet",
+                       cwd=tmp_path)
+    assert reseeded.returncode != 0 and "different split already exists" in reseeded.stderr
+    assert split_file.read_text() == before
+    forced = run_cli("prepare", "--format", "decathlon", "--src", decathlon_dataset, "--out", tmp_path / "cache",
+                     "--set", f"data.decathlon_split={split_file}", "--set", "data.split.seed=99", "--quiet",
+                     "--overwrite", cwd=tmp_path)
+    assert forced.returncode == 0 and json.loads(split_file.read_text())["seed"] == 99
+
+
+def test_outputs_get_normal_file_permissions(prepared_brats):
+    assert prepared_brats.stat().st_mode & 0o777 == 0o666 & ~_current_umask()
+    assert _split_file(prepared_brats).stat().st_mode & 0o044  # group/other can read
+
+
+def _current_umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

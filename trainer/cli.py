@@ -165,7 +165,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         src = args.src or settings.data.decathlon_dir
         cache = args.out or settings.data.cache_dir
         split_file = settings.data.decathlon_split
-        split = prepare_decathlon(src, cache, settings.data.split, split_file, progress=not args.quiet)
+        split = prepare_decathlon(src, cache, settings.data.split, split_file, progress=not args.quiet,
+                                  overwrite=args.overwrite)
         print(f"checked {sum(len(v) for v in split.values())} case(s) in {src}; cache: {cache}; "
               f"split: {split_file}")
     return 0

@@ -31,6 +31,9 @@ class SingleRuntime:
     def sync_initial_state(self, variables) -> None:
         """Make every worker start from the chief's variables (nothing to do alone)."""
 
+    def agree(self, what: str, value) -> None:
+        """Fail fast (instead of deadlocking) when workers disagree on ``value``."""
+
     def callbacks(self) -> list:
         """Callbacks that must run before all others (e.g. metric averaging)."""
         return list(self.extra_callbacks)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trainer.errors import TrainingError
 from trainer.runtime.base import SingleRuntime
 
 
@@ -40,15 +41,19 @@ class HorovodRuntime(SingleRuntime):
 
         hvd_tf.broadcast_variables(variables, root_rank=0)
 
+    def agree(self, what: str, value) -> None:
+        import horovod.tensorflow as hvd_tf
+
+        values = hvd_tf.allgather_object(value)
+        if any(v != values[0] for v in values):
+            raise TrainingError(f"ranks disagree on {what}: " + ", ".join(
+                f"rank {rank}={v}" for rank, v in enumerate(values))
+                + " (is the same data present on every host?)")
+
     def callbacks(self) -> list:
         import horovod.tensorflow.keras as hvd
 
         return [hvd.callbacks.MetricAverageCallback(), *self.extra_callbacks]
-
-    def allreduce_max(self, value: float) -> float:
-        import horovod.tensorflow as hvd_tf
-
-        return float(hvd_tf.allreduce(value, op=hvd_tf.Max).numpy())
 
     def shutdown(self) -> None:
         import horovod.tensorflow.keras as hvd

@@ -73,6 +73,7 @@ def train(settings: Settings, runtime: SingleRuntime | None = None) -> TrainResu
         return _result(run_path, 0, model, optimizer, state, resumed)
 
     data = build_datasets(settings, runtime.shard, seed_offset=initial_epoch)
+    runtime.agree("steps per epoch / validation steps", (data.steps_per_epoch, data.validation_steps))
     global_batch = train_cfg.batch_size * runtime.size
     scale = runtime.size if train_cfg.scale_lr else 1
     if runtime.is_chief:

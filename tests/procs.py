@@ -1,0 +1,48 @@
+"""Bounded subprocesses for multi-process tests: each runs in its own process group,
+which is killed (by PID) on timeout or when the test ends."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def test_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.update(extra)
+    return env
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def run_bounded(cmd: list, timeout: float, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+    """Run ``cmd`` to completion within ``timeout`` s; on timeout kill its whole process group."""
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=test_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        raise AssertionError(f"timed out after {timeout} s: {' '.join(map(str, cmd))}") from None
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+def unet_train_cmd(*args) -> list:
+    return [sys.executable, "-m", "trainer.cli", *args]

@@ -1,0 +1,101 @@
+"""Horovod allreduce mode with real horovodrun processes on localhost (Gloo and MPI)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from procs import VENV_BIN, run_bounded, unet_train_cmd
+
+HOROVODRUN = str(VENV_BIN / "horovodrun")
+TIMEOUT = 300
+pytestmark = pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI not installed (scripts/setup.sh)")
+
+# Plain synchronous SGD on a fixed data order: no dropout, BN, augmentation or shuffling,
+# and no LR scaling, so N ranks x batch b must equal one process x batch N*b.
+SGD_EXACT = ["--set", "train.optimizer=sgd", "--set", "train.learning_rate=0.5", "--set", "model.dropout=0",
+             "--set", "model.batch_norm_2d=false", "--set", "data.augment=false", "--set", "data.shuffle=false",
+             "--set", "train.scale_lr=false", "--set", "train.warmup_epochs=0", "--set", "train.steps_per_epoch=3",
+             "--set", "train.validation_steps=1", "--set", "model.base_filters_2d=4",
+             "--set", "train.image_every_epochs=0", "--set", "train.loss.name=dice", "--quiet"]
+
+
+def data_flags(prepared_brats):
+    return ["--set", f"data.slices_h5={prepared_brats}"]
+
+
+def model_weights(run_dir, epoch=1) -> dict[str, np.ndarray]:
+    reader = tf.train.load_checkpoint(str(run_dir / "checkpoints" / "last" / f"epoch-{epoch}"))
+    return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map()
+            if n.startswith("model/") and n.endswith("VARIABLE_VALUE") and "OPTIMIZER_SLOT" not in n}
+
+
+def train_single(tmp_path, name, batch, prepared_brats, *extra):
+    result = run_bounded(unet_train_cmd("train", "--model", "2d", "--epochs", "1", "--batch-size", batch,
+                                        "--run-dir", tmp_path / "runs", "--run-name", name,
+                                        *data_flags(prepared_brats), *extra),
+                         TIMEOUT, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:]
+    return tmp_path / "runs" / name
+
+
+def horovod(tmp_path, controller, name, batch, prepared_brats, *extra, epochs=1):
+    cmd = [HOROVODRUN, "-np", "2", "-H", "localhost:2", f"--{controller}", *unet_train_cmd(
+        "train", "--dist", "horovod", "--model", "2d", "--epochs", str(epochs), "--batch-size", batch,
+        "--run-dir", tmp_path / "runs", "--run-name", name, *data_flags(prepared_brats), *extra)]
+    result = run_bounded(cmd, TIMEOUT, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-4000:]
+    return tmp_path / "runs" / name, result.stdout
+
+
+@pytest.mark.parametrize("controller", ["gloo", "mpi"])
+def test_two_ranks_equal_one_process_at_double_batch(controller, prepared_brats, tmp_path):
+    single = model_weights(train_single(tmp_path, "single", 4, prepared_brats, *SGD_EXACT))
+    ranks, log = horovod(tmp_path, controller, "hvd", 2, prepared_brats, *SGD_EXACT)
+    distributed = model_weights(ranks)
+    assert "2 worker(s) x batch 2 = global batch 4" in log
+    assert single.keys() == distributed.keys() and len(single) > 10
+    worst = max(float(np.abs(single[k] - distributed[k]).max()) for k in single)
+    assert worst < 2e-5, f"2-rank SGD diverged from 1-process SGD by {worst}"
+    # Control: the test can tell runs apart. One process at batch 2 sees only half the samples.
+    half = model_weights(train_single(tmp_path, "half", 2, prepared_brats, *SGD_EXACT))
+    gap = max(float(np.abs(half[k] - distributed[k]).max()) for k in half)
+    assert gap > 100 * max(worst, 1e-7), f"control run is indistinguishable (gap {gap}, worst {worst})"
+
+
+def test_two_rank_training_writes_one_run_and_resumes(prepared_brats, tmp_path):
+    tiny = ["--set", "model.base_filters_2d=4", "--set", "train.steps_per_epoch=2",
+            "--set", "train.validation_steps=1", "--quiet"]
+    run, log = horovod(tmp_path, "gloo", "two", 2, prepared_brats, *tiny, epochs=1)
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        ["checkpoints", "tensorboard", "history.csv", "history.json", "settings.yaml", "summary.json",
+         "training.log"])
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "last"]
+    assert sorted(p.name for p in (run / "tensorboard").iterdir()) == ["train", "validation"]
+    writers = {f.name.split(".")[4] for f in (run / "tensorboard").rglob("events.out.tfevents.*")}
+    assert len(writers) == 1, f"TensorBoard events from several processes: {writers}"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["workers"] == 2 and summary["global_batch"] == 4 and summary["dist"] == "horovod"
+    assert log.count("[0]<stdout>:2/2 - ") == 1 and "[1]<stdout>" not in log  # only rank 0 prints progress
+
+    run, log = horovod(tmp_path, "gloo", "two", 2, prepared_brats, *tiny, epochs=2)
+    assert "resuming from" in log and "epoch 1, step 2" in log
+    history = json.loads((run / "history.json").read_text())["epochs"]
+    assert [(e["epoch"], e["step"]) for e in history] == [(1, 2), (2, 4)]
+    assert sorted(p.name for p in (run / "checkpoints" / "last").glob("*.index")) == ["epoch-1.index",
+                                                                                     "epoch-2.index"]
+
+
+def test_plain_mpirun_runs_the_same_command(prepared_brats, tmp_path):
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "--bind-to", "none",
+           *unet_train_cmd("train", "--dist", "horovod", "--model", "2d", "--epochs", "1", "--batch-size", "2",
+                           "--run-dir", tmp_path / "runs", "--run-name", "mpi", *data_flags(prepared_brats),
+                           "--set", "model.base_filters_2d=4", "--set", "train.steps_per_epoch=2",
+                           "--set", "train.validation_steps=1", "--quiet")]
+    result = run_bounded(cmd, TIMEOUT, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "2 worker(s) x batch 2 = global batch 4" in result.stdout
+    assert "intra_op=1" in result.stdout  # 2 cores shared by 2 local ranks
