@@ -1,0 +1,1 @@
+"""Cluster launcher: renders Ansible inventories and drives playbooks (see issue: launcher)."""
