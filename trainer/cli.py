@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -53,6 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=_positive_int, default=None)
     train.add_argument("--batch-size", type=_positive_int, default=None, help="per worker/rank")
     train.add_argument("--learning-rate", type=float, default=None)
+
+    for role in ("ps", "worker"):
+        server = _command(sub, role, f"parameter-server mode: run {role} task --index i of settings' cluster",
+                          _cmd_server_role)
+        server.add_argument("--index", type=_non_negative_int, required=True)
+        server.set_defaults(role=role)
+    chief = _command(sub, "chief", "parameter-server mode: the coordinator that trains (synchronous SGD)",
+                     _cmd_chief)
+    _add_run_flags(chief)
+    chief.add_argument("--epochs", type=_positive_int, default=None)
+    chief.add_argument("--batch-size", type=_positive_int, default=None, help="per worker")
+    chief.add_argument("--learning-rate", type=float, default=None)
 
     evaluate = _command(sub, "evaluate", "per-case metrics on a held-out split; predictions as NIfTI", _cmd_evaluate)
     _add_run_flags(evaluate)
@@ -183,8 +196,8 @@ def _start_runtime(settings):
 
         runtime = HorovodRuntime.start()
     elif settings.train.dist == "ps":
-        raise UserError("train.dist=ps: start the roles with 'unet-train ps|worker|chief' "
-                        "(see README, parameter-server mode)")
+        raise UserError("train.dist=ps: the parameter-server chief is 'unet-train chief' (with "
+                        "'unet-train ps --index i' and 'unet-train worker --index i' running; see README)")
     else:
         from trainer.runtime.base import SingleRuntime
 
@@ -219,6 +232,50 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"trained {result.epochs_run} epoch(s) (now at epoch {result.final_epoch}, step {result.step}); "
               f"best val Dice {result.best_val_dice:.4f}; run: {result.run_path}")
     return 0
+
+
+def _exit_now(code: int) -> None:
+    """Leave without waiting for TensorFlow's gRPC threads, which never join on their own."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+def _cmd_server_role(args: argparse.Namespace) -> int:
+    settings = load_cli_settings(args)
+    from trainer.runtime.ps.roles import serve
+
+    _exit_now(serve(settings, args.role, args.index))
+    return 0  # not reached
+
+
+def _cmd_chief(args: argparse.Namespace) -> int:
+    settings = load_cli_settings(args, {**_flag_overrides(args), "train.dist": "ps"})
+    from trainer.runtime.cpu import apply_cpu_environment, configure_threads
+    from trainer.runtime.ps.cluster import ClusterLayout
+
+    layout = ClusterLayout.from_settings(settings.cluster)
+    configure_threads(apply_cpu_environment(settings.cpu, layout.local_processes("chief", 0)))
+    _log_to_run_file(settings, _ChiefIdentity())
+    from trainer.runtime.ps.chief import run_chief
+
+    code = 1
+    try:
+        result = run_chief(settings)
+        print(f"trained {result.epochs_run} epoch(s) (now at epoch {result.final_epoch}, step {result.step}); "
+              f"best val Dice {result.best_val_dice:.4f}; run: {result.run_path}")
+        code = 0
+    except UserError as exc:
+        print(f"unet-train chief: error: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    finally:
+        _exit_now(code)
+    return code
+
+
+class _ChiefIdentity:
+    is_chief = True
 
 
 def _start_inference(args: argparse.Namespace):

@@ -138,6 +138,7 @@ class ClusterSettings(_Section):
     ps_hosts: tuple[str, ...] = ("127.0.0.1:2222",)
     worker_hosts: tuple[str, ...] = ("127.0.0.1:2223", "127.0.0.1:2224")
     chief_host: str = "127.0.0.1:2225"
+    control_port: int = Field(2226, ge=1, le=65535, description="chief's lifecycle channel (stop/heartbeat)")
     asynchronous: bool = Field(False, alias="async")
     startup_timeout_s: float = Field(60.0, gt=0.0)
     step_timeout_s: float = Field(300.0, gt=0.0)

@@ -144,16 +144,23 @@ class TensorBoardExtras(tf.keras.callbacks.Callback):
     """LR and images/s scalars, and MRI/truth/prediction panels every N epochs."""
 
     def __init__(self, log_dir: Path, sample: tuple[np.ndarray, np.ndarray] | None, every: int,
-                 threshold: float):
+                 threshold: float, all_scalars: bool = False):
         super().__init__()
         self.writer = tf.summary.create_file_writer(str(Path(log_dir) / "train"))
+        self.val_writer = tf.summary.create_file_writer(str(Path(log_dir) / "validation")) if all_scalars else None
         self.sample, self.every, self.threshold = sample, every, threshold
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.val_writer is not None:  # custom loops: write what Keras' TensorBoard callback would
+            with self.val_writer.as_default(step=epoch):
+                for key, value in logs.items():
+                    if key.startswith("val_"):
+                        tf.summary.scalar(f"epoch_{key[4:]}", value)
+            self.val_writer.flush()
         with self.writer.as_default(step=epoch):  # same x-axis as the Keras TensorBoard callback
-            for key in ("lr", "images_per_sec"):
-                if key in logs:
-                    tf.summary.scalar(f"epoch_{key}", logs[key])
+            for key, value in logs.items():
+                if key in ("lr", "images_per_sec") or (self.val_writer is not None and not key.startswith("val_")):
+                    tf.summary.scalar(f"epoch_{key}", value)
             if self.sample is not None and self.every and (epoch + 1) % self.every == 0:
                 tf.summary.image("validation_overlay", self._panels(), max_outputs=4)
         self.writer.flush()

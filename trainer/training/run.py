@@ -47,13 +47,27 @@ def make_optimizer(settings: Settings):
     return tf.keras.optimizers.Adam(learning_rate=train.learning_rate)
 
 
-def train(settings: Settings, runtime: SingleRuntime | None = None) -> TrainResult:
-    runtime = runtime or SingleRuntime()
+@dataclass
+class Session:
+    """What a run trains and checkpoints, restored and synchronised across workers."""
+
+    model: tf.keras.Model
+    optimizer: object
+    state: TrainingState
+    store: CheckpointStore
+    resumed: str | None
+    policy: str
+
+    @property
+    def initial_epoch(self) -> int:
+        return int(self.state.epoch.numpy())
+
+
+def open_session(settings: Settings, runtime) -> Session:
+    """Build model + optimizer + state, restore the latest checkpoint (chief), share it with all."""
     train_cfg = settings.train
-    run_path = settings.run_path
     tf.keras.utils.set_random_seed(train_cfg.seed)  # same initial weights on every worker
     policy = apply_precision(train_cfg.mixed_precision)
-
     model = build_model(train_cfg.model, settings.model, len(settings.data.channels),
                         settings.data.image_size, settings.data.crop_size)
     optimizer = runtime.wrap_optimizer(make_optimizer(settings))
@@ -61,67 +75,102 @@ def train(settings: Settings, runtime: SingleRuntime | None = None) -> TrainResu
                   metrics=keras_metrics(settings.model.threshold))
     optimizer.build(model.trainable_variables)  # slots exist before restore and broadcast
     state = TrainingState()
-    store = CheckpointStore(run_path, model, optimizer, state, train_cfg.keep_checkpoints)
+    store = CheckpointStore(settings.run_path, model, optimizer, state, train_cfg.keep_checkpoints)
     resumed = store.restore_latest() if runtime.is_chief else None
     runtime.sync_initial_state(model.variables + list(optimizer.variables) + state.all_variables())
-    initial_epoch = int(state.epoch.numpy())
+    session = Session(model, optimizer, state, store, resumed, policy)
     if resumed:
-        log.info("resuming from %s: epoch %d, step %d, weights checksum %.6f", resumed, initial_epoch,
+        log.info("resuming from %s: epoch %d, step %d, weights checksum %.6f", resumed, session.initial_epoch,
                  int(optimizer.iterations.numpy()), weights_checksum(model.variables))
-    if initial_epoch >= train_cfg.epochs:
-        log.info("run %s already finished %d/%d epochs; nothing to do", run_path, initial_epoch, train_cfg.epochs)
-        return _result(run_path, 0, model, optimizer, state, resumed)
+    return session
 
-    data = build_datasets(settings, runtime.shard, seed_offset=initial_epoch)
-    runtime.agree("steps per epoch / validation steps", (data.steps_per_epoch, data.validation_steps))
-    global_batch = train_cfg.batch_size * runtime.size
-    scale = runtime.size if train_cfg.scale_lr else 1
-    if runtime.is_chief:
-        run_path.mkdir(parents=True, exist_ok=True)
-        write_text(run_path / "settings.yaml", settings_to_yaml(settings))
-        log.info("%s run %s: model %s (%d params, %s), %d worker(s) x batch %d = global batch %d, "
-                 "%d steps/epoch, %d val steps, train samples/shard %d, LR %.3g x %d", runtime.name, run_path,
-                 train_cfg.model, model.count_params(), policy, runtime.size, train_cfg.batch_size,
-                 global_batch, data.steps_per_epoch, data.validation_steps, data.train_samples,
-                 train_cfg.learning_rate, scale)
 
+def already_finished(settings: Settings, session: Session) -> bool:
+    if session.initial_epoch < settings.train.epochs:
+        return False
+    log.info("run %s already finished %d/%d epochs; nothing to do", settings.run_path, session.initial_epoch,
+             settings.train.epochs)
+    return True
+
+
+def announce(settings: Settings, runtime, session: Session, data) -> None:
+    """Chief: write the merged settings into the run and log the run's shape."""
+    run_path, train_cfg = settings.run_path, settings.train
+    run_path.mkdir(parents=True, exist_ok=True)
+    write_text(run_path / "settings.yaml", settings_to_yaml(settings))
+    log.info("%s run %s: model %s (%d params, %s), %d worker(s) x batch %d = global batch %d, "
+             "%d steps/epoch, %d val steps, train samples/shard %d, LR %.3g x %d", runtime.name, run_path,
+             train_cfg.model, session.model.count_params(), session.policy, runtime.size, train_cfg.batch_size,
+             train_cfg.batch_size * runtime.size, data.steps_per_epoch, data.validation_steps,
+             data.train_samples, train_cfg.learning_rate, lr_scale(settings, runtime))
+
+
+def lr_scale(settings: Settings, runtime) -> int:
+    return runtime.size if settings.train.scale_lr else 1
+
+
+def run_callbacks(settings: Settings, runtime, session: Session, data, fit_tensorboard: bool = True) -> list:
+    """Every run's callbacks, in order: runtime first (metric averaging), chief-only writers last."""
+    train_cfg = settings.train
     callbacks = runtime.callbacks() + [
-        Throughput(global_batch, data.steps_per_epoch),
-        LearningRateController(train_cfg.learning_rate, scale, train_cfg.warmup_epochs, data.steps_per_epoch,
-                               train_cfg.epochs, train_cfg.schedule, state),
-        EpochCheckpoint(store if runtime.is_chief else None, state, train_cfg.early_stopping_patience),
+        Throughput(train_cfg.batch_size * runtime.size, data.steps_per_epoch),
+        LearningRateController(train_cfg.learning_rate, lr_scale(settings, runtime), train_cfg.warmup_epochs,
+                               data.steps_per_epoch, train_cfg.epochs, train_cfg.schedule, session.state),
+        EpochCheckpoint(session.store if runtime.is_chief else None, session.state,
+                        train_cfg.early_stopping_patience),
     ]
     if runtime.is_chief:
-        callbacks += _chief_callbacks(settings, run_path, data, runtime)
-    history = model.fit(data.train, epochs=train_cfg.epochs, initial_epoch=initial_epoch,
-                        steps_per_epoch=data.steps_per_epoch, validation_data=data.val,
-                        validation_steps=data.validation_steps, callbacks=callbacks,
-                        verbose=_verbosity(runtime))
-    epochs_run = len(history.epoch)
-    result = _result(run_path, epochs_run, model, optimizer, state, resumed)
+        callbacks += _chief_callbacks(settings, settings.run_path, data, runtime, fit_tensorboard)
+    return callbacks
+
+
+def finish(settings: Settings, runtime, session: Session, epochs_run: int) -> TrainResult:
+    result = _result(settings.run_path, epochs_run, session.model, session.optimizer, session.state,
+                     session.resumed)
     if runtime.is_chief:
-        write_json(run_path / "summary.json", {**result.__dict__, "run_path": str(run_path),
-                                               "dist": runtime.name, "workers": runtime.size,
-                                               "global_batch": global_batch, "precision": policy,
-                                               "host": platform.node()})
+        write_json(settings.run_path / "summary.json", {
+            **result.__dict__, "run_path": str(settings.run_path), "dist": runtime.name, "workers": runtime.size,
+            "global_batch": settings.train.batch_size * runtime.size, "precision": session.policy,
+            "host": platform.node()})
         log.info("finished: epoch %d, step %d, best val Dice %.4f; TensorBoard logs in %s",
-                 result.final_epoch, result.step, result.best_val_dice, run_path / "tensorboard")
+                 result.final_epoch, result.step, result.best_val_dice, settings.run_path / "tensorboard")
     return result
 
 
-def _chief_callbacks(settings: Settings, run_path: Path, data, runtime) -> list:
+def train(settings: Settings, runtime: SingleRuntime | None = None) -> TrainResult:
+    """Keras ``fit`` training for the single-process and Horovod runtimes."""
+    runtime = runtime or SingleRuntime()
+    session = open_session(settings, runtime)
+    if already_finished(settings, session):
+        return _result(settings.run_path, 0, session.model, session.optimizer, session.state, session.resumed)
+    data = build_datasets(settings, runtime.shard, seed_offset=session.initial_epoch)
+    runtime.agree("steps per epoch / validation steps", (data.steps_per_epoch, data.validation_steps))
+    if runtime.is_chief:
+        announce(settings, runtime, session, data)
+    history = session.model.fit(data.train, epochs=settings.train.epochs, initial_epoch=session.initial_epoch,
+                                steps_per_epoch=data.steps_per_epoch, validation_data=data.val,
+                                validation_steps=data.validation_steps,
+                                callbacks=run_callbacks(settings, runtime, session, data),
+                                verbose=_verbosity(runtime))
+    return finish(settings, runtime, session, len(history.epoch))
+
+
+def _chief_callbacks(settings: Settings, run_path: Path, data, runtime, fit_tensorboard: bool) -> list:
     tensorboard_dir = run_path / "tensorboard"
     sample = None
     if settings.train.image_every_epochs:
         images, masks = next(iter(data.val.take(1)))
         sample = (images.numpy()[:4], masks.numpy()[:4])
-    return [
+    callbacks = [
         tf.keras.callbacks.CSVLogger(str(run_path / "history.csv"), append=True),
         JsonHistory(run_path / "history.json", {"dist": runtime.name, "workers": runtime.size}),
-        tf.keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir), update_freq="epoch",
-                                       write_graph=False, profile_batch=0),
-        TensorBoardExtras(tensorboard_dir, sample, settings.train.image_every_epochs, settings.model.threshold),
+        TensorBoardExtras(tensorboard_dir, sample, settings.train.image_every_epochs, settings.model.threshold,
+                          all_scalars=not fit_tensorboard),
     ]
+    if fit_tensorboard:  # Keras' own writer needs model.fit; custom loops log every scalar themselves
+        callbacks.insert(2, tf.keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir), update_freq="epoch",
+                                                           write_graph=False, profile_batch=0))
+    return callbacks
 
 
 def _verbosity(runtime) -> int:
@@ -136,4 +185,4 @@ def _result(run_path, epochs_run, model, optimizer, state, resumed) -> TrainResu
                        resumed_from=resumed, weights_checksum=weights_checksum(model.variables))
 
 
-__all__ = ["train", "TrainResult", "make_optimizer"]
+__all__ = ["train", "TrainResult", "Session", "open_session", "run_callbacks", "finish", "make_optimizer"]

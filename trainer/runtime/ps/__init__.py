@@ -1,0 +1,1 @@
+"""Parameter-server mode: synchronous SGD over gRPC with TensorFlow's PS/worker cluster."""

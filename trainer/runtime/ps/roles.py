@@ -1,0 +1,39 @@
+"""``unet-train ps|worker --index i``: a gRPC server task that lives exactly as long as the job."""
+from __future__ import annotations
+
+import logging
+
+from trainer.config.settings import Settings
+from trainer.errors import UserError
+from trainer.runtime.cpu import apply_cpu_environment, configure_threads
+from trainer.runtime.ps.cluster import ClusterLayout, export_tf_config
+from trainer.runtime.ps.control import ControlClient
+
+log = logging.getLogger(__name__)
+
+
+def serve(settings: Settings, job: str, index: int) -> int:
+    """Start this task's server, register with the chief, return the exit code it asks for."""
+    layout = ClusterLayout.from_settings(settings.cluster)
+    address = layout.address(job, index)
+    export_tf_config(layout, job, index)
+    plan = apply_cpu_environment(settings.cpu, layout.local_processes(job, index))
+    import tensorflow as tf
+
+    configure_threads(plan)
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    try:
+        tf.distribute.Server(resolver.cluster_spec(), job_name=job, task_index=index, protocol="grpc", start=True)
+    except (tf.errors.OpError, ValueError) as exc:
+        raise UserError(f"{job} {index}: cannot start gRPC server on {address} "
+                        f"(port in use or address not local?): {str(exc).splitlines()[0][:200]}") from None
+    log.info("%s %d serving on %s (%s); waiting for the chief at %s:%d", job, index, address, plan.describe(),
+             *layout.control_address)
+    client = ControlClient.connect(layout.control_address, job, index, settings.cluster.startup_timeout_s)
+    code = client.wait_for_stop()
+    if code is None:
+        log.error("%s %d: the chief at %s went away without stopping the cluster; exiting", job, index,
+                  layout.chief)
+        return 1
+    log.info("%s %d: chief says stop (exit %d)", job, index, code)
+    return code
