@@ -12,7 +12,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
 
-def test_env(**extra: str) -> dict[str, str]:
+def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO_ROOT)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
@@ -31,7 +31,7 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 def run_bounded(cmd: list, timeout: float, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
     """Run ``cmd`` to completion within ``timeout`` s; on timeout kill its whole process group."""
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=test_env(**env), stdout=subprocess.PIPE,
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=child_env(**env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)

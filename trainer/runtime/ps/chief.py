@@ -25,6 +25,7 @@ Why this design, rather than the alternatives:
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -176,6 +177,7 @@ def run_chief(settings: Settings) -> TrainResult:
     layout = ClusterLayout.from_settings(settings.cluster)
     export_tf_config(layout, "chief", 0)
     control = ControlServer(*layout.control_address)
+    control.on_lost = lambda task: _abort_if_ps(task, layout, control, settings)
     code = 1
     try:
         control.wait_for(layout.server_tasks(), settings.cluster.startup_timeout_s,
@@ -185,6 +187,24 @@ def run_chief(settings: Settings) -> TrainResult:
         return result
     finally:
         control.stop_all(code)
+
+
+def _abort_if_ps(task, layout: ClusterLayout, control: ControlServer, settings: Settings) -> None:
+    """A lost worker is survivable (its closures are re-run); a lost PS takes the variables
+    with it, and TensorFlow's coordinator may abort the process. Fail fast, clearly, first."""
+    job, index = task
+    if job != "ps":
+        return
+    checkpoint = tf.train.latest_checkpoint(str(settings.run_path / "checkpoints" / "last"))
+    resume = (f"rerun to resume from {checkpoint}" if checkpoint else "no checkpoint yet: a rerun starts over")
+    message = (f"unet-train chief: error: parameter-server training stopped: lost ps {index} "
+               f"({layout.address(job, index)}). Restart the ps/worker roles and {resume}")
+    log.error(message)
+    print(message, file=sys.stderr, flush=True)
+    control.stop_all(1)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(1)
 
 
 def _train(settings: Settings, layout: ClusterLayout, control: ControlServer) -> TrainResult:
