@@ -21,6 +21,7 @@ RUN HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
 COPY setup.cfg pyproject.toml README.md settings.yaml ./
 COPY trainer ./trainer
 COPY launcher ./launcher
+COPY playbooks ./playbooks
 RUN python -m pip install --no-deps --no-build-isolation .
 
 # Data and runs are mounted: -v $PWD/data:/app/data -v $PWD/runs:/app/runs

@@ -53,7 +53,7 @@ else
   log "horovod: $HOROVOD_VERSION present with Gloo + MPI"
 fi
 
-if ! "$VENV/bin/python" -c "import trainer" 2>/dev/null || [ ! -x "$VENV/bin/unet-train" ]; then
+if ! (cd / && "$VENV/bin/python" -c "import trainer, launcher") 2>/dev/null || [ ! -x "$VENV/bin/unet-train" ]; then
   log "package: installing unet-train (editable)"
   "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e .
 else

@@ -67,6 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
     chief.add_argument("--batch-size", type=_positive_int, default=None, help="per worker")
     chief.add_argument("--learning-rate", type=float, default=None)
 
+    dist = _command(sub, "distributed", "launch PS/worker/chief or horovodrun on SSH hosts via Ansible",
+                    _cmd_distributed)
+    _add_cluster_flags(dist)
+    dist.add_argument("--mode", choices=["ps", "horovod"], default="ps")
+    dist.add_argument("--ps-hosts", default=None, help="parameter-server hosts (default: the first host)")
+    dist.add_argument("--slots-per-host", type=_positive_int, default=1, help="horovod: ranks per host")
+    dist.add_argument("--controller", choices=["gloo", "mpi"], default="gloo", help="horovodrun controller")
+    dist.add_argument("--run-name", default=None)
+    dist.add_argument("--model", choices=["2d", "3d"], default=None)
+    dist.add_argument("--epochs", type=_positive_int, default=None)
+    dist.add_argument("--dry-run", action="store_true", help="print the inventory and every command, then stop")
+    dist.add_argument("--stop", action="store_true", help="stop every process a previous launch of --run-name started")
+    doctor = _command(sub, "doctor", "preflight: SSH, versions, MPI, cores/sockets/NUMA and NICs on every host",
+                      _cmd_doctor)
+    _add_cluster_flags(doctor)
+    doctor.add_argument("--mode", choices=["ps", "horovod"], default="horovod")
+
     evaluate = _command(sub, "evaluate", "per-case metrics on a held-out split; predictions as NIfTI", _cmd_evaluate)
     _add_run_flags(evaluate)
     evaluate.add_argument("--split", choices=["test", "val", "train"], default="test")
@@ -95,6 +112,49 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=_non_negative_int, default=5)
     bench.add_argument("--out", type=Path, default=None, help="JSON file")
     return parser
+
+
+def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hosts", default=None, help="comma-separated host names (node1,node2)")
+    parser.add_argument("--user", default=None, help="SSH user (default: current user)")
+    parser.add_argument("--key", type=Path, default=None, help="SSH private key file")
+    parser.add_argument("--port", type=_positive_int, default=None, help="SSH port (default 22)")
+    parser.add_argument("--workdir", default=None, help="absolute path on every host (default: same as here)")
+
+
+CLUSTER_FLAGS = {"user": "cluster.ssh_user", "key": "cluster.ssh_key", "port": "cluster.ssh_port",
+                 "workdir": "cluster.workdir", "run_name": "train.run_name", "model": "train.model",
+                 "epochs": "train.epochs"}
+
+
+def _launcher(args: argparse.Namespace, hosts_required: bool = True):
+    from launcher.distributed import Launcher, LaunchRequest
+
+    flags = {key: (str(getattr(args, attr)) if attr == "key" and getattr(args, attr) else getattr(args, attr))
+             for attr, key in CLUSTER_FLAGS.items() if hasattr(args, attr)}
+    settings = load_cli_settings(args, flags)
+    if hosts_required and not args.hosts:
+        raise UserError("--hosts: required (e.g. --hosts node1,node2)")
+    request = LaunchRequest(hosts=args.hosts or "", mode=args.mode, ps_hosts=getattr(args, "ps_hosts", None),
+                            dry_run=getattr(args, "dry_run", False),
+                            slots_per_host=getattr(args, "slots_per_host", 1),
+                            controller=getattr(args, "controller", "gloo"))
+    return Launcher(settings, request)
+
+
+def _cmd_distributed(args: argparse.Namespace) -> int:
+    if args.stop:
+        launcher = _launcher(args, hosts_required=False)
+        result = launcher.stop()
+        return 0 if result.succeeded else 1
+    launcher = _launcher(args)
+    return launcher.dry_run() if args.dry_run else launcher.launch()
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    _launcher(args).doctor()
+    print("doctor: every host passed")
+    return 0
 
 
 def _add_window_flags(parser: argparse.ArgumentParser) -> None:

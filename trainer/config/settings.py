@@ -145,7 +145,14 @@ class ClusterSettings(_Section):
     ssh_user: str = Field("", pattern=r"^[A-Za-z0-9._-]*$")
     ssh_key: Optional[Path] = None
     ssh_port: int = Field(22, ge=1, le=65535)
-    workdir: str = Field("~/unet-train", pattern=r"^[A-Za-z0-9_./~-]+$")
+    known_hosts_file: str = Field("", pattern=r"^(/[A-Za-z0-9_.-]+)*$",
+                                  description="'' = ssh's default; StrictHostKeyChecking=accept-new either way")
+    connect_timeout_s: int = Field(10, ge=1, le=300)
+    workdir: str = Field("", pattern=r"^((/[A-Za-z0-9_.-]+)+/?)?$",
+                         description="absolute path on every host; '' = the same path as this checkout")
+    python: str = Field(".venv/bin/python", pattern=r"^[A-Za-z0-9_./-]+$",
+                        description="interpreter on the hosts; relative paths are inside workdir")
+    tensorboard: bool = True
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

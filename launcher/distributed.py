@@ -1,0 +1,255 @@
+"""``unet-train distributed`` and ``unet-train doctor``: launch, stream, stop over Ansible.
+
+Steps: validate hosts -> render inventory -> (dry run: print and stop) -> preflight
+(doctor) -> sync code and settings -> start PS/workers/chief or horovodrun, then
+TensorBoard -> stream every role's output, prefixed, to the console and
+runs/<run>/training.log -> on failure or Ctrl-C stop everything it started, by PID.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher.ansible import Ansible, PlaybookResult
+from launcher.hosts import parse_hosts
+from launcher.inventory import render, ssh_user, write_inventory, to_yaml
+from launcher.plan import HOROVOD_MODE, HostFacts, LaunchPlan, build_plan
+from trainer.config.settings import Settings, settings_to_yaml
+from trainer.errors import UserError
+from trainer.fsutil import write_json, write_text
+
+log = logging.getLogger(__name__)
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+INVENTORY_DIR = SOURCE_ROOT / "inventory"
+
+
+class LaunchError(UserError):
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    hosts: str
+    mode: str = "ps"
+    ps_hosts: str | None = None
+    dry_run: bool = False
+    slots_per_host: int = 1
+    controller: str = "gloo"
+
+
+class Launcher:
+    def __init__(self, settings: Settings, request: LaunchRequest, out=sys.stdout):
+        self.settings, self.request, self.out = settings, request, out
+        self.hosts = parse_hosts(request.hosts) if request.hosts else ()  # --stop needs none
+        self.ps_hosts = parse_hosts(request.ps_hosts, "--ps-hosts") if request.ps_hosts else ()
+        run = settings.train.run_name
+        self.run_dir = (settings.train.run_dir / run).resolve()
+        self.stage = self.run_dir / "launcher" / "stage"
+        self.inventory_path = INVENTORY_DIR / f"{run}.yml"
+        self._cancel = threading.Event()
+        self._log_file = None
+        self._print_lock = threading.Lock()
+        self.first_output_s: float | None = None
+        self.first_training_s: float | None = None  # the chief's "... global batch ..." line: training starts
+        self._started = time.monotonic()
+
+    # ------------------------------------------------------------------ plan and inventory
+    def plan(self, facts: dict[str, HostFacts] | None = None) -> LaunchPlan:
+        return build_plan(self.settings, self.hosts, self.request.mode, self.ps_hosts, facts, SOURCE_ROOT,
+                          self.request.slots_per_host, self.request.controller)
+
+    def write_inventory(self, plan: LaunchPlan) -> Path:
+        inventory = render(plan, self.settings.cluster, SOURCE_ROOT, self.stage)
+        return write_inventory(self.inventory_path, inventory)
+
+    def ansible(self) -> Ansible:
+        return Ansible(self.run_dir / "launcher" / "ansible", self.inventory_path,
+                       self.settings.cluster.connect_timeout_s, self._cancel.is_set)
+
+    # ------------------------------------------------------------------ entry points
+    def dry_run(self) -> int:
+        plan = self.plan()
+        self.say(f"# inventory ({self.inventory_path} when run for real)")
+        self.say(to_yaml(render(plan, self.settings.cluster, SOURCE_ROOT, self.stage)))
+        self.say("# commands, in order")
+        self.say(f"preflight: ansible facts + versions on {', '.join(plan.hosts)}")
+        rsync = render(plan, self.settings.cluster, SOURCE_ROOT, self.stage)["all"]["vars"]["unet_rsync_argv"]
+        for host in dict.fromkeys(plan.hosts + plan.ps_hosts):
+            self.say(f"sync {host}: {shlex.join(rsync)} {SOURCE_ROOT}/ {ssh_user(self.settings.cluster)}@{host}:"
+                     f"{plan.workdir}/")
+        self.say(plan.describe())
+        return 0
+
+    def doctor(self) -> dict[str, HostFacts]:
+        """Preflight: every host reachable, same Python/TF/Horovod versions, MPI, topology."""
+        self.write_inventory(self.plan())
+        result = self.ansible().run("preflight.yml")
+        problems = [f"{host}: unreachable ({msg})" for host, msg in result.unreachable.items()]
+        problems += [f"{host}: {msg}" for host, msg in result.failed.items()]
+        facts: dict[str, HostFacts] = {}
+        versions: dict[str, dict] = {}
+        for host in dict.fromkeys(self.hosts + self.ps_hosts):
+            report = _report(result, host)
+            if report is None:
+                if not any(p.startswith(host + ":") for p in problems):
+                    problems.append(f"{host}: no preflight report")
+                continue
+            try:
+                found = json.loads(report["versions"]) if report["versions"] else {}
+            except ValueError:
+                found = {}
+            if not found:
+                problems.append(f"{host}: cannot run {self.plan().python} ({report.get('versions_err') or 'no output'})")
+                continue
+            tf_version = found.get("tensorflow-cpu") or found.get("tensorflow")
+            if not tf_version:
+                problems.append(f"{host}: TensorFlow not installed for {self.plan().python}")
+            if self.request.mode == HOROVOD_MODE and not found.get("horovod"):
+                problems.append(f"{host}: Horovod not installed (run scripts/setup.sh there)")
+            if self.request.mode == HOROVOD_MODE and self.request.controller == "mpi" and not report["mpi"]:
+                problems.append(f"{host}: MPI (mpirun) not found")
+            versions[host] = {"python": found.get("python"), "tensorflow": tf_version,
+                              "horovod": found.get("horovod"), "numpy": found.get("numpy")}
+            cores = int(report["cores_per_socket"] or 0) * int(report["sockets"] or 0) or int(report["vcpus"] or 1)
+            facts[host] = HostFacts(physical_cores=cores, numa_nodes=max(1, int(report["numa_nodes"] or 1)),
+                                    numactl=str(report["numactl"]).lower() == "true", versions=found,
+                                    mpi=report["mpi"], interfaces=tuple(report["interfaces"]))
+            self.say(f"{host}: python {found.get('python')}, tensorflow {tf_version}, horovod {found.get('horovod')}, "
+                     f"{cores} cores / {report['sockets']} socket(s) / {facts[host].numa_nodes} NUMA node(s), "
+                     f"MPI {'yes' if report['mpi'] else 'no'}, NICs {', '.join(facts[host].interfaces)}")
+        if versions:
+            reference_host = next(iter(versions))
+            for host, found in versions.items():
+                for key, value in found.items():
+                    if value != versions[reference_host][key]:
+                        problems.append(f"{host}: {key} {value} differs from {reference_host}'s "
+                                        f"{versions[reference_host][key]}")
+        if problems:
+            raise LaunchError("preflight failed:\n  " + "\n  ".join(problems))
+        return facts
+
+    def launch(self) -> int:
+        """Preflight, sync, start, stream; stop everything on failure or Ctrl-C. Returns the exit code."""
+        previous = signal.signal(signal.SIGINT, self._on_interrupt)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(self.run_dir / "training.log", "a", buffering=1)
+        plan = None
+        try:
+            facts = self.doctor()
+            plan = self.plan(facts)
+            self.say(plan.describe())
+            self.write_inventory(plan)
+            write_text(self.stage / "settings.yaml", settings_to_yaml(self.settings))
+            self._check(self.ansible().run("sync.yml"), "sync")
+            for phase in ("servers", "main", "tensorboard"):
+                self._check(self.ansible().run("start.yml", extravars={"unet_phase": phase}), f"start {phase}")
+            if plan.tensorboard:
+                host, port = plan.tensorboard
+                bind = self.settings.logging.tensorboard_host
+                self.say(f"TensorBoard on {host}: http://{bind}:{port}/  (from a laptop: ssh -N -L "
+                         f"{port}:{bind}:{port} -p {self.settings.cluster.ssh_port} "
+                         f"{ssh_user(self.settings.cluster)}@{host}, then open http://127.0.0.1:{port}/)")
+            codes = self.follow()
+            failed = {role: rc for role, rc in codes.items() if rc != 0}
+            if self._cancel.is_set():
+                raise KeyboardInterrupt
+            if failed:
+                where = ", ".join(f"{role} on {self._host_of(plan, role)} exited {rc}" for role, rc in failed.items())
+                raise LaunchError(f"training failed: {where} (logs: {self.run_dir / 'training.log'})")
+            write_json(self.run_dir / "launcher" / "launch.json", {
+                "hosts": list(self.hosts), "mode": self.request.mode, "first_output_s": self.first_output_s,
+                "first_training_s": self.first_training_s,
+                "total_s": time.monotonic() - self._started})
+            self.say(f"done: every role exited 0; merged log {self.run_dir / 'training.log'}"
+                     + (f"; TensorBoard keeps running (stop: unet-train distributed --stop --run-name {plan.run})"
+                        if plan.tensorboard else ""))
+            return 0
+        except KeyboardInterrupt:
+            self.say("interrupted: stopping every process the launcher started ...")
+            self.stop(plan)
+            return 130
+        except BaseException:
+            if plan is not None:
+                self.stop(plan)
+            raise
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            if self._log_file:
+                self._log_file.close()
+
+    def stop(self, plan: LaunchPlan | None = None) -> PlaybookResult:
+        """Stop every role of this run on every host (uses the run's rendered inventory)."""
+        if not self.inventory_path.exists():
+            raise LaunchError(f"{self.inventory_path}: no inventory for run '{self.settings.train.run_name}' "
+                              f"(nothing was launched under this run name)")
+        self._cancel.clear()
+        result = self.ansible().run("stop.yml", on_event=self._print_stop)
+        for host, msg in {**result.unreachable, **result.failed}.items():
+            self.say(f"[{host}] could not stop: {msg}")
+        return result
+
+    # ------------------------------------------------------------------ streaming
+    def follow(self) -> dict[str, int]:
+        codes: dict[str, int] = {}
+
+        def on_event(kind: str, host: str, res: dict) -> None:
+            for raw in str(res.get("stdout", "")).splitlines():
+                try:
+                    item = json.loads(raw)
+                except ValueError:
+                    continue
+                if "line" in item:
+                    if self.first_output_s is None:
+                        self.first_output_s = time.monotonic() - self._started
+                    if self.first_training_s is None and "global batch" in item["line"]:
+                        self.first_training_s = time.monotonic() - self._started
+                    self.say(f"[{host} {item['role']}] {item['line']}")
+                elif item.get("exited"):
+                    codes[item["role"]] = item["rc"]
+
+        result = self.ansible().run("follow.yml", on_event=on_event)
+        for host, msg in {**result.unreachable, **result.failed}.items():
+            if self._cancel.is_set():
+                break
+            raise LaunchError(f"lost contact with {host} while training: {msg}")
+        return codes
+
+    def say(self, text: str) -> None:
+        with self._print_lock:
+            print(text, file=self.out, flush=True)
+            if self._log_file:
+                self._log_file.write(text + "\n")
+
+    def _print_stop(self, kind: str, host: str, res: dict) -> None:
+        for line in str(res.get("stdout", "")).splitlines():
+            self.say(f"[{host}] {line}")
+
+    def _on_interrupt(self, signum, frame) -> None:
+        self._cancel.set()
+
+    def _check(self, result: PlaybookResult, step: str) -> None:
+        if self._cancel.is_set():
+            raise KeyboardInterrupt
+        problems = [f"{host}: unreachable ({msg})" for host, msg in result.unreachable.items()]
+        problems += [f"{host}: {msg}" for host, msg in result.failed.items()]
+        if problems or result.rc != 0:
+            raise LaunchError(f"{step} failed: " + ("; ".join(problems) or f"ansible exit {result.rc}"))
+
+    @staticmethod
+    def _host_of(plan: LaunchPlan, role: str) -> str:
+        return next((r.host for r in plan.roles if r.name == role), "?")
+
+
+def _report(result: PlaybookResult, host: str) -> dict | None:
+    for res in result.ok.get(host, []):
+        msg = res.get("msg")
+        if isinstance(msg, dict) and msg.get("unet_report"):
+            return msg
+    return None

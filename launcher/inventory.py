@@ -1,0 +1,89 @@
+"""Render a plan into an Ansible YAML inventory (groups ps, workers, chief; per-host vars).
+
+Values that come from users (argv) are tagged ``!unsafe`` so Ansible never templates
+them, and no password ever appears: connections are SSH keys in BatchMode.
+"""
+from __future__ import annotations
+
+import getpass
+import shlex
+from pathlib import Path
+
+import yaml
+
+from launcher.plan import LaunchPlan
+from trainer.config.settings import ClusterSettings
+from trainer.fsutil import write_text
+
+
+class Unsafe(str):
+    """A string Ansible must treat literally (YAML ``!unsafe``)."""
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(Unsafe, lambda dumper, value: dumper.represent_scalar("!unsafe", str(value)))
+
+
+def ssh_options(cluster: ClusterSettings) -> list[str]:
+    options = ["-o", "StrictHostKeyChecking=accept-new", "-o", "BatchMode=yes",
+               "-o", f"ConnectTimeout={cluster.connect_timeout_s}"]
+    if cluster.known_hosts_file:
+        options += ["-o", f"UserKnownHostsFile={cluster.known_hosts_file}"]
+    return options
+
+
+def ssh_user(cluster: ClusterSettings) -> str:
+    return cluster.ssh_user or getpass.getuser()
+
+
+def render(plan: LaunchPlan, cluster: ClusterSettings, source_root: Path, stage_dir: Path,
+           follow_delay_s: float = 1.0) -> dict:
+    user = ssh_user(cluster)
+    rsync_ssh = ["ssh", "-p", str(cluster.ssh_port), *ssh_options(cluster)]
+    if cluster.ssh_key:
+        rsync_ssh += ["-i", str(cluster.ssh_key)]
+    excludes = [".git/", ".venv/", "data/", "runs/", ".launch/", "__pycache__/", "*.egg-info/", ".pytest_cache/",
+                ".artifacts/", "benchmarks/results/", "inventory/*.yml"]
+    rsync_argv = ["rsync", "-a", "--delete", *[f"--exclude={e}" for e in excludes], "-e", shlex.join(rsync_ssh)]
+    common = {
+        "unet_run": plan.run, "unet_workdir": plan.workdir, "unet_python": plan.python,
+        "unet_state": plan.state_dir, "unet_source": str(source_root), "unet_stage": str(stage_dir),
+        "unet_rsync_argv": [Unsafe(a) for a in rsync_argv],
+        "unet_follow_delay": follow_delay_s, "unet_follow_retries": int(7 * 24 * 3600 / follow_delay_s),
+        "unet_phase": "main",
+    }
+    groups: dict[str, dict] = {"ps": {"hosts": {}}, "workers": {"hosts": {}}, "chief": {"hosts": {}}}
+    all_hosts = list(dict.fromkeys(plan.hosts + plan.ps_hosts))
+    for host in all_hosts:
+        host_vars = {
+            "ansible_host": host, "ansible_port": cluster.ssh_port, "ansible_user": user,
+            "ansible_ssh_common_args": Unsafe(shlex.join(ssh_options(cluster))),
+            "ansible_python_interpreter": plan.python,
+            "unet_rsync_target": f"{user}@{host}",
+            "unet_roles": [{"name": r.name, "phase": r.phase, "follow": r.follow, "argv": [Unsafe(a) for a in r.argv]}
+                           for r in plan.roles_on(host)],
+        }
+        if cluster.ssh_key:
+            host_vars["ansible_ssh_private_key_file"] = str(cluster.ssh_key)
+        choice = plan.cpu.get(host)
+        if choice:
+            host_vars["unet_cpu_threads"] = choice.threads or "auto"
+            host_vars["unet_numactl"] = list(choice.numactl)
+        groups_of = {r.group for r in plan.roles_on(host)} or {"workers"}
+        for index, group in enumerate(sorted(groups_of)):
+            groups[group]["hosts"][host] = host_vars if index == 0 else {}
+    return {"all": {"vars": common, "children": groups}}
+
+
+def to_yaml(inventory: dict) -> str:
+    header = ("# Rendered by `unet-train distributed` from --hosts and settings.yaml; do not edit.\n"
+              "# SSH keys only (BatchMode=yes): no passwords are stored or prompted for.\n")
+    return header + yaml.dump(inventory, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1000)
+
+
+def write_inventory(path: Path, inventory: dict) -> Path:
+    write_text(path, to_yaml(inventory))
+    return path

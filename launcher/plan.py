@@ -1,0 +1,173 @@
+"""What runs where: roles per host, their argv, ports, and per-host CPU settings.
+
+A plan is pure data computed from settings, the host list and (when known) each host's
+facts from preflight; rendering it into an inventory and running it is someone else's job.
+Every argv element is passed to the remote host as a separate argument (never through a
+shell), so nothing in a host name or a setting can be executed.
+"""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from trainer.config.settings import Settings
+from trainer.errors import UserError
+
+PS_MODE, HOROVOD_MODE = "ps", "horovod"
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What preflight learnt about a host."""
+
+    physical_cores: int
+    numa_nodes: int = 1
+    numactl: bool = False
+    versions: Mapping[str, str | None] = field(default_factory=dict)
+    mpi: str = ""
+    interfaces: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CpuChoice:
+    threads: int | None  # None: the trainer derives it (physical cores / local ranks)
+    numactl: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str                 # ps0, worker1, chief, horovod, tensorboard
+    host: str
+    group: str                # inventory group: ps, workers, chief
+    argv: tuple[str, ...]
+    phase: str                # start order: servers -> main -> tensorboard
+    follow: bool = True       # the launcher waits for it and streams its output
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    run: str
+    mode: str
+    hosts: tuple[str, ...]
+    ps_hosts: tuple[str, ...]
+    workdir: str
+    python: str
+    roles: tuple[Role, ...]
+    cpu: Mapping[str, CpuChoice]
+    tensorboard: tuple[str, int] | None  # (host, port) on the chief
+
+    @property
+    def state_dir(self) -> str:
+        """Per-run folder on every host: role logs, PIDs, exit codes, merged settings."""
+        return f"{self.workdir}/.launch/{self.run}"
+
+    def roles_on(self, host: str) -> list[Role]:
+        return [role for role in self.roles if role.host == host]
+
+    def describe(self) -> str:
+        lines = [f"run {self.run}: mode {self.mode}, hosts {', '.join(self.hosts)}, workdir {self.workdir}"]
+        for host in self.hosts + tuple(h for h in self.ps_hosts if h not in self.hosts):
+            choice = self.cpu.get(host)
+            if choice:
+                lines.append(f"  {host}: threads {choice.threads or 'auto'}"
+                             f"{' numactl ' + ' '.join(choice.numactl) if choice.numactl else ''} ({choice.reason})")
+            for role in self.roles_on(host):
+                lines.append(f"    [{role.phase}] {role.name}: {shlex.join(role.argv)}")
+        return "\n".join(lines)
+
+
+def _port(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
+
+
+def _cpu_choice(settings: Settings, facts: HostFacts | None, processes: int, derive: bool) -> CpuChoice:
+    cpu = settings.cpu
+    numactl: tuple[str, ...] = ()
+    if cpu.knl_mcdram:
+        numactl = ("numactl", "-p", "1")
+    elif cpu.numa_node >= 0:
+        numactl = ("numactl", f"--cpunodebind={cpu.numa_node}", f"--membind={cpu.numa_node}")
+    if numactl and facts is not None and not facts.numactl:
+        raise UserError("cpu.numa_node/knl_mcdram: numactl is not installed on a host (see doctor)")
+    if cpu.intra_op_threads:
+        return CpuChoice(cpu.intra_op_threads, numactl, "cpu.intra_op_threads")
+    if not derive:
+        return CpuChoice(None, numactl, "trainer: physical cores / local ranks")
+    if facts is None:
+        return CpuChoice(None, numactl, "from host facts at launch")
+    cores = facts.physical_cores
+    if cpu.numa_node >= 0 and facts.numa_nodes > 1:
+        cores = max(1, cores // facts.numa_nodes)
+    threads = max(1, cores // max(1, processes))
+    return CpuChoice(threads, numactl, f"{cores} physical cores / {processes} process(es)")
+
+
+def build_plan(settings: Settings, hosts: tuple[str, ...], mode: str, ps_hosts: tuple[str, ...] = (),
+               facts: Mapping[str, HostFacts] | None = None,
+               source_root: Path | None = None, slots_per_host: int = 1, controller: str = "gloo") -> LaunchPlan:
+    cluster = settings.cluster
+    workdir = (cluster.workdir or str(source_root or Path.cwd())).rstrip("/")
+    python = cluster.python if cluster.python.startswith("/") else f"{workdir}/{cluster.python}"
+    run = settings.train.run_name
+    settings_file = f"{workdir}/.launch/{run}/settings.yaml"
+    facts = facts or {}
+
+    def trainer_argv(choice: CpuChoice, *command: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+        argv = ["env", f"PYTHONPATH={workdir}", *choice.numactl, python, "-m", "trainer.cli", *command,
+                "--settings", settings_file, *extra]
+        if choice.threads:
+            argv += ["--set", f"cpu.intra_op_threads={choice.threads}", "--set", f"cpu.omp_num_threads={choice.threads}"]
+        return tuple(argv)
+
+    roles: list[Role] = []
+    cpu: dict[str, CpuChoice] = {}
+    if mode == PS_MODE:
+        ps_hosts = ps_hosts or hosts[:1]
+        ps_port, worker_port = _port(cluster.ps_hosts[0]), _port(cluster.worker_hosts[0])
+        layout = ("--set", "cluster.ps_hosts=[" + ",".join(f"{h}:{ps_port}" for h in ps_hosts) + "]",
+                  "--set", "cluster.worker_hosts=[" + ",".join(f"{h}:{worker_port}" for h in hosts) + "]",
+                  "--set", f"cluster.chief_host={hosts[0]}:{_port(cluster.chief_host)}",
+                  "--set", f"cluster.control_port={cluster.control_port}")
+        for host in dict.fromkeys(hosts + ps_hosts):
+            processes = int(host in hosts) + int(host == hosts[0])  # a worker, and the chief on the first host
+            cpu[host] = _cpu_choice(settings, facts.get(host), max(1, processes), derive=True)
+        for index, host in enumerate(ps_hosts):
+            roles.append(Role(f"ps{index}", host, "ps", trainer_argv(
+                cpu[host], "ps", "--index", str(index), extra=layout + _log_file(f"ps{index}")), "servers"))
+        for index, host in enumerate(hosts):
+            roles.append(Role(f"worker{index}", host, "workers", trainer_argv(
+                cpu[host], "worker", "--index", str(index), extra=layout + _log_file(f"worker{index}")), "servers"))
+        roles.append(Role("chief", hosts[0], "chief", trainer_argv(
+            cpu[hosts[0]], "chief", extra=layout + _log_file("chief")), "main"))
+    elif mode == HOROVOD_MODE:
+        for host in hosts:
+            cpu[host] = _cpu_choice(settings, facts.get(host), slots_per_host, derive=False)
+        horovodrun = str(Path(python).parent / "horovodrun")
+        argv = [horovodrun, "-np", str(len(hosts) * slots_per_host),
+                "-H", ",".join(f"{h}:{slots_per_host}" for h in hosts), "-p", str(cluster.ssh_port),
+                f"--{controller}"]
+        if cluster.ssh_key:
+            argv += ["-i", str(cluster.ssh_key)]
+        rank = trainer_argv(cpu[hosts[0]], "train", "--dist", "horovod", extra=_log_file("rank0"))
+        roles.append(Role("horovod", hosts[0], "chief", tuple(argv) + rank, "main"))
+    else:
+        raise UserError(f"--mode: expected 'ps' or 'horovod', got {mode!r}")
+
+    tensorboard = None
+    if cluster.tensorboard:
+        run_dir = settings.train.run_dir
+        logdir = str(run_dir / run / "tensorboard") if run_dir.is_absolute() else f"{workdir}/{run_dir}/{run}/tensorboard"
+        port = settings.logging.tensorboard_port
+        roles.append(Role("tensorboard", hosts[0], "chief", (
+            "env", f"PYTHONPATH={workdir}", python, "-m", "tensorboard.main", "--logdir", logdir,
+            "--host", settings.logging.tensorboard_host, "--port", str(port)), "tensorboard", follow=False))
+        tensorboard = (hosts[0], port)
+    return LaunchPlan(run, mode, hosts, tuple(ps_hosts), workdir, python, tuple(roles), cpu, tensorboard)
+
+
+def _log_file(role: str) -> tuple[str, ...]:
+    # Each role keeps its own log file beside the run; the launcher's merged stream is training.log.
+    return ("--set", f"logging.log_file=training-{role}.log")

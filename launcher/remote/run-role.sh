@@ -1,0 +1,13 @@
+#!/bin/sh
+# run-role.sh LOG RCFILE PIDFILE CMD [ARG...]
+# Start CMD in a new session (its PID is also its process-group id, so the launcher can
+# stop it and everything it spawned with one signal), output to LOG, exit code to RCFILE.
+# User-controlled values arrive only as positional arguments: nothing is re-parsed by a shell.
+set -eu
+log=$1 rc=$2 pidfile=$3
+shift 3
+mkdir -p "$(dirname "$log")"
+rm -f "$rc"
+setsid sh -c '"$@"; echo $? > "$0"' "$rc" "$@" > "$log" 2>&1 < /dev/null &
+echo $! > "$pidfile"
+echo "$!"

@@ -1,0 +1,219 @@
+"""The cluster launcher against real sshd instances on loopback aliases (127.0.0.2, 127.0.0.3)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from procs import REPO_ROOT, child_env, kill_group, run_bounded, unet_train_cmd
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+HOSTS = ("127.0.0.2", "127.0.0.3")
+needs_sshd = pytest.mark.skipif(not Path(SSHD).exists(), reason="openssh-server not installed (scripts/setup.sh)")
+
+
+def _free_port_on(addresses) -> int:
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind((addresses[0], 0))
+            port = probe.getsockname()[1]
+        try:
+            for address in addresses[1:]:
+                with socket.socket() as other:
+                    other.bind((address, port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no common free port")
+
+
+@pytest.fixture(scope="module")
+def ssh_hosts(tmp_path_factory):
+    """Two sshd processes, one per loopback alias, with a throwaway host key and client key."""
+    root = tmp_path_factory.mktemp("sshd")
+    for name in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / name)], check=True)
+    (root / "authorized_keys").write_text((root / "client_key.pub").read_text())
+    Path("/run/sshd").mkdir(exist_ok=True)
+    port = _free_port_on(HOSTS)
+    procs = []
+    for host in HOSTS:
+        procs.append(subprocess.Popen(
+            [SSHD, "-D", "-e", "-p", str(port), "-o", f"ListenAddress={host}", "-h", str(root / "host_key"),
+             "-o", f"AuthorizedKeysFile={root / 'authorized_keys'}", "-o", "StrictModes=no",
+             "-o", "PermitRootLogin=prohibit-password", "-o", "PasswordAuthentication=no",
+             "-o", "KbdInteractiveAuthentication=no", "-o", "PidFile=none", "-o", "MaxStartups=100",
+             "-o", "MaxSessions=100"],
+            stdout=subprocess.DEVNULL, stderr=open(root / f"sshd-{host}.log", "w"), start_new_session=True))
+    try:
+        deadline = time.monotonic() + 30
+        for host in HOSTS:
+            while True:
+                try:
+                    socket.create_connection((host, port), timeout=1).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, f"sshd on {host}:{port} did not start"
+                    time.sleep(0.1)
+        yield {"port": port, "key": root / "client_key", "known_hosts": root / "known_hosts"}
+    finally:
+        for proc in procs:
+            kill_group(proc)
+
+
+def cluster_flags(ssh, workdir: Path, tmp_path: Path) -> list[str]:
+    ports = [_free_port_on(["127.0.0.1", *HOSTS]) for _ in range(5)]
+    return ["--port", ssh["port"], "--key", ssh["key"], "--workdir", workdir,
+            "--set", f"cluster.known_hosts_file={ssh['known_hosts']}", "--set", f"cluster.python={sys.executable}",
+            "--set", "cluster.connect_timeout_s=5",
+            "--set", f"cluster.ps_hosts=[127.0.0.1:{ports[0]}]", "--set", f"cluster.worker_hosts=[127.0.0.1:{ports[1]}]",
+            "--set", f"cluster.chief_host=127.0.0.1:{ports[2]}", "--set", f"cluster.control_port={ports[3]}",
+            "--set", f"logging.tensorboard_port={ports[4]}", "--set", f"train.run_dir={tmp_path / 'local-runs'}"]
+
+
+def tiny_training(prepared_brats) -> list[str]:
+    return ["--model", "2d", "--set", f"data.slices_h5={prepared_brats}", "--set", "model.base_filters_2d=4",
+            "--set", "train.batch_size=2", "--set", "train.steps_per_epoch=2", "--set", "train.validation_steps=1",
+            "--set", "train.image_every_epochs=0"]
+
+
+def leftover_processes(workdir: Path) -> list[str]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or [])
+        except psutil.Error:
+            continue
+        if str(workdir) in cmdline and "pytest" not in cmdline:
+            found.append(f"{proc.pid}: {cmdline[:200]}")
+    return found
+
+
+def wait_gone(workdir: Path, timeout: float = 30) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while (left := leftover_processes(workdir)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+def test_dry_run_prints_inventory_and_commands(tmp_path):
+    result = run_bounded(unet_train_cmd("distributed", "--hosts", "node1,node2,node3", "--mode", "ps",
+                                        "--workdir", "/srv/unet", "--user", "alice", "--key", "/keys/id", "--dry-run",
+                                        "--run-name", "dry", "--set", f"train.run_dir={tmp_path}"), 120, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:]
+    out = result.stdout
+    inventory_text = out.split("# commands, in order")[0].split("\n", 1)[1]
+    inventory = yaml.safe_load(inventory_text.replace("!unsafe ", ""))
+    groups = inventory["all"]["children"]
+    assert set(groups["ps"]["hosts"]) == {"node1"} and set(groups["workers"]["hosts"]) == {"node1", "node2", "node3"}
+    assert set(groups["chief"]["hosts"]) == {"node1"}
+    assert "!unsafe" in inventory_text
+    for secret in ("ansible_password", "ansible_ssh_pass", "ansible_become_pass", "PasswordAuthentication=yes"):
+        assert secret not in out
+    assert "BatchMode=yes" in out  # keys only: ssh never prompts
+    for role in ("ps0", "worker0", "worker1", "worker2", "chief", "tensorboard"):
+        assert f"] {role}: " in out, role
+    assert "rsync -a --delete" in out and "alice@node2:/srv/unet/" in out
+    assert not (REPO_ROOT / "inventory" / "dry.yml").exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("hosts", ["node1,node 2", "node1;reboot", "$(touch /tmp/x)", "node1,`id`", "a,a"])
+def test_bad_hosts_rejected_before_anything_runs(hosts, tmp_path):
+    result = run_bounded(unet_train_cmd("distributed", "--hosts", hosts, "--mode", "horovod",
+                                        "--set", f"train.run_dir={tmp_path}"), 60, cwd=tmp_path)
+    assert result.returncode != 0 and "--hosts" in result.stdout and "Traceback" not in result.stdout
+    assert not (tmp_path / "default").exists()
+
+
+def test_unreachable_host_is_named_within_a_bound(tmp_path):
+    start = time.monotonic()
+    result = run_bounded(unet_train_cmd("doctor", "--hosts", "127.0.0.9", "--port", "9", "--set",
+                                        "cluster.connect_timeout_s=3", "--set", f"train.run_dir={tmp_path}",
+                                        "--set", "train.run_name=unreach"), 120, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "127.0.0.9: unreachable" in result.stdout, result.stdout[-2000:]
+    assert time.monotonic() - start < 90
+
+
+@needs_sshd
+def test_doctor_reports_every_host(ssh_hosts, tmp_path):
+    result = run_bounded(unet_train_cmd("doctor", "--hosts", ",".join(HOSTS),
+                                        *cluster_flags(ssh_hosts, tmp_path / "remote", tmp_path),
+                                        "--set", "train.run_name=doc"), 180, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:]
+    for host in HOSTS:
+        assert f"{host}: python 3.11" in result.stdout and "tensorflow 2.15.1" in result.stdout
+    assert "every host passed" in result.stdout
+
+
+@needs_sshd
+def test_two_host_horovod_run_streams_logs_and_checkpoints(ssh_hosts, prepared_brats, tmp_path):
+    workdir = tmp_path / "remote"
+    flags = cluster_flags(ssh_hosts, workdir, tmp_path)
+    result = run_bounded(unet_train_cmd("distributed", "--hosts", ",".join(HOSTS), "--mode", "horovod",
+                                        "--run-name", "hvd", "--epochs", "1", *flags, *tiny_training(prepared_brats)),
+                         420, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-5000:]
+    assert "[127.0.0.2 horovod]" in result.stdout and "2 worker(s) x batch 2 = global batch 4" in result.stdout
+    merged = (tmp_path / "local-runs" / "hvd" / "training.log").read_text()
+    assert "[127.0.0.2 horovod]" in merged
+    assert (workdir / "trainer" / "cli.py").exists() and not (workdir / ".venv").exists()  # synced code only
+    assert (tmp_path / "local-runs" / "hvd" / "checkpoints" / "last" / "epoch-1.index").exists()
+    launch = json.loads((tmp_path / "local-runs" / "hvd" / "launcher" / "launch.json").read_text())
+    assert launch["first_training_s"] is not None
+    assert "TensorBoard on 127.0.0.2" in result.stdout and "ssh -N -L" in result.stdout
+    stop = run_bounded(unet_train_cmd("distributed", "--stop", "--run-name", "hvd", *flags), 120, cwd=tmp_path)
+    assert stop.returncode == 0, stop.stdout[-3000:]
+    assert "stopped tensorboard" in stop.stdout
+    assert wait_gone(workdir) == []
+
+
+@needs_sshd
+def test_ps_run_one_ps_two_workers(ssh_hosts, prepared_brats, tmp_path):
+    workdir = tmp_path / "remote"
+    flags = cluster_flags(ssh_hosts, workdir, tmp_path) + ["--set", "cluster.tensorboard=false"]
+    result = run_bounded(unet_train_cmd("distributed", "--hosts", ",".join(HOSTS), "--mode", "ps",
+                                        "--ps-hosts", HOSTS[0], "--run-name", "psrun", "--epochs", "1", *flags,
+                                        *tiny_training(prepared_brats)), 420, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-5000:]
+    for tag in ("[127.0.0.2 ps0]", "[127.0.0.2 worker0]", "[127.0.0.3 worker1]", "[127.0.0.2 chief]"):
+        assert tag in result.stdout, tag
+    assert "synchronous SGD" in result.stdout
+    assert (tmp_path / "local-runs" / "psrun" / "checkpoints" / "last" / "epoch-1.index").exists()
+    assert wait_gone(workdir) == []  # chief told PS and workers to stop; nothing lingers
+
+
+@needs_sshd
+def test_ctrl_c_stops_every_remote_process(ssh_hosts, prepared_brats, tmp_path):
+    workdir = tmp_path / "remote"
+    flags = cluster_flags(ssh_hosts, workdir, tmp_path)
+    log = open(tmp_path / "launcher.out", "w")
+    proc = subprocess.Popen([str(a) for a in unet_train_cmd(
+        "distributed", "--hosts", ",".join(HOSTS), "--mode", "ps", "--run-name", "cc", "--epochs", "1000", *flags,
+        *tiny_training(prepared_brats))], cwd=tmp_path, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while "global batch" not in (tmp_path / "launcher.out").read_text():
+            assert proc.poll() is None, (tmp_path / "launcher.out").read_text()[-3000:]
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.5)
+        assert leftover_processes(workdir)  # the roles are running
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+    out = (tmp_path / "launcher.out").read_text()
+    assert "interrupted: stopping every process" in out
+    assert wait_gone(workdir) == [], out[-3000:]
