@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,63 +14,23 @@ import pytest
 import yaml
 
 from procs import REPO_ROOT, child_env, kill_group, run_bounded, unet_train_cmd
+from sshd_hosts import HOSTS, SSHD, free_port_on, start_sshd_hosts
 
-SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
-HOSTS = ("127.0.0.2", "127.0.0.3")
 needs_sshd = pytest.mark.skipif(not Path(SSHD).exists(), reason="openssh-server not installed (scripts/setup.sh)")
-
-
-def _free_port_on(addresses) -> int:
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((addresses[0], 0))
-            port = probe.getsockname()[1]
-        try:
-            for address in addresses[1:]:
-                with socket.socket() as other:
-                    other.bind((address, port))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no common free port")
 
 
 @pytest.fixture(scope="module")
 def ssh_hosts(tmp_path_factory):
-    """Two sshd processes, one per loopback alias, with a throwaway host key and client key."""
-    root = tmp_path_factory.mktemp("sshd")
-    for name in ("host_key", "client_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / name)], check=True)
-    (root / "authorized_keys").write_text((root / "client_key.pub").read_text())
-    Path("/run/sshd").mkdir(exist_ok=True)
-    port = _free_port_on(HOSTS)
-    procs = []
-    for host in HOSTS:
-        procs.append(subprocess.Popen(
-            [SSHD, "-D", "-e", "-p", str(port), "-o", f"ListenAddress={host}", "-h", str(root / "host_key"),
-             "-o", f"AuthorizedKeysFile={root / 'authorized_keys'}", "-o", "StrictModes=no",
-             "-o", "PermitRootLogin=prohibit-password", "-o", "PasswordAuthentication=no",
-             "-o", "KbdInteractiveAuthentication=no", "-o", "PidFile=none", "-o", "MaxStartups=100",
-             "-o", "MaxSessions=100"],
-            stdout=subprocess.DEVNULL, stderr=open(root / f"sshd-{host}.log", "w"), start_new_session=True))
+    """Two sshd processes, one per loopback alias, stopped by PID at the end of the module."""
+    hosts = start_sshd_hosts(tmp_path_factory.mktemp("sshd"))
     try:
-        deadline = time.monotonic() + 30
-        for host in HOSTS:
-            while True:
-                try:
-                    socket.create_connection((host, port), timeout=1).close()
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline, f"sshd on {host}:{port} did not start"
-                    time.sleep(0.1)
-        yield {"port": port, "key": root / "client_key", "known_hosts": root / "known_hosts"}
+        yield {"port": hosts.port, "key": hosts.key, "known_hosts": hosts.known_hosts}
     finally:
-        for proc in procs:
-            kill_group(proc)
+        hosts.stop()
 
 
 def cluster_flags(ssh, workdir: Path, tmp_path: Path) -> list[str]:
-    ports = [_free_port_on(["127.0.0.1", *HOSTS]) for _ in range(5)]
+    ports = [free_port_on(["127.0.0.1", *HOSTS]) for _ in range(5)]
     return ["--port", ssh["port"], "--key", ssh["key"], "--workdir", workdir,
             "--set", f"cluster.known_hosts_file={ssh['known_hosts']}", "--set", f"cluster.python={sys.executable}",
             "--set", "cluster.connect_timeout_s=5",

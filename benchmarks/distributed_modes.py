@@ -1,0 +1,96 @@
+"""Issues 4 and 5 figures, one run, equal global batch: single process (2 threads) vs
+Horovod 2 ranks (1 thread each, Gloo) vs parameter server (1 PS + 2 workers, 1 thread
+each); steady-state step time and images/s (second epoch), bytes moved per step on
+loopback, and Horovod's allreduce time per step for the 2D and 3D models.
+
+Needs data/brats_slices.h5 (scripts/demo.sh makes it). Usage:
+    python benchmarks/distributed_modes.py -> benchmarks/results/distributed_modes.json
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+from common import CLI, ROOT, RESULTS, env, save, timed
+
+GLOBAL_BATCH, STEPS = 8, 8
+COMMON = ["--model", "2d", "--epochs", "2", "--set", f"train.steps_per_epoch={STEPS}", "--set",
+          "train.validation_steps=1", "--set", "train.image_every_epochs=0", "--set", "train.run_dir=runs/bench",
+          "--quiet"]
+HOROVODRUN = str(ROOT / ".venv" / "bin" / "horovodrun")
+
+
+def loopback_bytes() -> int:
+    for line in open("/proc/net/dev"):
+        if line.strip().startswith("lo:"):
+            fields = line.split(":", 1)[1].split()
+            return int(fields[0]) + int(fields[8])
+    return 0
+
+
+def steady(run: str) -> dict:
+    history = json.loads((ROOT / "runs" / "bench" / run / "history.json").read_text())["epochs"]
+    last = history[-1]
+    return {"images_per_sec": last["images_per_sec"], "step_s": GLOBAL_BATCH / last["images_per_sec"]}
+
+
+def measure(name: str, cmd_or_fn) -> dict:
+    subprocess.run(["rm", "-rf", str(ROOT / "runs" / "bench" / name)], check=True)
+    before = loopback_bytes()
+    wall = cmd_or_fn() if callable(cmd_or_fn) else timed(cmd_or_fn, RESULTS / "distributed_modes.log")
+    moved = loopback_bytes() - before
+    return {**steady(name), "wall_s": wall, "loopback_bytes_per_step": moved / (2 * STEPS)}
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def ps_run() -> float:
+    ps, w0, w1, chief, control = free_ports(5)
+    cluster = ["--set", f"cluster.ps_hosts=[127.0.0.1:{ps}]", "--set",
+               f"cluster.worker_hosts=[127.0.0.1:{w0},127.0.0.1:{w1}]", "--set", f"cluster.chief_host=127.0.0.1:{chief}",
+               "--set", f"cluster.control_port={control}"]
+    log = open(RESULTS / "distributed_modes.log", "a")
+    start = time.perf_counter()
+    roles = [subprocess.Popen(CLI + [role, "--index", str(i)] + cluster, cwd=ROOT, env=env(), stdout=log, stderr=log)
+             for role, i in (("ps", 0), ("worker", 0), ("worker", 1))]
+    subprocess.run(CLI + ["chief", "--run-name", "ps", "--batch-size", str(GLOBAL_BATCH // 2)] + COMMON + cluster,
+                   cwd=ROOT, env=env(), stdout=log, stderr=log, check=True)
+    for role in roles:
+        role.wait(timeout=60)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result = {"global_batch": GLOBAL_BATCH, "steps_per_epoch": STEPS, "model": "2d, 32 base filters, 128x128x4"}
+    result["single_2_threads"] = measure("single", CLI + ["train", "--run-name", "single", "--batch-size",
+                                                           str(GLOBAL_BATCH), "--set", "cpu.intra_op_threads=2"] + COMMON)
+    result["horovod_2_ranks"] = measure("hvd", [HOROVODRUN, "-np", "2", "-H", "localhost:2", "--gloo"] + CLI + [
+        "train", "--dist", "horovod", "--run-name", "hvd", "--batch-size", str(GLOBAL_BATCH // 2)] + COMMON)
+    result["ps_1ps_2workers"] = measure("ps", ps_run)
+    base = result["single_2_threads"]["step_s"]
+    result["horovod_step_time_ratio_vs_single"] = result["horovod_2_ranks"]["step_s"] / base
+    result["ps_step_time_ratio_vs_single"] = result["ps_1ps_2workers"]["step_s"] / base
+    result["ps_step_time_ratio_vs_horovod"] = result["ps_1ps_2workers"]["step_s"] / result["horovod_2_ranks"]["step_s"]
+    allreduce = RESULTS / "allreduce_time.json"
+    timed([HOROVODRUN, "-np", "2", "-H", "localhost:2", "--gloo", sys.executable,
+           str(ROOT / "benchmarks" / "allreduce_time.py"), allreduce], RESULTS / "distributed_modes.log")
+    result["allreduce"] = json.loads(allreduce.read_text())
+    result["allreduce_share_of_horovod_step_2d"] = (result["allreduce"]["2d"]["allreduce_ms_median"] / 1000
+                                                    / result["horovod_2_ranks"]["step_s"])
+    save("distributed_modes", result)
+
+
+if __name__ == "__main__":
+    main()
