@@ -23,14 +23,14 @@ def main() -> None:
     result = {"hosts": list(hosts.hosts)}
     try:
         for mode in ("horovod", "ps"):
-            ports = [free_port_on(["127.0.0.1", *hosts.hosts]) for _ in range(5)]
+            ports = [free_port_on(["127.0.0.1", *hosts.hosts]) for _ in range(6)]
             run = f"launch_{mode}"
             cmd = CLI + ["distributed", "--hosts", ",".join(hosts.hosts), "--mode", mode, "--run-name", run,
                          "--port", hosts.port, "--key", hosts.key, "--workdir", work / "remote",
                          "--epochs", "1", "--set", f"cluster.known_hosts_file={hosts.known_hosts}",
                          "--set", f"cluster.python={sys.executable}", "--set", "cluster.tensorboard=false",
                          "--set", f"cluster.ps_hosts=[127.0.0.1:{ports[0]}]",
-                         "--set", f"cluster.worker_hosts=[127.0.0.1:{ports[1]}]",
+                         "--set", f"cluster.worker_hosts=[127.0.0.1:{ports[1]},127.0.0.1:{ports[5]}]",
                          "--set", f"cluster.chief_host=127.0.0.1:{ports[2]}", "--set", f"cluster.control_port={ports[3]}",
                          "--set", f"train.run_dir={work / 'runs'}", "--set", f"data.slices_h5={ROOT / 'data/brats_slices.h5'}",
                          "--set", "train.steps_per_epoch=2", "--set", "train.validation_steps=1",

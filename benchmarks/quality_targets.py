@@ -39,11 +39,18 @@ def run(model: str) -> None:
             DATA / "decathlon.split.json").exists():
         result["prepare_s"] = timed(CLI + plan["prepare"] + ["--quiet"], log)
     run_flags = ["--run-name", f"quality_{model}", "--set", "train.run_dir=runs"]
-    result["train_s"] = timed(CLI + ["train"] + plan["train"] + run_flags, log)
-    result["evaluate_s"] = timed(CLI + ["evaluate"] + plan["train"] + run_flags + ["--quiet", "--no-predictions"], log)
-    summary = json.loads((ROOT / "runs" / f"quality_{model}" / "evaluation" / "summary.json").read_text())
-    history = json.loads((ROOT / "runs" / f"quality_{model}" / "history.json").read_text())["epochs"]
-    result.update({"train_minutes": result["train_s"] / 60, "test_cases": summary["cases"],
+    # evaluate takes the model/data settings, not the training-only flags (--epochs, --batch-size)
+    model_flags = [f for i, f in enumerate(plan["train"]) if f not in ("--epochs", "--batch-size")
+                   and plan["train"][i - 1] not in ("--epochs", "--batch-size")]
+    run_path = ROOT / "runs" / f"quality_{model}"
+    if not (run_path / "summary.json").exists():  # a finished run is evaluated, not retrained
+        result["train_s"] = timed(CLI + ["train"] + plan["train"] + run_flags, log)
+    result["evaluate_s"] = timed(CLI + ["evaluate"] + model_flags + run_flags + ["--quiet", "--no-predictions"], log)
+    summary = json.loads((run_path / "evaluation" / "summary.json").read_text())
+    history = json.loads((run_path / "history.json").read_text())["epochs"]
+    result["sum_of_epoch_wall_s"] = sum(e["epoch_seconds"] for e in history)
+    result.update({"train_minutes": result.get("train_s", result["sum_of_epoch_wall_s"]) / 60,
+                   "test_cases": summary["cases"],
                    "test_dice": summary["dice"], "test_hd95": summary["hd95"],
                    "steps": history[-1]["step"], "final_val_dice": history[-1].get("val_dice"),
                    "images_per_sec_last_epoch": history[-1].get("images_per_sec")})

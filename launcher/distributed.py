@@ -59,6 +59,7 @@ class Launcher:
         self.first_output_s: float | None = None
         self.first_training_s: float | None = None  # the chief's "... global batch ..." line: training starts
         self._started = time.monotonic()
+        self._followed: list = []
 
     # ------------------------------------------------------------------ plan and inventory
     def plan(self, facts: dict[str, HostFacts] | None = None) -> LaunchPlan:
@@ -156,6 +157,7 @@ class Launcher:
                 self.say(f"TensorBoard on {host}: http://{bind}:{port}/  (from a laptop: ssh -N -L "
                          f"{port}:{bind}:{port} -p {self.settings.cluster.ssh_port} "
                          f"{ssh_user(self.settings.cluster)}@{host}, then open http://127.0.0.1:{port}/)")
+            self._followed = [role for role in plan.roles if role.follow]
             codes = self.follow()
             failed = {role: rc for role, rc in codes.items() if rc != 0}
             if self._cancel.is_set():
@@ -215,10 +217,16 @@ class Launcher:
                     codes[item["role"]] = item["rc"]
 
         result = self.ansible().run("follow.yml", on_event=on_event)
+        if self._cancel.is_set():
+            return codes
         for host, msg in {**result.unreachable, **result.failed}.items():
-            if self._cancel.is_set():
-                break
             raise LaunchError(f"lost contact with {host} while training: {msg}")
+        if result.rc != 0:
+            raise LaunchError(f"following the logs failed (ansible exit {result.rc}; see "
+                              f"{self.run_dir / 'launcher' / 'ansible'})")
+        silent = [role.name for role in self._followed if role.name not in codes]
+        if silent:
+            raise LaunchError(f"no exit status from {', '.join(silent)}")
         return codes
 
     def say(self, text: str) -> None:

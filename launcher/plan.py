@@ -83,6 +83,26 @@ def _port(address: str) -> int:
     return int(address.rsplit(":", 1)[1])
 
 
+def _nth_port(addresses: tuple[str, ...], index: int) -> int:
+    """Port of task ``index``: from settings when listed, else the last listed port + offset.
+
+    Distinct ports per task also let several tasks share a host: TensorFlow's gRPC server
+    binds its port on every interface.
+    """
+    if index < len(addresses):
+        return _port(addresses[index])
+    return _port(addresses[-1]) + index - len(addresses) + 1
+
+
+def _check_ports(roles_ports: list[tuple[str, str, int]]) -> None:
+    seen: dict[tuple[str, int], str] = {}
+    for name, host, port in roles_ports:
+        if (host, port) in seen:
+            raise UserError(f"cluster ports: {name} and {seen[(host, port)]} would both use {host}:{port}; "
+                            f"set distinct ports in cluster.ps_hosts/worker_hosts/chief_host/control_port")
+        seen[(host, port)] = name
+
+
 def _cpu_choice(settings: Settings, facts: HostFacts | None, processes: int, derive: bool) -> CpuChoice:
     cpu = settings.cpu
     numactl: tuple[str, ...] = ()
@@ -126,9 +146,13 @@ def build_plan(settings: Settings, hosts: tuple[str, ...], mode: str, ps_hosts: 
     cpu: dict[str, CpuChoice] = {}
     if mode == PS_MODE:
         ps_hosts = ps_hosts or hosts[:1]
-        ps_port, worker_port = _port(cluster.ps_hosts[0]), _port(cluster.worker_hosts[0])
-        layout = ("--set", "cluster.ps_hosts=[" + ",".join(f"{h}:{ps_port}" for h in ps_hosts) + "]",
-                  "--set", "cluster.worker_hosts=[" + ",".join(f"{h}:{worker_port}" for h in hosts) + "]",
+        ps_ports = [_nth_port(cluster.ps_hosts, i) for i in range(len(ps_hosts))]
+        worker_ports = [_nth_port(cluster.worker_hosts, i) for i in range(len(hosts))]
+        _check_ports([(f"ps{i}", h, p) for i, (h, p) in enumerate(zip(ps_hosts, ps_ports))]
+                     + [(f"worker{i}", h, p) for i, (h, p) in enumerate(zip(hosts, worker_ports))]
+                     + [("chief", hosts[0], _port(cluster.chief_host)), ("control", hosts[0], cluster.control_port)])
+        layout = ("--set", "cluster.ps_hosts=[" + ",".join(f"{h}:{p}" for h, p in zip(ps_hosts, ps_ports)) + "]",
+                  "--set", "cluster.worker_hosts=[" + ",".join(f"{h}:{p}" for h, p in zip(hosts, worker_ports)) + "]",
                   "--set", f"cluster.chief_host={hosts[0]}:{_port(cluster.chief_host)}",
                   "--set", f"cluster.control_port={cluster.control_port}")
         for host in dict.fromkeys(hosts + ps_hosts):

@@ -30,11 +30,11 @@ def ssh_hosts(tmp_path_factory):
 
 
 def cluster_flags(ssh, workdir: Path, tmp_path: Path) -> list[str]:
-    ports = [free_port_on(["127.0.0.1", *HOSTS]) for _ in range(5)]
+    ports = [free_port_on(["127.0.0.1", *HOSTS]) for _ in range(6)]
     return ["--port", ssh["port"], "--key", ssh["key"], "--workdir", workdir,
             "--set", f"cluster.known_hosts_file={ssh['known_hosts']}", "--set", f"cluster.python={sys.executable}",
             "--set", "cluster.connect_timeout_s=5",
-            "--set", f"cluster.ps_hosts=[127.0.0.1:{ports[0]}]", "--set", f"cluster.worker_hosts=[127.0.0.1:{ports[1]}]",
+            "--set", f"cluster.ps_hosts=[127.0.0.1:{ports[0]}]", "--set", f"cluster.worker_hosts=[127.0.0.1:{ports[1]},127.0.0.1:{ports[5]}]",
             "--set", f"cluster.chief_host=127.0.0.1:{ports[2]}", "--set", f"cluster.control_port={ports[3]}",
             "--set", f"logging.tensorboard_port={ports[4]}", "--set", f"train.run_dir={tmp_path / 'local-runs'}"]
 
@@ -52,7 +52,7 @@ def leftover_processes(workdir: Path) -> list[str]:
             cmdline = " ".join(proc.info["cmdline"] or [])
         except psutil.Error:
             continue
-        if str(workdir) in cmdline and "pytest" not in cmdline:
+        if str(workdir) in cmdline and proc.pid != os.getpid():
             found.append(f"{proc.pid}: {cmdline[:200]}")
     return found
 

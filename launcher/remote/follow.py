@@ -1,5 +1,5 @@
 """follow.py STATE_DIR ROLE... : print the new complete log lines of each role since the
-last call (offsets kept in STATE_DIR), then each role's state, as JSON lines. The launcher
+last call (offsets kept in STATE_DIR), then each role's state, as JSON lines, and __FINISHED__ once every role has exited. The launcher
 calls it every second through Ansible and streams what it prints."""
 import json
 import os
@@ -36,4 +36,5 @@ for role in roles:
     more = len(chunk) == (1 << 20)  # a backlog larger than one read: keep following
     print(json.dumps({"role": role, "exited": exited, "rc": rc}))
     finished = finished and exited and not more
-print(json.dumps({"finished": finished}))
+if finished:
+    print("__FINISHED__")
