@@ -329,6 +329,13 @@ def _cmd_chief(args: argparse.Namespace) -> int:
     except UserError as exc:
         print(f"unet-train chief: error: {exc}", file=sys.stderr)
         code = exc.exit_code
+    except KeyboardInterrupt:
+        print("unet-train chief: interrupted", file=sys.stderr)
+        code = 130
+    except BaseException:  # still say what happened: os._exit below skips the normal traceback
+        import traceback
+
+        traceback.print_exc()
     finally:
         _exit_now(code)
     return code
