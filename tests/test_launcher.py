@@ -57,6 +57,10 @@ def leftover_processes(workdir: Path) -> list[str]:
     return found
 
 
+def stop_run(run: str, flags: list, tmp_path: Path):
+    return run_bounded(unet_train_cmd("distributed", "--stop", "--run-name", run, *flags), 120, cwd=tmp_path)
+
+
 def wait_gone(workdir: Path, timeout: float = 30) -> list[str]:
     deadline = time.monotonic() + timeout
     while (left := leftover_processes(workdir)) and time.monotonic() < deadline:
@@ -118,9 +122,13 @@ def test_doctor_reports_every_host(ssh_hosts, tmp_path):
 def test_two_host_horovod_run_streams_logs_and_checkpoints(ssh_hosts, prepared_brats, tmp_path):
     workdir = tmp_path / "remote"
     flags = cluster_flags(ssh_hosts, workdir, tmp_path)
-    result = run_bounded(unet_train_cmd("distributed", "--hosts", ",".join(HOSTS), "--mode", "horovod",
-                                        "--run-name", "hvd", "--epochs", "1", *flags, *tiny_training(prepared_brats)),
-                         420, cwd=tmp_path)
+    try:
+        result = run_bounded(unet_train_cmd("distributed", "--hosts", ",".join(HOSTS), "--mode", "horovod",
+                                            "--run-name", "hvd", "--epochs", "1", *flags,
+                                            *tiny_training(prepared_brats)), 420, cwd=tmp_path)
+    finally:
+        if leftover_processes(workdir) and not (tmp_path / "local-runs/hvd/launcher/launch.json").exists():
+            stop_run("hvd", flags, tmp_path)  # the launch failed: still stop what it started
     assert result.returncode == 0, result.stdout[-5000:]
     assert "[127.0.0.2 horovod]" in result.stdout and "2 worker(s) x batch 2 = global batch 4" in result.stdout
     merged = (tmp_path / "local-runs" / "hvd" / "training.log").read_text()
@@ -130,7 +138,7 @@ def test_two_host_horovod_run_streams_logs_and_checkpoints(ssh_hosts, prepared_b
     launch = json.loads((tmp_path / "local-runs" / "hvd" / "launcher" / "launch.json").read_text())
     assert launch["first_training_s"] is not None
     assert "TensorBoard on 127.0.0.2" in result.stdout and "ssh -N -L" in result.stdout
-    stop = run_bounded(unet_train_cmd("distributed", "--stop", "--run-name", "hvd", *flags), 120, cwd=tmp_path)
+    stop = stop_run("hvd", flags, tmp_path)
     assert stop.returncode == 0, stop.stdout[-3000:]
     assert "stopped tensorboard" in stop.stdout
     assert wait_gone(workdir) == []
@@ -173,7 +181,7 @@ def test_ctrl_c_stops_every_remote_process(ssh_hosts, prepared_brats, tmp_path):
         if proc.poll() is None:
             kill_group(proc)
         if leftover_processes(workdir):  # the test failed early: still stop the remote roles by PID
-            run_bounded(unet_train_cmd("distributed", "--stop", "--run-name", "cc", *flags), 120, cwd=tmp_path)
+            stop_run("cc", flags, tmp_path)
     out = (tmp_path / "launcher.out").read_text()
     assert "interrupted: stopping every process" in out
     assert wait_gone(workdir) == [], out[-3000:]
