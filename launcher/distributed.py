@@ -83,15 +83,22 @@ class Launcher:
         self.say(f"preflight: ansible facts + versions on {', '.join(plan.hosts)}")
         rsync = render(plan, self.settings.cluster, SOURCE_ROOT, self.stage)["all"]["vars"]["unet_rsync_argv"]
         for host in dict.fromkeys(plan.hosts + plan.ps_hosts):
-            self.say(f"sync {host}: {shlex.join(rsync)} {SOURCE_ROOT}/ {ssh_user(self.settings.cluster)}@{host}:"
+            self.say(f"sync {host}: {shlex.join(rsync)} --delete {SOURCE_ROOT}/ {ssh_user(self.settings.cluster)}@{host}:"
                      f"{plan.workdir}/")
         self.say(plan.describe())
         return 0
 
-    def doctor(self) -> dict[str, HostFacts]:
-        """Preflight: every host reachable, same Python/TF/Horovod versions, MPI, topology."""
+    def doctor(self, standalone: bool = False) -> dict[str, HostFacts]:
+        """Preflight: every host reachable, same Python/TF/Horovod versions, MPI, topology.
+
+        Standalone (``unet-train doctor``) it uses its own inventory file, so the one a
+        running launch needs for ``--stop`` is never overwritten."""
+        if standalone:
+            self.inventory_path = self.inventory_path.with_name(f"{self.settings.train.run_name}.doctor.yml")
         self.write_inventory(self.plan())
         result = self.ansible().run("preflight.yml")
+        if self._cancel.is_set():
+            raise KeyboardInterrupt
         problems = [f"{host}: unreachable ({msg})" for host, msg in result.unreachable.items()]
         problems += [f"{host}: {msg}" for host, msg in result.failed.items()]
         facts: dict[str, HostFacts] = {}
@@ -160,6 +167,10 @@ class Launcher:
             self._followed = [role for role in plan.roles if role.follow]
             codes = self.follow()
             failed = {role: rc for role, rc in codes.items() if rc != 0}
+            if plan.mode == "ps" and codes.get("chief") == 0:  # the chief re-ran lost workers' steps
+                for role in [r for r in failed if r.startswith("worker")]:
+                    self.say(f"warning: {role} on {self._host_of(plan, role)} exited {failed.pop(role)}; "
+                             f"the chief finished without it")
             if self._cancel.is_set():
                 raise KeyboardInterrupt
             if failed:

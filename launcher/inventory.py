@@ -45,9 +45,10 @@ def render(plan: LaunchPlan, cluster: ClusterSettings, source_root: Path, stage_
     rsync_ssh = ["ssh", "-p", str(cluster.ssh_port), *ssh_options(cluster)]
     if cluster.ssh_key:
         rsync_ssh += ["-i", str(cluster.ssh_key)]
-    excludes = [".git/", ".venv/", "data/", "runs/", ".launch/", "__pycache__/", "*.egg-info/", ".pytest_cache/",
-                ".artifacts/", "benchmarks/results/", "inventory/*.yml"]
-    rsync_argv = ["rsync", "-a", "--delete", *[f"--exclude={e}" for e in excludes], "-e", shlex.join(rsync_ssh)]
+    # Anchored (leading /): an unanchored "data/" would also drop the trainer/data package.
+    excludes = ["/.git/", "/.venv/", "/data/", "/runs/", "/.launch/", "/.pytest_cache/", "/.artifacts/",
+                "/benchmarks/results/", "/inventory/*.yml", "__pycache__/", "*.egg-info/"]
+    rsync_argv = ["rsync", "-a", *[f"--exclude={e}" for e in excludes], "-e", shlex.join(rsync_ssh)]
     common = {
         "unet_run": plan.run, "unet_workdir": plan.workdir, "unet_python": plan.python,
         "unet_state": plan.state_dir, "unet_source": str(source_root), "unet_stage": str(stage_dir),

@@ -85,7 +85,9 @@ def test_dry_run_prints_inventory_and_commands(tmp_path):
     assert "BatchMode=yes" in out  # keys only: ssh never prompts
     for role in ("ps0", "worker0", "worker1", "worker2", "chief", "tensorboard"):
         assert f"] {role}: " in out, role
-    assert "rsync -a --delete" in out and "alice@node2:/srv/unet/" in out
+    sync = next(line for line in out.splitlines() if line.startswith("sync node2:"))
+    assert "rsync -a" in sync and "--delete" in sync and "alice@node2:/srv/unet/" in sync
+    assert "--exclude=/data/" in sync and "--exclude=data/" not in sync  # anchored: trainer/data/ is synced
     assert not (REPO_ROOT / "inventory" / "dry.yml").exists()  # a dry run writes nothing
 
 
@@ -134,6 +136,7 @@ def test_two_host_horovod_run_streams_logs_and_checkpoints(ssh_hosts, prepared_b
     merged = (tmp_path / "local-runs" / "hvd" / "training.log").read_text()
     assert "[127.0.0.2 horovod]" in merged
     assert (workdir / "trainer" / "cli.py").exists() and not (workdir / ".venv").exists()  # synced code only
+    assert (workdir / "trainer" / "data" / "pipeline.py").exists()  # excludes are anchored: data/ != trainer/data/
     assert (tmp_path / "local-runs" / "hvd" / "checkpoints" / "last" / "epoch-1.index").exists()
     launch = json.loads((tmp_path / "local-runs" / "hvd" / "launcher" / "launch.json").read_text())
     assert launch["first_training_s"] is not None

@@ -152,7 +152,7 @@ def _cmd_distributed(args: argparse.Namespace) -> int:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    _launcher(args).doctor()
+    _launcher(args).doctor(standalone=True)
     print("doctor: every host passed")
     return 0
 
@@ -306,8 +306,17 @@ def _cmd_server_role(args: argparse.Namespace) -> int:
     settings = load_cli_settings(args)
     from trainer.runtime.ps.roles import serve
 
-    _exit_now(serve(settings, args.role, args.index))
-    return 0  # not reached
+    code = 1
+    try:
+        code = serve(settings, args.role, args.index)
+    except UserError as exc:
+        print(f"unet-train {args.role}: error: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        _exit_now(code)  # gRPC server threads never join: leave explicitly, whatever happened
+    return code
 
 
 def _cmd_chief(args: argparse.Namespace) -> int:

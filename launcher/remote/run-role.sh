@@ -7,7 +7,8 @@ set -eu
 log=$1 rc=$2 pidfile=$3
 shift 3
 mkdir -p "$(dirname "$log")"
-rm -f "$rc"
-setsid sh -c '"$@"; echo $? > "$0"' "$rc" "$@" > "$log" 2>&1 < /dev/null &
+rm -f "$rc" "${log%.log}.offset"
+# the exit code is written atomically (temp file + mv), so a reader never sees it half-written
+setsid sh -c '"$@"; echo $? > "$0.tmp"; mv "$0.tmp" "$0"' "$rc" "$@" > "$log" 2>&1 < /dev/null &
 echo $! > "$pidfile"
 echo "$!"

@@ -6,6 +6,7 @@ shift
 for role in "$@"; do
   pidfile="$state/$role.pid"
   [ -f "$pidfile" ] || continue
+  [ -f "$state/$role.rc" ] && continue  # already exited: its PID may belong to someone else now
   pid=$(cat "$pidfile")
   case "$pid" in ''|*[!0-9]*) continue ;; esac
   if kill -0 "-$pid" 2>/dev/null; then

@@ -122,6 +122,13 @@ class TrainSettings(_Section):
     mixed_precision: bool = False
     seed: int = Field(1234, ge=0)
 
+    @field_validator("run_name")
+    @classmethod
+    def _not_only_dots(cls, value: str) -> str:
+        if set(value) == {"."}:
+            raise ValueError(f"run_name {value!r} would name the runs folder itself or its parent")
+        return value
+
 
 class CpuSettings(_Section):
     intra_op_threads: int = Field(0, ge=0, description="0 = physical cores / local ranks")

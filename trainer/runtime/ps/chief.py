@@ -230,6 +230,7 @@ def _train(settings: Settings, layout: ClusterLayout, control: ControlServer) ->
     callbacks.set_params({"epochs": settings.train.epochs, "steps": data.steps_per_epoch, "verbose": 0})
     train_iter, val_iter = iter(data.train), iter(data.val)
     epochs_run = 0
+    completed_epoch = session.initial_epoch  # Python-side: the PS holding state.epoch may be gone
     try:
         callbacks.on_train_begin()
         for epoch in range(session.initial_epoch, settings.train.epochs):
@@ -249,6 +250,7 @@ def _train(settings: Settings, layout: ClusterLayout, control: ControlServer) ->
             logs.update(_epoch_logs([v[0] for v in val], [v[1] for v in val], prefix="val_"))
             callbacks.on_epoch_end(epoch, logs)
             epochs_run += 1
+            completed_epoch = epoch + 1
             print(f"epoch {epoch + 1}/{settings.train.epochs}: " + " - ".join(
                 f"{k}: {v:.4f}" for k, v in logs.items() if isinstance(v, float)), flush=True)
             if session.model.stop_training:
@@ -260,7 +262,7 @@ def _train(settings: Settings, layout: ClusterLayout, control: ControlServer) ->
         where = f"lost {', '.join(lost)}" if lost else "a cluster task failed"
         raise TrainingError(f"parameter-server training stopped: {where}: {str(exc).splitlines()[0][:200]}. "
                             f"Restart the roles and rerun to resume from the last checkpoint "
-                            f"(epoch {int(session.state.epoch.numpy())})") from None
+                            f"(epoch {completed_epoch})") from None
     return finish(settings, runtime, session, epochs_run)
 
 

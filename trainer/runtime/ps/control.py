@@ -27,7 +27,8 @@ class ControlServer:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            self._sock.bind(self.address)
+            # All interfaces, like TensorFlow's gRPC servers: a host's own name may resolve to 127.0.1.1.
+            self._sock.bind(("", port))
         except OSError as exc:
             raise UserError(f"cluster.control_port: cannot listen on {host}:{port} ({exc.strerror})") from None
         self._sock.listen(64)
@@ -67,6 +68,8 @@ class ControlServer:
             pass
         if not self._closing:
             with self._lock:
+                if self._connections.get(task) is not conn:  # a stale connection; a newer one registered
+                    return
                 self._connections.pop(task, None)
                 self.lost.append(task)
             log.warning("lost %s %d (its process exited or its host is unreachable)", *task)
@@ -116,6 +119,7 @@ class ControlClient:
             try:
                 conn = socket.create_connection(address, timeout=5)
                 conn.settimeout(None)
+                _keepalive(conn)  # notice a vanished chief host within about a minute
                 conn.sendall(f"HELLO {job} {index}\n".encode("ascii"))
                 return cls(conn)
             except OSError as exc:
@@ -135,3 +139,10 @@ class ControlClient:
         except OSError:
             pass
         return None
+
+
+def _keepalive(conn: socket.socket) -> None:
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, option):
+            conn.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)

@@ -23,7 +23,8 @@ def serve(settings: Settings, job: str, index: int) -> int:
     configure_threads(plan)
     resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
     try:
-        tf.distribute.Server(resolver.cluster_spec(), job_name=job, task_index=index, protocol="grpc", start=True)
+        server = tf.distribute.Server(resolver.cluster_spec(), job_name=job, task_index=index, protocol="grpc",
+                                      start=True)
     except (tf.errors.OpError, ValueError) as exc:
         raise UserError(f"{job} {index}: cannot start gRPC server on {address} "
                         f"(port in use or address not local?): {str(exc).splitlines()[0][:200]}") from None
@@ -31,6 +32,7 @@ def serve(settings: Settings, job: str, index: int) -> int:
              *layout.control_address)
     client = ControlClient.connect(layout.control_address, job, index, settings.cluster.startup_timeout_s)
     code = client.wait_for_stop()
+    del server  # kept alive until the chief says stop
     if code is None:
         log.error("%s %d: the chief at %s went away without stopping the cluster; exiting", job, index,
                   layout.chief)
