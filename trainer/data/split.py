@@ -1,0 +1,50 @@
+"""Patient-level train/val/test split: a case's slices never land in two sets."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from trainer.errors import DataError
+from trainer.fsutil import write_json
+
+SPLITS = ("train", "val", "test")
+
+
+def split_cases(case_ids: list[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[str]]:
+    ids = sorted(case_ids)
+    if len(ids) < 1:
+        raise DataError("cannot split an empty list of cases")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n_val = _count(len(ids), val_fraction)
+    n_test = _count(len(ids), test_fraction)
+    if n_val + n_test >= len(ids):
+        n_val, n_test = (1, 1) if len(ids) >= 3 else (int(len(ids) == 2), 0)
+    shuffled = [ids[i] for i in order]
+    return {"val": sorted(shuffled[:n_val]), "test": sorted(shuffled[n_val:n_val + n_test]),
+            "train": sorted(shuffled[n_val + n_test:])}
+
+
+def _count(n: int, fraction: float) -> int:
+    return 0 if fraction <= 0 else max(1, int(round(n * fraction)))
+
+
+def split_path_for(data_file: Path) -> Path:
+    """The split JSON that lives beside a prepared dataset (slices.h5 -> slices.split.json)."""
+    data_file = Path(data_file)
+    return data_file.with_name(data_file.name.split(".")[0] + ".split.json")
+
+
+def save_split(path: Path, split: dict[str, list[str]], seed: int, source: Path) -> None:
+    write_json(path, {"seed": seed, "source": str(source), **{k: split[k] for k in SPLITS}})
+
+
+def load_split(path: Path) -> dict[str, list[str]]:
+    try:
+        data = json.loads(Path(path).read_text())
+        return {k: list(data[k]) for k in SPLITS}
+    except FileNotFoundError:
+        raise DataError(f"{path}: split file not found (run 'unet-train prepare' first)") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: malformed split file ({exc})") from None

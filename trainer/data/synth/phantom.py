@@ -1,0 +1,153 @@
+"""A brain MRI phantom with a glioma: four co-registered contrasts and tissue classes.
+
+Like real BraTS/Decathlon volumes it is skull-stripped (background exactly 0), 1 mm
+isotropic, and the tumour has an oedema halo around a core with an enhancing rim and a
+necrotic centre. Brain shape, size, position, rotation, intensities, bias field and the
+tumour's position, size and lobulation all vary per case, so a model has to learn the
+contrasts rather than memorise a location. Everything derives from one numpy Generator:
+a case is a pure function of its seed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+REAL_SHAPE = (240, 240, 155)
+
+# Tissue classes used internally; each dataset maps them to its own label values.
+BACKGROUND, OEDEMA, NECROTIC, ENHANCING = 0, 1, 2, 3
+_CSF, _GREY, _WHITE = 10, 11, 12
+
+# Mean intensity (arbitrary units) of each tissue in each contrast, roughly as seen in
+# BraTS: oedema bright on FLAIR/T2, enhancing rim bright on T1ce, CSF bright on T2.
+_CONTRAST = {
+    #           CSF   grey  white oedema necrotic enhancing
+    "flair": (0.10, 0.55, 0.45, 0.95, 0.60, 0.80),
+    "t1":    (0.15, 0.45, 0.70, 0.35, 0.20, 0.45),
+    "t1ce":  (0.15, 0.47, 0.72, 0.38, 0.22, 1.05),
+    "t2":    (0.95, 0.60, 0.40, 0.85, 0.90, 0.70),
+}
+MODALITY_ORDER = ("flair", "t1", "t1ce", "t2")
+
+
+@dataclass(frozen=True)
+class PhantomCase:
+    images: dict[str, np.ndarray]  # modality -> (x, y, z) float32, 0 outside the brain
+    classes: np.ndarray            # (x, y, z) uint8 in {BACKGROUND, OEDEMA, NECROTIC, ENHANCING}
+    high_grade: bool
+
+
+def make_case(seed: int | tuple[int, ...], shape: tuple[int, int, int] = REAL_SHAPE) -> PhantomCase:
+    rng = np.random.default_rng(seed)
+    scale = np.asarray(shape, dtype=np.float32) / np.asarray(REAL_SHAPE, dtype=np.float32)
+    x, y, z, grid = _centred_grid(shape, rng, scale)
+
+    brain_radii = np.array([68, 84, 62]) * rng.uniform(0.88, 1.1, 3)
+    brain_r = _ellipsoid_distance(x, y, z, brain_radii * scale)
+    # Gyral folding: a small high-frequency wobble of the brain boundary.
+    folds = 0.025 * _smooth_field(x, y, z, rng, freq=0.35 / scale.mean(), terms=4)
+    brain = brain_r < (1.0 + folds)
+
+    tissue = np.where(brain_r < 0.78 + folds * 2, _WHITE, _GREY).astype(np.uint8)
+    ventricle_radii = np.array([10, 24, 14]) * rng.uniform(0.7, 1.3, 3) * scale
+    offset = rng.uniform(6, 10) * scale[0]
+    for side in (-1, 1):
+        ventricles = _ellipsoid_distance(x - side * offset, y, z - 4 * scale[2], ventricle_radii) < 1
+        tissue[ventricles] = _CSF
+    tissue[brain_r > 0.97] = _CSF  # sulcal CSF rim at the surface
+
+    classes = np.zeros(shape, dtype=np.uint8)
+    high_grade = bool(rng.random() < 0.75)
+    _add_tumour(classes, x, y, z, grid, brain, brain_radii * scale, scale, rng, high_grade)
+    classes[~brain] = BACKGROUND
+
+    bias = 1.0 + 0.12 * _smooth_field(x, y, z, rng, freq=0.02 / scale.mean(), terms=3)
+    images = {}
+    for modality in MODALITY_ORDER:
+        means = np.asarray(_CONTRAST[modality]) * rng.uniform(0.85, 1.15, 6)
+        lut = np.zeros(16, dtype=np.float32)
+        lut[[_CSF, _GREY, _WHITE]] = means[:3]
+        image = lut[tissue]
+        tumour = classes > 0
+        tumour_lut = np.zeros(4, dtype=np.float32)
+        tumour_lut[[OEDEMA, NECROTIC, ENHANCING]] = means[3:]
+        image[tumour] = tumour_lut[classes[tumour]]
+        image *= bias
+        image += rng.normal(0.0, rng.uniform(0.02, 0.04), size=shape).astype(np.float32)
+        image = np.clip(image, 0.01, None) * rng.uniform(600, 1400)
+        image[~brain] = 0.0
+        images[modality] = image.astype(np.float32)
+    return PhantomCase(images=images, classes=classes, high_grade=high_grade)
+
+
+def _centred_grid(shape, rng, scale):
+    """Broadcastable coordinates in mm-like units, shifted and rotated per case."""
+    centre = (np.asarray(shape) - 1) / 2 + rng.uniform(-8, 8, 3) * scale
+    x = (np.arange(shape[0], dtype=np.float32) - centre[0])[:, None, None]
+    y = (np.arange(shape[1], dtype=np.float32) - centre[1])[None, :, None]
+    z = (np.arange(shape[2], dtype=np.float32) - centre[2])[None, None, :]
+    angle = np.deg2rad(rng.uniform(-12, 12))
+    xr = np.cos(angle) * x + np.sin(angle) * y
+    yr = -np.sin(angle) * x + np.cos(angle) * y
+    return xr.astype(np.float32), yr.astype(np.float32), z, (centre, angle)
+
+
+def _ellipsoid_distance(x, y, z, radii):
+    """Normalised ellipsoid distance: < 1 inside."""
+    return np.sqrt((x / radii[0]) ** 2 + (y / radii[1]) ** 2 + (z / radii[2]) ** 2)
+
+
+def _smooth_field(x, y, z, rng, freq, terms):
+    """A cheap smooth random field in [-1, 1]: a sum of random plane waves."""
+    field = 0.0
+    for _ in range(terms):
+        direction = rng.normal(size=3)
+        direction /= np.linalg.norm(direction)
+        k = direction * freq * rng.uniform(0.5, 1.5)
+        field = field + np.sin(k[0] * x + k[1] * y + k[2] * z + rng.uniform(0, 2 * np.pi))
+    return (field / terms).astype(np.float32)
+
+
+def _add_tumour(classes, x, y, z, grid, brain, brain_radii, scale, rng, high_grade):
+    """Oedema halo around a lobulated core: enhancing rim + necrotic centre (HGG-like)."""
+    # Centre: anywhere in the inner 60 % of the brain, so position varies a lot.
+    while True:
+        direction = rng.normal(size=3)
+        direction /= np.linalg.norm(direction)
+        centre = direction * brain_radii * rng.uniform(0.0, 0.6)
+        if np.linalg.norm(centre / brain_radii) < 0.6:
+            break
+    core_radii = rng.uniform(10, 26) * rng.uniform(0.75, 1.25, 3) * scale
+    halo = rng.uniform(1.5, 2.4)
+    box = _bounding_box(centre, core_radii * halo * 1.35, grid, classes.shape)
+    px = x[box[0], box[1]] - centre[0]
+    py = y[box[0], box[1]] - centre[1]
+    pz = z[:, :, box[2]] - centre[2]
+    lobes = 1.0 + 0.22 * _smooth_field(px, py, pz, rng, freq=1.6 / core_radii.mean(), terms=3)
+    core = _ellipsoid_distance(px, py, pz, core_radii) / lobes
+    oedema_lobes = 1.0 + 0.3 * _smooth_field(px, py, pz, rng, freq=0.9 / core_radii.mean(), terms=3)
+    oedema = _ellipsoid_distance(px, py, pz, core_radii * halo) / oedema_lobes
+
+    region = np.zeros(core.shape, dtype=np.uint8)
+    region[oedema < 1.0] = OEDEMA
+    if high_grade:
+        rim = rng.uniform(0.55, 0.75)
+        region[core < 1.0] = ENHANCING
+        region[core < rim] = NECROTIC
+    else:  # low grade: a non-enhancing core, little or no enhancement
+        region[core < 1.0] = NECROTIC
+    region[~brain[box]] = BACKGROUND
+    classes[box] = np.maximum(classes[box], region)
+
+
+def _bounding_box(centre, reach, grid, shape):
+    """Index-space box around a point given in the rotated frame (rotation about z)."""
+    grid_centre, angle = grid
+    cx = np.cos(angle) * centre[0] - np.sin(angle) * centre[1]
+    cy = np.sin(angle) * centre[0] + np.cos(angle) * centre[1]
+    half_xy = float(np.hypot(reach[0], reach[1]))
+    half = (half_xy, half_xy, float(reach[2]))
+    index_centre = np.asarray([cx, cy, centre[2]]) + grid_centre
+    return tuple(slice(max(0, int(c - h)), min(n, int(np.ceil(c + h)) + 1))
+                 for c, h, n in zip(index_centre, half, shape))

@@ -1,0 +1,189 @@
+"""Write phantom cases in the exact on-disk layouts of BraTS 2019 and Decathlon Task01.
+
+See ../shared/DATASETS.md. The output folder is built under a temporary name and renamed
+into place only when every case is written, so an interrupted run leaves nothing behind.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from trainer.data.nifti import identity_geometry, write_volume
+from trainer.data.synth.phantom import (ENHANCING, MODALITY_ORDER, NECROTIC, OEDEMA, REAL_SHAPE,
+                                        make_case)
+from trainer.fsutil import atomic_dir
+
+BRATS_LABELS = {OEDEMA: 2, NECROTIC: 1, ENHANCING: 4}      # BraTS: 1 NCR/NET, 2 ED, 4 ET
+DECATHLON_LABELS = {OEDEMA: 1, NECROTIC: 2, ENHANCING: 3}  # MSD: 1 edema, 2 non-enh., 3 enh.
+BRATS_ROOT_NAME = "MICCAI_BraTS_2019_Data_Training"
+DECATHLON_ROOT_NAME = "Task01_BrainTumour"
+
+# The 26-byte header of an empty macOS AppleDouble file (magic 0x00051607, version 2).
+APPLEDOUBLE_STUB = bytes.fromhex("00051607" "00020000") + b"Mac OS X        " + b"\x00\x00"
+
+
+@dataclass(frozen=True)
+class SynthRequest:
+    out: Path
+    cases: int
+    seed: int
+    shape: tuple[int, int, int] = REAL_SHAPE
+    test_cases: int | None = None  # Decathlon imagesTs; default: about a third of --cases
+    appledouble: bool = True       # Decathlon: the official tarball carries ._* files
+    workers: int = 0               # 0 = one per CPU core
+    overwrite: bool = False
+
+
+def write_brats(request: SynthRequest, progress: bool = True) -> Path:
+    """BraTS 2019 training layout: HGG/ and LGG/ case folders, name_mapping.csv, survival_data.csv."""
+    names = _brats_case_names(request.cases, request.seed)
+    with atomic_dir(request.out, request.overwrite) as root:
+        jobs = [(_write_brats_case, (root, name, (request.seed, index), request.shape))
+                for index, name in enumerate(names)]
+        grades = _run_jobs(jobs, request.workers, progress, "synth brats")
+        _write_brats_tables(root, names, grades, request.seed)
+    return request.out
+
+
+def write_decathlon(request: SynthRequest, progress: bool = True) -> Path:
+    """Decathlon Task01_BrainTumour layout: dataset.json, imagesTr/labelsTr/imagesTs (4D images)."""
+    n_test = request.test_cases if request.test_cases is not None else max(1, request.cases // 3)
+    train_ids = list(range(1, request.cases + 1))
+    test_ids = list(range(request.cases + 1, request.cases + n_test + 1))
+    with atomic_dir(request.out, request.overwrite) as root:
+        for sub in ("imagesTr", "labelsTr", "imagesTs"):
+            (root / sub).mkdir()
+        jobs = [(_write_decathlon_case, (root, case_id, (request.seed, case_id), request.shape, True))
+                for case_id in train_ids]
+        jobs += [(_write_decathlon_case, (root, case_id, (request.seed, case_id), request.shape, False))
+                 for case_id in test_ids]
+        _run_jobs(jobs, request.workers, progress, "synth decathlon")
+        _write_dataset_json(root, train_ids, test_ids, request.seed)
+        if request.appledouble:
+            _write_appledouble_files(root)
+    return request.out
+
+
+def _run_jobs(jobs: Sequence[tuple[Callable, tuple]], workers: int, progress: bool, label: str) -> list:
+    workers = workers or min(os.cpu_count() or 1, len(jobs))
+    bar = tqdm(total=len(jobs), desc=label, unit="case", disable=not progress)
+    results: list = [None] * len(jobs)
+    try:
+        if workers <= 1:
+            for index, (fn, args) in enumerate(jobs):
+                results[index] = fn(*args)
+                bar.update()
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                futures = {pool.submit(fn, *args): index for index, (fn, args) in enumerate(jobs)}
+                for future in as_completed(futures):
+                    results[futures[future]] = future.result()
+                    bar.update()
+    finally:
+        bar.close()
+    return results
+
+
+def _relabel(classes: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+    lut = np.zeros(256, dtype=np.uint8)
+    for internal, label in mapping.items():
+        lut[internal] = label
+    return lut[classes]
+
+
+def _write_brats_case(root: Path, name: str, seed: tuple[int, int], shape) -> str:
+    case = make_case(seed, shape)
+    grade = "HGG" if case.high_grade else "LGG"
+    folder = root / grade / name
+    folder.mkdir(parents=True)
+    geometry = identity_geometry()
+    for modality in MODALITY_ORDER:
+        image = np.rint(case.images[modality]).astype(np.int16)
+        write_volume(folder / f"{name}_{modality}.nii.gz", image, geometry)
+    write_volume(folder / f"{name}_seg.nii.gz", _relabel(case.classes, BRATS_LABELS), geometry)
+    return grade
+
+
+def _write_decathlon_case(root: Path, case_id: int, seed: tuple[int, int], shape, labelled: bool) -> None:
+    case = make_case(seed, shape)
+    name = f"BRATS_{case_id:03d}.nii.gz"
+    image = np.stack([case.images[m] for m in MODALITY_ORDER], axis=-1).astype(np.float32)
+    geometry = identity_geometry()
+    write_volume(root / ("imagesTr" if labelled else "imagesTs") / name, image, geometry)
+    if labelled:
+        write_volume(root / "labelsTr" / name, _relabel(case.classes, DECATHLON_LABELS), geometry)
+
+
+def _brats_case_names(count: int, seed: int) -> list[str]:
+    """Names shaped like BraTS 2019's (BraTS19_CBICA_AAB_1, BraTS19_TCIA01_131_1, ...)."""
+    rng = np.random.default_rng((seed, 2019))
+    letters = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
+    names: list[str] = []
+    seen: set[str] = set()
+    while len(names) < count:
+        site = rng.choice(["CBICA", "TCIA01", "TCIA02", "TCIA03", "TCIA06", "TCIA08", "2013", "TMC"])
+        if site == "CBICA":
+            ident = "".join(rng.choice(letters, 3))
+        elif site == "2013":
+            ident = str(rng.integers(0, 40))
+        elif site == "TMC":
+            ident = f"{rng.integers(0, 100000):05d}"
+        else:
+            ident = f"{rng.integers(100, 700)}"
+        name = f"BraTS19_{site}_{ident}_1"
+        if name not in seen:
+            seen.add(name)
+            names.append(name)
+    return names
+
+
+def _write_brats_tables(root: Path, names: list[str], grades: list[str], seed: int) -> None:
+    rng = np.random.default_rng((seed, 7))
+    with open(root / "name_mapping.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["Grade", "BraTS_2017_subject_ID", "BraTS_2018_subject_ID",
+                         "TCGA_TCIA_subject_ID", "BraTS_2019_subject_ID"])
+        for name, grade in zip(names, grades):
+            writer.writerow([grade, "NA", name.replace("BraTS19", "Brats18"), "NA", name])
+    with open(root / "survival_data.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["BraTS19ID", "Age", "Survival", "ResectionStatus"])
+        for name, grade in zip(names, grades):
+            if grade == "HGG":
+                writer.writerow([name, f"{rng.uniform(20, 85):.3f}", int(rng.integers(5, 1800)),
+                                 rng.choice(["GTR", "STR", "NA"])])
+
+
+def _write_dataset_json(root: Path, train_ids: list[int], test_ids: list[int], seed: int) -> None:
+    order = np.random.default_rng((seed, 1)).permutation(len(train_ids))
+    description = {
+        "name": "BRATS",
+        "description": "Gliomas segmentation tumour and oedema in on brain images",
+        "reference": "https://www.med.upenn.edu/sbia/brats2017.html",
+        "licence": "CC-BY-SA 4.0",
+        "release": "2.0 04/05/2018",
+        "tensorImageSize": "4D",
+        "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+        "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
+        "numTraining": len(train_ids),
+        "numTest": len(test_ids),
+        "training": [{"image": f"./imagesTr/BRATS_{train_ids[i]:03d}.nii.gz",
+                      "label": f"./labelsTr/BRATS_{train_ids[i]:03d}.nii.gz"} for i in order],
+        "test": [f"./imagesTs/BRATS_{case_id:03d}.nii.gz" for case_id in test_ids],
+    }
+    (root / "dataset.json").write_text(json.dumps(description, indent=4) + "\n")
+
+
+def _write_appledouble_files(root: Path) -> None:
+    (root / "._dataset.json").write_bytes(APPLEDOUBLE_STUB)
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        for path in sorted((root / sub).iterdir()):
+            (path.parent / f"._{path.name}").write_bytes(APPLEDOUBLE_STUB)
