@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 import ansible_runner
+import yaml
 
 PLAYBOOKS = Path(__file__).resolve().parent.parent / "playbooks"
 EventCallback = Callable[[str, str, dict], None]  # (event, host, result)
@@ -58,10 +59,29 @@ class Ansible:
         runner = ansible_runner.run(
             private_data_dir=str(self.private_dir), project_dir=str(PLAYBOOKS), playbook=playbook,
             inventory=str(self.inventory), extravars=extravars or {}, limit=limit, envvars=env,
+            forks=max(5, _host_count(self.inventory)),
             event_handler=handle, cancel_callback=self.cancelled, quiet=True, suppress_env_files=True,
             settings={"suppress_ansible_output": True})
         result.status, result.rc = runner.status, runner.rc if runner.rc is not None else -1
         return result
+
+
+class _InventoryLoader(yaml.SafeLoader):
+    pass
+
+
+_InventoryLoader.add_constructor("!unsafe", lambda loader, node: loader.construct_scalar(node))
+
+
+def _host_count(inventory: Path) -> int:
+    """Hosts in a rendered inventory. Ansible's default of 5 forks would make the strategy-free
+    follow playbook stream hosts 6.. only after the first five finish."""
+    try:
+        data = yaml.load(inventory.read_text(), Loader=_InventoryLoader) or {}
+        groups = data["all"].get("children", {}).values()
+        return len({host for group in groups for host in (group or {}).get("hosts") or {}})
+    except (OSError, yaml.YAMLError, AttributeError, KeyError, TypeError):
+        return 0
 
 
 def _failure_text(task: str, res: dict) -> str:

@@ -3,7 +3,8 @@
 Steps: validate hosts -> render inventory -> (dry run: print and stop) -> preflight
 (doctor) -> sync code and settings -> start PS/workers/chief or horovodrun, then
 TensorBoard -> stream every role's output, prefixed, to the console and
-runs/<run>/training.log -> on failure or Ctrl-C stop everything it started, by PID.
+runs/<run>/training.log -> on failure, Ctrl-C, SIGTERM or SIGHUP stop everything it
+started, by PID; that stop itself cannot be interrupted.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from trainer.fsutil import write_json, write_text
 log = logging.getLogger(__name__)
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
 INVENTORY_DIR = SOURCE_ROOT / "inventory"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class LaunchError(UserError):
@@ -54,6 +56,7 @@ class Launcher:
         self.stage = self.run_dir / "launcher" / "stage"
         self.inventory_path = INVENTORY_DIR / f"{run}.yml"
         self._cancel = threading.Event()
+        self._signal = signal.SIGINT  # the one that interrupted the launch: exit code 128 + it
         self._log_file = None
         self._print_lock = threading.Lock()
         self.first_output_s: float | None = None
@@ -70,9 +73,10 @@ class Launcher:
         inventory = render(plan, self.settings.cluster, SOURCE_ROOT, self.stage)
         return write_inventory(self.inventory_path, inventory)
 
-    def ansible(self) -> Ansible:
+    def ansible(self, cancellable: bool = True) -> Ansible:
         return Ansible(self.run_dir / "launcher" / "ansible", self.inventory_path,
-                       self.settings.cluster.connect_timeout_s, self._cancel.is_set)
+                       self.settings.cluster.connect_timeout_s,
+                       self._cancel.is_set if cancellable else (lambda: False))
 
     # ------------------------------------------------------------------ entry points
     def dry_run(self) -> int:
@@ -83,7 +87,7 @@ class Launcher:
         self.say(f"preflight: ansible facts + versions on {', '.join(plan.hosts)}")
         rsync = render(plan, self.settings.cluster, SOURCE_ROOT, self.stage)["all"]["vars"]["unet_rsync_argv"]
         for host in dict.fromkeys(plan.hosts + plan.ps_hosts):
-            self.say(f"sync {host}: {shlex.join(rsync)} --delete {SOURCE_ROOT}/ {ssh_user(self.settings.cluster)}@{host}:"
+            self.say(f"sync {host}: {shlex.join(rsync)} --delete -- {SOURCE_ROOT}/ {ssh_user(self.settings.cluster)}@{host}:"
                      f"{plan.workdir}/")
         self.say(plan.describe())
         return 0
@@ -121,12 +125,15 @@ class Launcher:
                 problems.append(f"{host}: TensorFlow not installed for {self.plan().python}")
             if self.request.mode == HOROVOD_MODE and not found.get("horovod"):
                 problems.append(f"{host}: Horovod not installed (run scripts/setup.sh there)")
-            if self.request.mode == HOROVOD_MODE and self.request.controller == "mpi" and not report["mpi"]:
-                problems.append(f"{host}: MPI (mpirun) not found")
+            if self.request.mode == HOROVOD_MODE and not report["mpi"]:
+                if self.request.controller == "mpi":
+                    problems.append(f"{host}: MPI (mpirun) not found")
+                else:  # gloo needs no MPI; say so, since `unet-train doctor` has no --controller
+                    self.say(f"{host}: note: no mpirun (fine for --controller gloo; --controller mpi needs it)")
             versions[host] = {"python": found.get("python"), "tensorflow": tf_version,
                               "horovod": found.get("horovod"), "numpy": found.get("numpy")}
-            cores = int(report["cores_per_socket"] or 0) * int(report["sockets"] or 0) or int(report["vcpus"] or 1)
-            facts[host] = HostFacts(physical_cores=cores, numa_nodes=max(1, int(report["numa_nodes"] or 1)),
+            cores = _count(report["cores_per_socket"]) * _count(report["sockets"]) or _count(report["vcpus"]) or 1
+            facts[host] = HostFacts(physical_cores=cores, numa_nodes=max(1, _count(report["numa_nodes"])),
                                     numactl=str(report["numactl"]).lower() == "true", versions=found,
                                     mpi=report["mpi"], interfaces=tuple(report["interfaces"]))
             self.say(f"{host}: python {found.get('python')}, tensorflow {tf_version}, horovod {found.get('horovod')}, "
@@ -145,7 +152,7 @@ class Launcher:
 
     def launch(self) -> int:
         """Preflight, sync, start, stream; stop everything on failure or Ctrl-C. Returns the exit code."""
-        previous = signal.signal(signal.SIGINT, self._on_interrupt)
+        previous = {signum: signal.signal(signum, self._on_interrupt) for signum in STOP_SIGNALS}
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.run_dir / "training.log", "a", buffering=1)
         plan = None
@@ -185,25 +192,37 @@ class Launcher:
                         if plan.tensorboard else ""))
             return 0
         except KeyboardInterrupt:
-            self.say("interrupted: stopping every process the launcher started ...")
-            self.stop(plan)
-            return 130
+            self.say(f"interrupted: stopping every process the launcher started ... "
+                     f"({signal.Signals(self._signal).name})")
+            if self.inventory_path.exists():  # else nothing was started yet
+                self.stop(plan)
+            return 128 + self._signal
         except BaseException:
             if plan is not None:
                 self.stop(plan)
             raise
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             if self._log_file:
                 self._log_file.close()
 
     def stop(self, plan: LaunchPlan | None = None) -> PlaybookResult:
-        """Stop every role of this run on every host (uses the run's rendered inventory)."""
+        """Stop every role of this run on every host (uses the run's rendered inventory).
+
+        Not cancellable: a second Ctrl-C (or SIGTERM/SIGHUP) must not abandon the cleanup
+        half-way, so those signals are ignored while it runs and its cancel callback is False."""
         if not self.inventory_path.exists():
             raise LaunchError(f"{self.inventory_path}: no inventory for run '{self.settings.train.run_name}' "
                               f"(nothing was launched under this run name)")
-        self._cancel.clear()
-        result = self.ansible().run("stop.yml", on_event=self._print_stop)
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
+        try:
+            result = self.ansible(cancellable=False).run("stop.yml", on_event=self._print_stop)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         for host, msg in {**result.unreachable, **result.failed}.items():
             self.say(f"[{host}] could not stop: {msg}")
         return result
@@ -242,7 +261,10 @@ class Launcher:
 
     def say(self, text: str) -> None:
         with self._print_lock:
-            print(text, file=self.out, flush=True)
+            try:
+                print(text, file=self.out, flush=True)
+            except OSError:
+                pass  # the terminal went away (SIGHUP): keep logging, keep stopping
             if self._log_file:
                 self._log_file.write(text + "\n")
 
@@ -251,6 +273,9 @@ class Launcher:
             self.say(f"[{host}] {line}")
 
     def _on_interrupt(self, signum, frame) -> None:
+        """SIGINT, SIGTERM, SIGHUP: cancel the running playbook; launch() then stops everything."""
+        if not self._cancel.is_set():
+            self._signal = signum
         self._cancel.set()
 
     def _check(self, result: PlaybookResult, step: str) -> None:
@@ -264,6 +289,14 @@ class Launcher:
     @staticmethod
     def _host_of(plan: LaunchPlan, role: str) -> str:
         return next((r.host for r in plan.roles if r.name == role), "?")
+
+
+def _count(value) -> int:
+    """A fact as a count; 0 (unknown) for Ansible's "NA", empty or anything non-numeric."""
+    try:
+        return max(0, int(value))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _report(result: PlaybookResult, host: str) -> dict | None:

@@ -1,11 +1,8 @@
 """Host names from the command line, validated before anything runs."""
 from __future__ import annotations
 
-import re
-
+from trainer.config.settings import HOST_NAME
 from trainer.errors import UserError
-
-_HOST = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?$")
 
 
 def parse_hosts(text: str, option: str = "--hosts") -> tuple[str, ...]:
@@ -14,7 +11,7 @@ def parse_hosts(text: str, option: str = "--hosts") -> tuple[str, ...]:
         raise UserError(f"{option}: expected a comma-separated list of host names, got nothing")
     hosts = tuple(part.strip() for part in text.split(","))
     for host in hosts:
-        if not _HOST.fullmatch(host):
+        if not HOST_NAME.fullmatch(host):
             raise UserError(f"{option}: invalid host {host!r}: only letters, digits, '.' and '-' are allowed "
                             f"(no spaces, quotes or shell characters)")
     duplicates = sorted({h for h in hosts if hosts.count(h) > 1})

@@ -1,7 +1,9 @@
 """Render a plan into an Ansible YAML inventory (groups ps, workers, chief; per-host vars).
 
-Values that come from users (argv) are tagged ``!unsafe`` so Ansible never templates
-them, and no password ever appears: connections are SSH keys in BatchMode.
+Every string that comes from users, settings or paths (argv, workdir, run dir, key, user,
+host, interpreter) is tagged ``!unsafe``: Ansible templates ``{{ }}`` in inventory values on
+the controller, so an untagged ``--set train.run_dir=/x/{{ lookup('pipe', ...) }}`` would run
+there. No password ever appears: connections are SSH keys in BatchMode.
 """
 from __future__ import annotations
 
@@ -28,8 +30,10 @@ _Dumper.add_representer(Unsafe, lambda dumper, value: dumper.represent_scalar("!
 
 
 def ssh_options(cluster: ClusterSettings) -> list[str]:
+    """Keys only, and bounded waits: ServerAlive* drops a vanished host in ~15 s, not hours."""
     options = ["-o", "StrictHostKeyChecking=accept-new", "-o", "BatchMode=yes",
-               "-o", f"ConnectTimeout={cluster.connect_timeout_s}"]
+               "-o", f"ConnectTimeout={cluster.connect_timeout_s}",
+               "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
     if cluster.known_hosts_file:
         options += ["-o", f"UserKnownHostsFile={cluster.known_hosts_file}"]
     return options
@@ -48,10 +52,14 @@ def render(plan: LaunchPlan, cluster: ClusterSettings, source_root: Path, stage_
     # Anchored (leading /): an unanchored "data/" would also drop the trainer/data package.
     excludes = ["/.git/", "/.venv/", "/data/", "/runs/", "/.launch/", "/.pytest_cache/", "/.artifacts/",
                 "/benchmarks/results/", "/inventory/*.yml", "__pycache__/", "*.egg-info/"]
-    rsync_argv = ["rsync", "-a", *[f"--exclude={e}" for e in excludes], "-e", shlex.join(rsync_ssh)]
+    # -s (--protect-args): paths travel to the remote rsync unsplit; playbooks add "--" before
+    # source and target. --timeout: a stalled transfer fails instead of hanging.
+    rsync_argv = ["rsync", "-a", "-s", "--timeout=120", *[f"--exclude={e}" for e in excludes],
+                  "-e", shlex.join(rsync_ssh)]
     common = {
-        "unet_run": plan.run, "unet_workdir": plan.workdir, "unet_python": plan.python,
-        "unet_state": plan.state_dir, "unet_source": str(source_root), "unet_stage": str(stage_dir),
+        "unet_run": Unsafe(plan.run), "unet_workdir": Unsafe(plan.workdir), "unet_python": Unsafe(plan.python),
+        "unet_state": Unsafe(plan.state_dir), "unet_source": Unsafe(source_root),
+        "unet_stage": Unsafe(stage_dir),
         "unet_rsync_argv": [Unsafe(a) for a in rsync_argv],
         "unet_follow_delay": follow_delay_s, "unet_follow_retries": int(7 * 24 * 3600 / follow_delay_s),
         "unet_phase": "main",
@@ -60,19 +68,19 @@ def render(plan: LaunchPlan, cluster: ClusterSettings, source_root: Path, stage_
     all_hosts = list(dict.fromkeys(plan.hosts + plan.ps_hosts))
     for host in all_hosts:
         host_vars = {
-            "ansible_host": host, "ansible_port": cluster.ssh_port, "ansible_user": user,
+            "ansible_host": Unsafe(host), "ansible_port": cluster.ssh_port, "ansible_user": Unsafe(user),
             "ansible_ssh_common_args": Unsafe(shlex.join(ssh_options(cluster))),
-            "ansible_python_interpreter": plan.python,
-            "unet_rsync_target": f"{user}@{host}",
-            "unet_roles": [{"name": r.name, "phase": r.phase, "follow": r.follow, "argv": [Unsafe(a) for a in r.argv]}
-                           for r in plan.roles_on(host)],
+            "ansible_python_interpreter": Unsafe(plan.python),
+            "unet_rsync_target": Unsafe(f"{user}@{host}"),
+            "unet_roles": [{"name": Unsafe(r.name), "phase": Unsafe(r.phase), "follow": r.follow,
+                            "argv": [Unsafe(a) for a in r.argv]} for r in plan.roles_on(host)],
         }
         if cluster.ssh_key:
-            host_vars["ansible_ssh_private_key_file"] = str(cluster.ssh_key)
+            host_vars["ansible_ssh_private_key_file"] = Unsafe(cluster.ssh_key)
         choice = plan.cpu.get(host)
         if choice:
             host_vars["unet_cpu_threads"] = choice.threads or "auto"
-            host_vars["unet_numactl"] = list(choice.numactl)
+            host_vars["unet_numactl"] = [Unsafe(a) for a in choice.numactl]
         groups_of = {r.group for r in plan.roles_on(host)} or {"workers"}
         for index, group in enumerate(sorted(groups_of)):
             groups[group]["hosts"][host] = host_vars if index == 0 else {}

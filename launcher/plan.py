@@ -132,7 +132,8 @@ def build_plan(settings: Settings, hosts: tuple[str, ...], mode: str, ps_hosts: 
     workdir = (cluster.workdir or str(source_root or Path.cwd())).rstrip("/")
     python = cluster.python if cluster.python.startswith("/") else f"{workdir}/{cluster.python}"
     run = settings.train.run_name
-    settings_file = f"{workdir}/.launch/{run}/settings.yaml"
+    state_dir = f"{workdir}/.launch/{run}"  # == LaunchPlan.state_dir
+    settings_file = f"{state_dir}/settings.yaml"
     facts = facts or {}
 
     def trainer_argv(choice: CpuChoice, *command: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -176,6 +177,9 @@ def build_plan(settings: Settings, hosts: tuple[str, ...], mode: str, ps_hosts: 
         if cluster.ssh_key:
             argv += ["-i", str(cluster.ssh_key)]
         rank = trainer_argv(cpu[hosts[0]], "train", "--dist", "horovod", extra=_log_file("rank0"))
+        # Every rank, on every host, runs through rank.sh: it records a PID file there, so
+        # stop.yml can stop ranks that horovodrun's own shutdown does not reach.
+        rank = ("sh", f"{workdir}/launcher/remote/rank.sh", state_dir) + rank
         roles.append(Role("horovod", hosts[0], "chief", tuple(argv) + rank, "main"))
     else:
         raise UserError(f"--mode: expected 'ps' or 'horovod', got {mode!r}")

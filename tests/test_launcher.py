@@ -91,6 +91,184 @@ def test_dry_run_prints_inventory_and_commands(tmp_path):
     assert not (REPO_ROOT / "inventory" / "dry.yml").exists()  # a dry run writes nothing
 
 
+class _Unsafe(str):
+    """A scalar the rendered inventory tagged !unsafe."""
+
+
+class _InventoryLoader(yaml.SafeLoader):
+    pass
+
+
+_InventoryLoader.add_constructor("!unsafe", lambda loader, node: _Unsafe(loader.construct_scalar(node)))
+
+
+def _strings(node, key=""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _strings(v, k)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _strings(v, key)
+    elif isinstance(node, str):
+        yield key, node
+
+
+def test_inventory_marks_user_values_unsafe_and_ansible_never_templates_them(tmp_path):
+    """A Jinja payload in run_dir or --key must reach Ansible as !unsafe and never run."""
+    marker = tmp_path / "pwned"
+    payload = "{{ lookup('pipe','touch %s') }}" % marker
+    result = run_bounded(unet_train_cmd("distributed", "--hosts", "node1,node2", "--mode", "horovod",
+                                        "--key", f"/keys/{payload}", "--dry-run", "--run-name", "inj",
+                                        "--set", f"train.run_dir={tmp_path}/{payload}"), 120, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:]
+    text = result.stdout.split("# commands, in order")[0].split("\n", 1)[1]
+    inventory = yaml.load(text, Loader=_InventoryLoader)
+    strings = list(_strings(inventory))
+    assert sum("lookup(" in value for _, value in strings) >= 3  # stage, key, rsync -e, tensorboard logdir
+    for key, value in strings:
+        if "{{" in value or key in ("unet_stage", "unet_source", "unet_workdir", "unet_run", "unet_python",
+                                    "unet_state", "unet_rsync_target", "ansible_host", "ansible_user",
+                                    "ansible_python_interpreter", "ansible_ssh_private_key_file"):
+            assert isinstance(value, _Unsafe), (key, value)
+    # Ansible itself, on the controller: the payloads stay text; an untagged control value does run.
+    control = tmp_path / "control"
+    path = tmp_path / "inventory.yml"
+    path.write_text(text.replace("  vars:\n", "  vars:\n    ctl: \"{{ lookup('pipe','touch %s') }}\"\n" % control, 1))
+    ansible = run_bounded([Path(sys.executable).parent / "ansible", "all", "-i", path, "-m", "ansible.builtin.debug",
+                           "-a", "msg={{ unet_stage }}|{{ ansible_ssh_private_key_file }}|{{ unet_roles }}|{{ ctl }}"],
+                          120, cwd=tmp_path, ANSIBLE_NOCOLOR="1")
+    assert ansible.returncode == 0, ansible.stdout[-3000:]
+    assert control.exists(), ansible.stdout[-3000:]  # the check itself works
+    assert not marker.exists() and "touch" in ansible.stdout
+
+
+def test_dry_run_takes_hosts_and_mode_from_settings(tmp_path):
+    result = run_bounded(unet_train_cmd("distributed", "--dry-run", "--run-name", "fromset",
+                                        "--set", "cluster.hosts=[node1,node2]", "--set", "cluster.mode=horovod",
+                                        "--set", f"train.run_dir={tmp_path}"), 120, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "mode horovod, hosts node1, node2" in result.stdout
+    assert "launcher/remote/rank.sh" in result.stdout  # every rank records its PID on its host
+    sync = next(line for line in result.stdout.splitlines() if line.startswith("sync node2:"))
+    assert " -s " in sync and " -- " in sync and "ServerAliveInterval=5" in sync
+    flags = run_bounded(unet_train_cmd("distributed", "--dry-run", "--hosts", "node3", "--mode", "ps",
+                                       "--set", "cluster.hosts=[node1,node2]", "--set", "cluster.mode=horovod",
+                                       "--set", f"train.run_dir={tmp_path}"), 120, cwd=tmp_path)
+    assert flags.returncode == 0 and "mode ps, hosts node3" in flags.stdout, flags.stdout[-3000:]
+    none = run_bounded(unet_train_cmd("distributed", "--dry-run", "--set", f"train.run_dir={tmp_path}"), 120,
+                       cwd=tmp_path)
+    assert none.returncode != 0 and "cluster.hosts" in none.stdout and "Traceback" not in none.stdout
+
+
+@pytest.mark.parametrize("override", ["cluster.hosts=[node1,node1]", "cluster.hosts=['a;b']",
+                                      "cluster.ssh_user=-oProxyCommand=x", "cluster.mode=mpi"])
+def test_bad_cluster_settings_rejected(override):
+    from trainer.config.settings import ClusterSettings
+
+    key, value = override.split("=", 1)[0].split(".")[1], yaml.safe_load(override.split("=", 1)[1])
+    with pytest.raises(ValueError):
+        ClusterSettings(**{key: value})
+
+
+def test_stop_roles_stops_this_runs_groups_only(tmp_path):
+    """Roles (run-role.sh) and Horovod ranks (rank.sh) are stopped by process group; a PID file
+    naming a process without the run's marker (a reused PID) is left alone."""
+    remote, state = REPO_ROOT / "launcher" / "remote", tmp_path / "state"
+    started = subprocess.run(["sh", remote / "run-role.sh", state / "role.log", state / "role.rc",
+                              state / "role.pid", "sleep", "300"], capture_output=True, text=True, timeout=30)
+    assert started.returncode == 0, started.stderr
+    role_pid = int((state / "role.pid").read_text())
+    rank = subprocess.Popen(["sh", remote / "rank.sh", state, "sleep", "300"], env={**os.environ, "HOROVOD_RANK": "3"})
+    stranger = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        rank_file = state / f"rank-{os.uname().nodename}-3.pid"
+        deadline = time.monotonic() + 20
+        while not rank_file.exists():
+            assert time.monotonic() < deadline and rank.poll() is None, "rank.sh wrote no PID file"
+            time.sleep(0.05)
+        assert int(rank_file.read_text()) == rank.pid  # exec'd in place: horovodrun waits on the rank itself
+        (state / "stranger.pid").write_text(str(stranger.pid))
+        stop = subprocess.run(["sh", remote / "stop-roles.sh", state, "role", "stranger"], capture_output=True,
+                              text=True, timeout=60)
+        assert stop.returncode == 0, stop.stderr
+        assert f"stopped role (process group {role_pid})" in stop.stdout and "stopped rank 3" in stop.stdout
+        assert "stranger" not in stop.stdout
+        assert rank.wait(timeout=20) != 0
+        assert stranger.poll() is None
+        deadline = time.monotonic() + 20
+        while any(p.status() != psutil.STATUS_ZOMBIE for p in _group(role_pid)):
+            assert time.monotonic() < deadline, "the role's process group survived"
+            time.sleep(0.1)
+    finally:
+        for proc in (rank, stranger):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+        for p in _group(role_pid) if (state / "role.pid").exists() else ():
+            p.kill()
+
+
+def _group(pgid: int) -> list:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid:
+                found.append(proc)
+        except (OSError, psutil.Error):
+            continue
+    return found
+
+
+def test_stop_cannot_be_cancelled_and_sigterm_stops_the_launch(tmp_path, monkeypatch):
+    """A second Ctrl-C must not abandon the cleanup; SIGTERM is handled like Ctrl-C."""
+    import io
+
+    from launcher import distributed
+    from launcher.ansible import PlaybookResult
+    from trainer.config.settings import Settings, TrainSettings
+
+    settings = Settings(train=TrainSettings(run_dir=tmp_path, run_name="sig"))
+    launcher = distributed.Launcher(settings, distributed.LaunchRequest(hosts="node1"), out=io.StringIO())
+    launcher.inventory_path = tmp_path / "sig.yml"
+    seen = []
+
+    def fake_run(self, playbook, extravars=None, limit=None, on_event=None):
+        os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C again while stopping
+        seen.append((playbook, self.cancelled()))
+        return PlaybookResult(status="successful", rc=0)
+
+    def fake_doctor(standalone=False):
+        launcher.inventory_path.write_text("all: {}\n")
+        os.kill(os.getpid(), signal.SIGTERM)
+        if launcher._cancel.is_set():
+            raise KeyboardInterrupt
+        raise AssertionError("SIGTERM was not handled")
+
+    monkeypatch.setattr(distributed.Ansible, "run", fake_run)
+    monkeypatch.setattr(launcher, "doctor", fake_doctor)
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # a regression must not kill pytest
+    try:
+        assert launcher.launch() == 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [("stop.yml", False)]
+    assert "interrupted: stopping every process" in launcher.out.getvalue()
+
+
+def test_facts_na_and_forks(tmp_path):
+    """Facts of "NA" mean unknown, not a traceback; forks cover every host (live follow beyond 5)."""
+    from launcher.ansible import _host_count
+    from launcher.distributed import _count
+
+    assert [_count(v) for v in ("NA", "", None, "4", 2)] == [0, 0, 0, 4, 2]
+    hosts = {f"node{i}": {"ansible_host": f"node{i}"} for i in range(7)}
+    text = yaml.safe_dump({"all": {"vars": {}, "children": {"chief": {"hosts": {"node0": {}}},
+                                                            "workers": {"hosts": hosts}}}})
+    (tmp_path / "inv.yml").write_text(text.replace("ansible_host: ", "ansible_host: !unsafe "))
+    assert _host_count(tmp_path / "inv.yml") == 7
+    assert _host_count(tmp_path / "missing.yml") == 0
+
+
 @pytest.mark.parametrize("hosts", ["node1,node 2", "node1;reboot", "$(touch /tmp/x)", "node1,`id`", "a,a"])
 def test_bad_hosts_rejected_before_anything_runs(hosts, tmp_path):
     result = run_bounded(unet_train_cmd("distributed", "--hosts", hosts, "--mode", "horovod",

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 Modality = Literal["flair", "t1", "t1ce", "t2"]
 MODALITIES: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
+# A host name the launcher may pass to ssh/Ansible: no spaces, quotes or shell characters.
+HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?")
 
 
 def _check_host_port(address: str) -> str:
@@ -142,6 +144,8 @@ class CpuSettings(_Section):
 
 
 class ClusterSettings(_Section):
+    hosts: tuple[str, ...] = Field((), description="launcher hosts when --hosts is not given")
+    mode: Literal["ps", "horovod"] = Field("ps", description="launcher mode when --mode is not given")
     ps_hosts: tuple[str, ...] = ("127.0.0.1:2222",)
     worker_hosts: tuple[str, ...] = ("127.0.0.1:2223", "127.0.0.1:2224")
     chief_host: str = "127.0.0.1:2225"
@@ -149,7 +153,8 @@ class ClusterSettings(_Section):
     asynchronous: bool = Field(False, alias="async")
     startup_timeout_s: float = Field(60.0, gt=0.0)
     step_timeout_s: float = Field(300.0, gt=0.0)
-    ssh_user: str = Field("", pattern=r"^[A-Za-z0-9._-]*$")
+    # never starting with '-': ssh/rsync would read the user as an option
+    ssh_user: str = Field("", pattern=r"^(?:[A-Za-z0-9._][A-Za-z0-9._-]*)?$")
     ssh_key: Optional[Path] = None
     ssh_port: int = Field(22, ge=1, le=65535)
     known_hosts_file: str = Field("", pattern=r"^(/[A-Za-z0-9_.-]+)*$",
@@ -174,6 +179,18 @@ class ClusterSettings(_Section):
     @classmethod
     def _chief_host_port(cls, value: str) -> str:
         return _check_host_port(value)
+
+    @field_validator("hosts")
+    @classmethod
+    def _host_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        """The --hosts rule (launcher/hosts.py): letters, digits, '.', '-'; no duplicates."""
+        for host in value:
+            if not HOST_NAME.fullmatch(host):
+                raise ValueError(f"invalid host {host!r}: only letters, digits, '.' and '-' are allowed")
+        duplicates = sorted({host for host in value if value.count(host) > 1})
+        if duplicates:
+            raise ValueError(f"host {duplicates[0]!r} is listed twice")
+        return value
 
 
 class LoggingSettings(_Section):
