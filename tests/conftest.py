@@ -1,6 +1,6 @@
 """Shared fixtures: tiny synthetic BraTS / Decathlon datasets and a CLI runner.
 
-Everything is small (48 x 48 x 32 volumes, a handful of cases) and single-process so
+Everything is small (48 x 40 x 32 volumes, a handful of cases) and single-process so
 the whole suite stays light on a shared 2-core machine. No TensorFlow is imported.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from trainer.data.synth.writers import (BRATS_ROOT_NAME, DECATHLON_ROOT_NAME, Sy
                                         write_decathlon)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHAPE = (48, 48, 32)
+SHAPE = (48, 40, 32)  # x != y != z, so a transposed axis changes the shape and fails loudly
 BRATS_CASES = 6
 BRATS_SEED = 3
 DECATHLON_CASES = 4

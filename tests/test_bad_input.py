@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import brats_case_folders, prepare_brats_cli
+from conftest import SHAPE, brats_case_folders, prepare_brats_cli
 from trainer.data.nifti import read_volume, write_volume
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
@@ -72,17 +72,19 @@ def test_seg_shape_differs_from_images(brats_copy, tmp_path):
     folder, name = _case(brats_copy, 3)
     seg = folder / f"{name}_seg.nii.gz"
     geometry = read_volume(seg).geometry
-    write_volume(seg, np.zeros((48, 48, 30), dtype=np.uint8), geometry)
+    short = (*SHAPE[:2], SHAPE[2] - 2)
+    write_volume(seg, np.zeros(short, dtype=np.uint8), geometry)
     result, out_dir, outputs = _prepare(brats_copy, tmp_path)
-    assert_clean_failure(result, out_dir, outputs, [seg.name, "shape", "(48, 48, 30)", "(48, 48, 32)"])
+    assert_clean_failure(result, out_dir, outputs, [seg.name, "shape", str(short), str(SHAPE)])
 
 
 def test_modality_shape_differs(brats_copy, tmp_path):
     folder, name = _case(brats_copy, 0)
     t2 = folder / f"{name}_t2.nii.gz"
-    write_volume(t2, np.ones((40, 48, 32), dtype=np.int16), read_volume(t2).geometry)
+    transposed = (SHAPE[1], SHAPE[0], SHAPE[2])  # x and y swapped
+    write_volume(t2, np.ones(transposed, dtype=np.int16), read_volume(t2).geometry)
     result, out_dir, outputs = _prepare(brats_copy, tmp_path)
-    assert_clean_failure(result, out_dir, outputs, [t2.name, "shape", "(40, 48, 32)"])
+    assert_clean_failure(result, out_dir, outputs, [t2.name, "shape", str(transposed)])
 
 
 @pytest.mark.parametrize("modality", ["flair", "seg"])
@@ -247,16 +249,17 @@ def test_failed_overwrite_keeps_the_previous_output(brats_copy, brats_dataset, t
 
 # ---------------------------------------------------------------- Decathlon
 
-def _prepare_decathlon(run_cli, src: Path, tmp_path: Path):
+def _prepare_decathlon(run_cli, src: Path, tmp_path: Path, *extra):
     out_dir = tmp_path / "out"
     cache = out_dir / "cache"
     split = out_dir / "decathlon.split.json"
     result = run_cli("prepare", "--format", "decathlon", "--src", src, "--out", cache,
-                     "--set", f"data.decathlon_split={split}", "--quiet", cwd=tmp_path)
+                     "--set", f"data.decathlon_split={split}", "--quiet", *extra, cwd=tmp_path)
     return result, out_dir, cache, split
 
 
 def test_decathlon_label_outside_label_set(run_cli, decathlon_copy, tmp_path):
+    """BRATS_003 fails after BRATS_001/002 were cached: the whole cache folder must be absent."""
     label = decathlon_copy / "labelsTr" / "BRATS_003.nii.gz"
     volume = read_volume(label)
     labels = volume.array.copy()
@@ -264,8 +267,8 @@ def test_decathlon_label_outside_label_set(run_cli, decathlon_copy, tmp_path):
     assert (labels == 4).any()
     write_volume(label, labels, volume.geometry)
     result, out_dir, cache, split = _prepare_decathlon(run_cli, decathlon_copy, tmp_path)
-    assert_clean_failure(result, out_dir, [split, cache / "BRATS_003.image.npy", cache / "BRATS_003.mask.npy"],
-                         ["BRATS_003.nii.gz", "label", "[4]"])
+    assert_clean_failure(result, out_dir, [split, cache], ["BRATS_003.nii.gz", "label", "[4]"])
+    assert not [p for p in out_dir.iterdir()], "nothing may be left beside the cache either"
 
 
 def test_decathlon_non_finite_image(run_cli, decathlon_copy, tmp_path):
@@ -275,8 +278,7 @@ def test_decathlon_non_finite_image(run_cli, decathlon_copy, tmp_path):
     image[5, 5, 5, 2] = np.inf
     write_volume(image_path, image, volume.geometry)
     result, out_dir, cache, split = _prepare_decathlon(run_cli, decathlon_copy, tmp_path)
-    assert_clean_failure(result, out_dir, [split, cache / "BRATS_001.image.npy"],
-                         ["imagesTr/BRATS_001.nii.gz", "NaN/Inf"])
+    assert_clean_failure(result, out_dir, [split, cache], ["imagesTr/BRATS_001.nii.gz", "NaN/Inf"])
 
 
 def test_decathlon_truncated_image(run_cli, decathlon_copy, tmp_path):
@@ -284,8 +286,42 @@ def test_decathlon_truncated_image(run_cli, decathlon_copy, tmp_path):
     data = image_path.read_bytes()
     image_path.write_bytes(data[: len(data) // 2])
     result, out_dir, cache, split = _prepare_decathlon(run_cli, decathlon_copy, tmp_path)
-    line = assert_clean_failure(result, out_dir, [split, cache / "BRATS_002.image.npy"], ["BRATS_002.nii.gz"])
+    line = assert_clean_failure(result, out_dir, [split, cache], ["BRATS_002.nii.gz"])
     assert "truncated" in line or "corrupt" in line, line
+
+
+def test_decathlon_existing_cache_is_refused(run_cli, decathlon_dataset, tmp_path):
+    out_dir = tmp_path / "out"
+    cache = out_dir / "cache"
+    cache.mkdir(parents=True)
+    (cache / "mine.txt").write_text("precious")
+    result, _, _, split = _prepare_decathlon(run_cli, decathlon_dataset, tmp_path)
+    line = assert_clean_failure(result, out_dir, [split], [str(cache), "already exists", "--overwrite"])
+    assert line.startswith("unet-train prepare: error:"), line
+    assert [p.name for p in cache.iterdir()] == ["mine.txt"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["cache"]
+
+
+def test_decathlon_failed_overwrite_keeps_the_previous_cache(run_cli, decathlon_copy, tmp_path):
+    result, out_dir, cache, split = _prepare_decathlon(run_cli, decathlon_copy, tmp_path)
+    assert result.returncode == 0, result.stderr
+    before = {p.name: p.read_bytes() for p in cache.iterdir()}
+    (decathlon_copy / "labelsTr" / "BRATS_004.nii.gz").write_text("hello")
+    result, _, _, _ = _prepare_decathlon(run_cli, decathlon_copy, tmp_path, "--overwrite")
+    assert_clean_failure(result, out_dir, [], ["BRATS_004.nii.gz"])
+    assert {p.name: p.read_bytes() for p in cache.iterdir()} == before
+    assert sorted(p.name for p in out_dir.iterdir()) == ["cache", "decathlon.split.json"]
+
+
+def test_unwritable_output_is_one_line_naming_the_file(run_cli, decathlon_dataset, tmp_path):
+    """An OSError (here: --out below a regular file) is reported like a UserError, not a traceback."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    result = run_cli("prepare", "--format", "decathlon", "--src", decathlon_dataset, "--out", blocker / "cache",
+                     "--set", f"data.decathlon_split={tmp_path / 's.json'}", "--quiet", cwd=tmp_path)
+    line = assert_clean_failure(result, tmp_path, [tmp_path / "s.json"], [str(blocker)])
+    assert line.startswith("unet-train prepare: error:"), line
+    assert blocker.read_text() == "x"
 
 
 def test_decathlon_empty_dataset_json(run_cli, decathlon_copy, tmp_path):
@@ -327,8 +363,71 @@ def test_decathlon_image_that_is_not_4d(run_cli, decathlon_copy, tmp_path):
     volume = read_volume(image_path)
     write_volume(image_path, volume.array[..., 0], volume.geometry)
     result, out_dir, cache, split = _prepare_decathlon(run_cli, decathlon_copy, tmp_path)
-    assert_clean_failure(result, out_dir, [split, cache / "BRATS_001.image.npy"],
-                         ["BRATS_001.nii.gz", "4D"])
+    assert_clean_failure(result, out_dir, [split, cache], ["BRATS_001.nii.gz", "4D"])
+
+
+def _edit_dataset_json(root: Path, edit) -> None:
+    meta = json.loads((root / "dataset.json").read_text())
+    edit(meta)
+    (root / "dataset.json").write_text(json.dumps(meta))
+
+
+def test_decathlon_image_path_of_wrong_type_through_the_cli(run_cli, decathlon_copy, tmp_path):
+    _edit_dataset_json(decathlon_copy, lambda meta: meta["training"][1].update({"image": 5}))
+    result, out_dir, cache, split = _prepare_decathlon(run_cli, decathlon_copy, tmp_path)
+    assert_clean_failure(result, out_dir, [split, cache], ["dataset.json", "training[1].image",
+                                                           "expected a relative file path", "got 5"])
+
+
+def _index_error(root: Path) -> str:
+    from trainer.data.decathlon import read_index
+    from trainer.errors import DataError
+
+    with pytest.raises(DataError) as caught:
+        read_index(root)
+    message = str(caught.value)
+    assert "\n" not in message and str(root / "dataset.json") in message, message
+    return message
+
+
+@pytest.mark.parametrize("key", ["image", "label"])
+@pytest.mark.parametrize("value", [5, None, "", ["./imagesTr/BRATS_001.nii.gz"], {"path": "x"}])
+def test_decathlon_training_entry_path_of_wrong_type(decathlon_copy, key, value):
+    _edit_dataset_json(decathlon_copy, lambda meta: meta["training"][1].update({key: value}))
+    message = _index_error(decathlon_copy)
+    assert f"training[1].{key}: expected a relative file path, got {json.dumps(value)}" in message
+
+
+@pytest.mark.parametrize("entry", [5, None, "./imagesTr/BRATS_001.nii.gz", {"image": "./imagesTr/BRATS_001.nii.gz"}])
+def test_decathlon_training_entry_not_an_object(decathlon_copy, entry):
+    _edit_dataset_json(decathlon_copy, lambda meta: meta["training"].__setitem__(0, entry))
+    assert "training[0] must be an object with 'image' and 'label'" in _index_error(decathlon_copy)
+
+
+@pytest.mark.parametrize("key,value,mentions", [
+    ("modality", ["FLAIR", "T1w", "t1gd", "T2w"], ["'modality'", "got a list"]),
+    ("modality", "FLAIR", ["'modality'", "got a string"]),
+    ("modality", None, ["'modality'", "got null"]),
+    ("modality", 4, ["'modality'", "got a number"]),
+    ("modality", {"0": "FLAIR"}, ["expected 4 modalities, got 1"]),
+    ("labels", ["background", "edema"], ["'labels'", "got a list"]),
+    ("labels", {"zero": "background"}, ["'labels'", "integer"]),
+    ("labels", None, ["'labels'", "got null"]),
+    ("training", {"image": "x"}, ["'training'", "non-empty list"]),
+    ("training", [], ["'training'", "non-empty list"]),
+    ("test", "./imagesTs/BRATS_005.nii.gz", ["'test'", "got a string"]),
+    ("test", [7], ["test[0]: expected a relative file path, got 7"]),
+])
+def test_decathlon_dataset_json_value_of_wrong_type(decathlon_copy, key, value, mentions):
+    _edit_dataset_json(decathlon_copy, lambda meta: meta.__setitem__(key, value))
+    message = _index_error(decathlon_copy)
+    for text in mentions:
+        assert text in message, message
+
+
+def test_decathlon_duplicate_training_case(decathlon_copy):
+    _edit_dataset_json(decathlon_copy, lambda meta: meta["training"].append(dict(meta["training"][0])))
+    assert "more than once" in _index_error(decathlon_copy)
 
 
 # ---------------------------------------------------------------- NIfTI reader, directly
@@ -349,6 +448,30 @@ def test_read_volume_accepts_valid_files(tmp_path, name, dtype):
     volume = read_volume(path)
     assert volume.array.shape == (9, 10, 11)
     np.testing.assert_array_equal(volume.array, array)
+
+
+@pytest.mark.parametrize("name", ["v.nii.gz", "v.nii"])
+@pytest.mark.parametrize("shape", [(7, 5, 3), (7, 5, 3, 2)])
+def test_geometry_and_axis_order_round_trip(tmp_path, name, shape):
+    """Spacing, origin and an oblique direction survive write/read, and (x, y, z) stays (x, y, z)."""
+    import SimpleITK as sitk
+
+    from trainer.data.nifti import Geometry
+
+    angle = np.deg2rad(30)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    geometry = Geometry(spacing=(0.9, 1.1, 1.7), origin=(12.5, -239.0, 3.25),
+                        direction=tuple(float(v) for v in (rotation @ np.diag([-1, 1, 1])).flatten()))
+    array = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
+    path = tmp_path / name
+    write_volume(path, array, geometry, compress=name.endswith(".gz"))
+    volume = read_volume(path)
+    np.testing.assert_array_equal(volume.array, array)
+    np.testing.assert_allclose(volume.geometry.affine(), geometry.affine(), atol=1e-5)
+    image = sitk.ReadImage(str(path))
+    assert image.GetSize()[:3] == shape[:3]  # SimpleITK's size is (x, y, z)
+    np.testing.assert_allclose(image.GetOrigin()[:3], geometry.origin, atol=1e-5)
+    np.testing.assert_allclose(image.GetSpacing()[:3], geometry.spacing, atol=1e-5)
 
 
 @pytest.mark.parametrize("cut", [3, 100, "half"])

@@ -83,3 +83,26 @@ def test_case_metrics_volume():
     assert values["dice"] == pytest.approx(1.0)
     assert values["hd95"] == 0.0
     assert tf.is_tensor(values["dice"]) is False
+
+
+def test_summary_counts_undefined_hd95_instead_of_dropping_it_silently():
+    from trainer.inference.evaluate import _stats
+
+    stats = _stats([2.0, float("nan"), 4.0, float("nan")])
+    assert stats == {"mean": 3.0, "median": 3.0, "std": 1.0, "n": 2, "undefined_cases": 2}
+    assert _stats([float("nan")]) == {"mean": None, "median": None, "std": None, "n": 0, "undefined_cases": 1}
+    assert _stats([1.0])["undefined_cases"] == 0
+
+
+def test_soft_dice_metric_uses_the_loss_smoothing():
+    from trainer.metrics import keras_metrics
+
+    def logged(**smooth):
+        metric = next(m for m in keras_metrics(0.5, **smooth) if m.name == "soft_dice")
+        metric.update_state(TRUTH, PRED)
+        return float(metric.result())
+
+    assert logged() == pytest.approx(3.2 / 5.0, rel=1e-6)  # default 1/1, as the loss's default
+    assert logged(smooth_numerator=0.5, smooth_denominator=2.0) == pytest.approx(2.7 / 6.0, rel=1e-6)
+    loss = make_loss(LossSettings(name="dice", smooth_numerator=0.5, smooth_denominator=2.0))
+    assert logged(smooth_numerator=0.5, smooth_denominator=2.0) == pytest.approx(1 - float(loss(TRUTH, PRED)[0]))

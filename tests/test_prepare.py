@@ -26,7 +26,9 @@ def _sitk_xyz(path: Path) -> np.ndarray:
 
 
 def _split_file(h5_path: Path) -> Path:
-    return h5_path.with_name(h5_path.name.split(".")[0] + ".split.json")
+    """Written out independently of trainer.data.split: only the last suffix is replaced."""
+    assert h5_path.name.endswith(".h5")
+    return h5_path.with_name(h5_path.name[: -len(".h5")] + ".split.json")
 
 
 def _case_rows(h5: h5py.File, case_id: str) -> tuple[str, np.ndarray]:
@@ -298,6 +300,8 @@ def test_decathlon_prepare_writes_cache_and_split(run_cli, decathlon_dataset, tm
     ids = [f"BRATS_{i:03d}" for i in range(1, DECATHLON_CASES + 1)]
     expected_files = {f"{i}.{kind}" for i in ids for kind in ("image.npy", "mask.npy", "source.json")}
     assert {p.name for p in cache.iterdir()} == expected_files  # no ._* cases, no partial files
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+    assert cache.stat().st_mode & 0o777 == 0o777 & ~_current_umask()  # not mkdtemp's 0700
     for case_id in ids:
         image = np.load(cache / f"{case_id}.image.npy")
         mask = np.load(cache / f"{case_id}.mask.npy")
@@ -323,14 +327,37 @@ def test_decathlon_prepare_writes_cache_and_split(run_cli, decathlon_dataset, tm
     assert all(sets), "every split should get at least one case"
 
 
-def test_decathlon_cache_is_reused_when_up_to_date(run_cli, decathlon_dataset, tmp_path):
+def test_decathlon_existing_cache_needs_overwrite_and_up_to_date_cases_are_reused(run_cli, decathlon_copy,
+                                                                                  tmp_path):
     cache = tmp_path / "cache"
     split_file = tmp_path / "dec.split.json"
-    assert _prepare_decathlon(run_cli, decathlon_dataset, cache, split_file, tmp_path).returncode == 0
+    assert _prepare_decathlon(run_cli, decathlon_copy, cache, split_file, tmp_path).returncode == 0
     before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
-    result = _prepare_decathlon(run_cli, decathlon_dataset, cache, split_file, tmp_path)
-    assert result.returncode == 0, result.stderr
+    refused = _prepare_decathlon(run_cli, decathlon_copy, cache, split_file, tmp_path)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert str(cache) in refused.stderr and "--overwrite" in refused.stderr
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == before
+
+    # --overwrite rebuilds the folder, linking the unchanged cases and recomputing a touched one.
+    touched = decathlon_copy / "labelsTr" / "BRATS_002.nii.gz"
+    touched.write_bytes(touched.read_bytes())
+    result = run_cli("prepare", "--format", "decathlon", "--src", decathlon_copy, "--out", cache,
+                     "--set", f"data.decathlon_split={split_file}", "--quiet", "--overwrite", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    after = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    assert set(after) == set(before)
+    assert {n for n in after if after[n] != before[n]} == {f"BRATS_002.{k}" for k in ("image.npy", "mask.npy",
+                                                                                        "source.json")}
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name or ".old" in p.name]
+
+
+def test_split_files_of_outputs_that_differ_after_the_first_dot_do_not_collide():
+    from trainer.data.split import split_path_for
+
+    assert split_path_for(Path("out/slices.h5")) == Path("out/slices.split.json")
+    assert split_path_for(Path("a.v1.h5")) == Path("a.v1.split.json")
+    assert split_path_for(Path("a.v2.h5")) == Path("a.v2.split.json")
+    assert split_path_for(Path("data.d/slices")) == Path("data.d/slices.split.json")
 
 
 def test_decathlon_prepare_accepts_nii_variant(run_cli, decathlon_copy, tmp_path):
@@ -345,16 +372,17 @@ def test_decathlon_prepare_accepts_nii_variant(run_cli, decathlon_copy, tmp_path
 
 def test_decathlon_prepare_keeps_a_different_existing_split(run_cli, decathlon_dataset, tmp_path):
     split_file = tmp_path / "dec.split.json"
-    assert _prepare_decathlon(run_cli, decathlon_dataset, tmp_path / "cache", split_file, tmp_path).returncode == 0
+    assert _prepare_decathlon(run_cli, decathlon_dataset, tmp_path / "cache1", split_file, tmp_path).returncode == 0
     before = split_file.read_text()
-    again = _prepare_decathlon(run_cli, decathlon_dataset, tmp_path / "cache", split_file, tmp_path)
-    assert again.returncode == 0, again.stderr  # same split: idempotent
-    reseeded = run_cli("prepare", "--format", "decathlon", "--src", decathlon_dataset, "--out", tmp_path / "cache",
+    again = _prepare_decathlon(run_cli, decathlon_dataset, tmp_path / "cache2", split_file, tmp_path)
+    assert again.returncode == 0, again.stderr  # same split: accepted as is
+    reseeded = run_cli("prepare", "--format", "decathlon", "--src", decathlon_dataset, "--out", tmp_path / "cache3",
                        "--set", f"data.decathlon_split={split_file}", "--set", "data.split.seed=99", "--quiet",
                        cwd=tmp_path)
     assert reseeded.returncode != 0 and "different split already exists" in reseeded.stderr
     assert split_file.read_text() == before
-    forced = run_cli("prepare", "--format", "decathlon", "--src", decathlon_dataset, "--out", tmp_path / "cache",
+    assert not (tmp_path / "cache3").exists()
+    forced = run_cli("prepare", "--format", "decathlon", "--src", decathlon_dataset, "--out", tmp_path / "cache3",
                      "--set", f"data.decathlon_split={split_file}", "--set", "data.split.seed=99", "--quiet",
                      "--overwrite", cwd=tmp_path)
     assert forced.returncode == 0 and json.loads(split_file.read_text())["seed"] == 99

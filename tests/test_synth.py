@@ -12,8 +12,10 @@ import SimpleITK as sitk
 from conftest import (BRATS_CASES, DECATHLON_CASES, DECATHLON_TEST_CASES, SHAPE, brats_case_folders)
 from trainer.data.brats import BRATS_LABEL_SET, discover_brats
 from trainer.data.decathlon import read_index
-from trainer.data.nifti import check_header
-from trainer.data.synth.phantom import (BACKGROUND, ENHANCING, MODALITY_ORDER, NECROTIC, OEDEMA, make_case)
+from trainer.data.nifti import check_header, identity_geometry, read_volume
+from trainer.data.synth.phantom import (BACKGROUND, ENHANCING, MODALITY_ORDER, NECROTIC, OEDEMA, REAL_SHAPE,
+                                        make_case)
+from trainer.data.synth.writers import brats_geometry, decathlon_geometry
 from trainer.errors import DataError
 
 PHANTOM_SHAPE = (64, 64, 48)
@@ -210,6 +212,45 @@ def test_brats_volumes(brats_dataset):
         else:
             assert 4 not in values
     assert saw_enhancing
+
+
+def test_synthetic_geometry_is_the_real_datasets_not_simpleitk_defaults():
+    """Geometry tests only bite when the source geometry differs from what a writer that
+    ignores it would produce (SimpleITK's defaults: origin 0, identity direction)."""
+    brats = brats_geometry(REAL_SHAPE)
+    assert brats.spacing == (1.0, 1.0, 1.0)
+    assert brats.origin == (0.0, -239.0, 0.0)  # real BraTS, read with SimpleITK (LPS)
+    assert brats.direction == identity_geometry().direction
+    decathlon = decathlon_geometry(REAL_SHAPE)
+    assert decathlon.spacing == (1.0, 1.0, 1.0) and decathlon.origin == (0.0, 0.0, 0.0)
+    assert decathlon.direction == (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+    for geometry in (brats_geometry(SHAPE), decathlon):
+        assert not np.allclose(geometry.affine(), identity_geometry().affine())
+
+
+def test_brats_files_carry_the_brats_geometry(brats_dataset):
+    expected = brats_geometry(SHAPE)
+    for folder in brats_case_folders(brats_dataset)[:2]:
+        for suffix in (*MODALITIES, "seg"):
+            path = folder / f"{folder.name}_{suffix}.nii.gz"
+            image = sitk.ReadImage(str(path))
+            assert image.GetOrigin() == expected.origin
+            assert image.GetDirection() == expected.direction
+            assert image.GetSpacing() == expected.spacing
+            assert read_volume(path).geometry == expected
+
+
+def test_decathlon_files_carry_the_decathlon_geometry(decathlon_dataset):
+    expected = decathlon_geometry(SHAPE)
+    first_test = f"BRATS_{DECATHLON_CASES + 1:03d}"
+    for sub, name in (("imagesTr", "BRATS_001"), ("labelsTr", "BRATS_001"), ("imagesTs", first_test)):
+        path = decathlon_dataset / sub / f"{name}.nii.gz"
+        image = sitk.ReadImage(str(path))
+        dims = image.GetDimension()
+        direction = np.asarray(image.GetDirection()).reshape(dims, dims)
+        np.testing.assert_array_equal(direction[:3, :3], np.asarray(expected.direction).reshape(3, 3))
+        assert image.GetOrigin()[:3] == expected.origin and image.GetSpacing()[:3] == expected.spacing
+        assert read_volume(path).geometry == expected
 
 
 def test_brats_dataset_is_discoverable(brats_dataset):

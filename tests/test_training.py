@@ -134,17 +134,84 @@ def test_evaluate_writes_metrics_and_nifti_in_source_geometry(trained_2d, brats_
     summary = json.loads((run / "evaluation" / "summary.json").read_text())
     assert summary["cases"] >= 1
     for metric in ("dice", "hd95", "sensitivity", "specificity", "precision"):
-        assert set(summary[metric]) == {"mean", "median", "std", "n"}
+        assert set(summary[metric]) == {"mean", "median", "std", "n", "undefined_cases"}
+        assert summary[metric]["n"] + summary[metric]["undefined_cases"] == summary["cases"]
     rows = (run / "evaluation" / "per_case.csv").read_text().splitlines()
     assert rows[0] == "case,dice,hd95,sensitivity,specificity,precision" and len(rows) == summary["cases"] + 1
-    case_id = rows[1].split(",")[0]
-    prediction = sitk.ReadImage(str(run / "evaluation" / "predictions" / f"{case_id}_pred.nii.gz"))
-    source = sitk.ReadImage(str(next(brats_dataset.rglob(f"{case_id}_flair.nii.gz"))))
-    assert prediction.GetSize() == source.GetSize()
-    assert prediction.GetSpacing() == source.GetSpacing()
-    assert prediction.GetOrigin() == source.GetOrigin()
-    assert prediction.GetDirection() == source.GetDirection()
-    assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= {0, 1}
+    hd95_cells = [row.split(",")[2] for row in rows[1:]]
+    assert hd95_cells.count("nan") == summary["hd95"]["undefined_cases"]
+    for row in rows[1:]:
+        case_id = row.split(",")[0]
+        prediction = sitk.ReadImage(str(run / "evaluation" / "predictions" / f"{case_id}_pred.nii.gz"))
+        source = sitk.ReadImage(str(next(brats_dataset.rglob(f"{case_id}_flair.nii.gz"))))
+        assert prediction.GetSize() == source.GetSize()  # (x, y, z) with x != y: no transpose
+        assert prediction.GetSpacing() == source.GetSpacing()
+        assert prediction.GetOrigin() == source.GetOrigin()
+        assert prediction.GetDirection() == source.GetDirection()
+        # The source's geometry is not SimpleITK's default, so a writer that dropped it would fail.
+        assert source.GetOrigin() != (0.0, 0.0, 0.0)
+        assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= {0, 1}
+
+
+def _evaluation_settings_3d(decathlon_dataset: Path, tmp_path: Path, test_ids: list[str]):
+    from trainer.config.settings import DataSettings, Settings, TrainSettings
+    from trainer.data.split import save_split
+
+    split = tmp_path / "eval.split.json"
+    save_split(split, {"train": [], "val": [], "test": test_ids}, 0, decathlon_dataset)
+    return Settings(data=DataSettings(decathlon_dir=decathlon_dataset, decathlon_split=split, cache_dir=None),
+                    train=TrainSettings(model="3d", run_dir=tmp_path, run_name="stub"))
+
+
+def test_evaluate_3d_geometry_and_undefined_hd95_with_a_stub_model(decathlon_dataset, tmp_path, monkeypatch):
+    """No training: a stub predictor predicts nothing for the first case (HD95 undefined)
+    and the brain for the others. Predictions must carry the Decathlon source geometry,
+    whose direction is not the identity a geometry-dropping writer would produce."""
+    from types import SimpleNamespace
+
+    from trainer.inference import evaluate as evaluation
+
+    calls = []
+
+    def predict(image):
+        calls.append(1)
+        return np.zeros(image.shape[:3], np.float32) if len(calls) == 1 else (image[..., 0] != 0).astype(np.float32)
+
+    monkeypatch.setattr(evaluation, "Predictor", SimpleNamespace(
+        from_run=lambda settings, **options: (SimpleNamespace(predict=predict), "stub-checkpoint")))
+    ids = ["BRATS_001", "BRATS_002", "BRATS_003"]
+    summary = evaluation.evaluate(_evaluation_settings_3d(decathlon_dataset, tmp_path, ids), "test", progress=False)
+    assert summary["cases"] == 3
+    assert summary["hd95"]["undefined_cases"] == 1 and summary["hd95"]["n"] == 2
+    assert summary["hd95"]["mean"] is not None and summary["hd95"]["mean"] > 0
+    assert summary["dice"]["undefined_cases"] == 0 and summary["dice"]["n"] == 3
+    out = tmp_path / "stub" / "evaluation"
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["hd95"] == summary["hd95"]
+    rows = [row.split(",") for row in (out / "per_case.csv").read_text().splitlines()[1:]]
+    assert [row[0] for row in rows] == ids
+    assert rows[0][2] == "nan" and all(float(row[2]) > 0 for row in rows[1:])
+    for case_id in ids:
+        prediction = sitk.ReadImage(str(out / "predictions" / f"{case_id}_pred.nii.gz"))
+        source = sitk.ReadImage(str(decathlon_dataset / "imagesTr" / f"{case_id}.nii.gz"))  # 4D
+        assert prediction.GetSize() == source.GetSize()[:3]
+        assert prediction.GetSpacing() == source.GetSpacing()[:3]
+        assert prediction.GetOrigin() == source.GetOrigin()[:3]
+        direction = np.asarray(source.GetDirection()).reshape(4, 4)[:3, :3]
+        assert prediction.GetDirection() == tuple(direction.flatten())
+        assert not np.array_equal(direction, np.eye(3))  # non-default, so the check can fail
+
+
+def test_evaluate_3d_split_case_missing_from_dataset_json(decathlon_dataset, tmp_path):
+    from trainer.errors import DataError
+    from trainer.inference.evaluate import evaluate
+
+    settings = _evaluation_settings_3d(decathlon_dataset, tmp_path, ["BRATS_001", "BRATS_999"])
+    with pytest.raises(DataError) as caught:
+        evaluate(settings, "test", progress=False)  # fails on the split, before any model is needed
+    message = str(caught.value)
+    assert "BRATS_999" in message and str(settings.data.decathlon_split) in message
+    assert str(decathlon_dataset / "dataset.json") in message
 
 
 def test_predict_writes_mask_and_overlay(trained_2d, brats_dataset, tmp_path):

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     dist = _command(sub, "distributed", "launch PS/worker/chief or horovodrun on SSH hosts via Ansible",
                     _cmd_distributed)
     _add_cluster_flags(dist)
-    dist.add_argument("--mode", choices=["ps", "horovod"], default="ps")
+    dist.add_argument("--mode", choices=["ps", "horovod"], default=None, help="default: cluster.mode (ps)")
     dist.add_argument("--ps-hosts", default=None, help="parameter-server hosts (default: the first host)")
     dist.add_argument("--slots-per-host", type=_positive_int, default=1, help="horovod: ranks per host")
     dist.add_argument("--controller", choices=["gloo", "mpi"], default="gloo", help="horovodrun controller")
@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = _command(sub, "doctor", "preflight: SSH, versions, MPI, cores/sockets/NUMA and NICs on every host",
                       _cmd_doctor)
     _add_cluster_flags(doctor)
-    doctor.add_argument("--mode", choices=["ps", "horovod"], default="horovod")
+    doctor.add_argument("--mode", choices=["ps", "horovod"], default=None,
+                        help="check for this launch mode (default: cluster.mode)")
 
     evaluate = _command(sub, "evaluate", "per-case metrics on a held-out split; predictions as NIfTI", _cmd_evaluate)
     _add_run_flags(evaluate)
@@ -115,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hosts", default=None, help="comma-separated host names (node1,node2)")
+    parser.add_argument("--hosts", default=None, help="comma-separated host names (node1,node2); "
+                                                      "default: cluster.hosts")
     parser.add_argument("--user", default=None, help="SSH user (default: current user)")
     parser.add_argument("--key", type=Path, default=None, help="SSH private key file")
     parser.add_argument("--port", type=_positive_int, default=None, help="SSH port (default 22)")
@@ -133,9 +135,12 @@ def _launcher(args: argparse.Namespace, hosts_required: bool = True):
     flags = {key: (str(getattr(args, attr)) if attr == "key" and getattr(args, attr) else getattr(args, attr))
              for attr, key in CLUSTER_FLAGS.items() if hasattr(args, attr)}
     settings = load_cli_settings(args, flags)
-    if hosts_required and not args.hosts:
-        raise UserError("--hosts: required (e.g. --hosts node1,node2)")
-    request = LaunchRequest(hosts=args.hosts or "", mode=args.mode, ps_hosts=getattr(args, "ps_hosts", None),
+    # --hosts/--mode win over cluster.hosts/cluster.mode in settings.yaml
+    hosts = args.hosts if args.hosts is not None else ",".join(settings.cluster.hosts)
+    if hosts_required and not hosts:
+        raise UserError("--hosts: required (e.g. --hosts node1,node2), or set cluster.hosts in settings.yaml")
+    request = LaunchRequest(hosts=hosts, mode=args.mode or settings.cluster.mode,
+                            ps_hosts=getattr(args, "ps_hosts", None),
                             dry_run=getattr(args, "dry_run", False),
                             slots_per_host=getattr(args, "slots_per_host", 1),
                             controller=getattr(args, "controller", "gloo"))
@@ -441,6 +446,18 @@ def _shape3(text: str) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+def _os_error_text(exc: OSError) -> str:
+    """``<file>: <reason>`` on one line (the reason alone when the OS named no file)."""
+    def name(value) -> str:
+        return os.fsdecode(value) if isinstance(value, (str, bytes, os.PathLike)) else str(value)
+
+    reason = exc.strerror or str(exc)
+    if exc.filename is not None:
+        names = name(exc.filename) + ("" if exc.filename2 is None else f" -> {name(exc.filename2)}")
+        reason = f"{names}: {reason}"
+    return " ".join(reason.split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -449,6 +466,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"unet-train {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # permission denied, disk full, unwritable --out: the user's to fix
+        logging.getLogger(__name__).debug("OSError", exc_info=True)
+        print(f"unet-train {args.command}: error: {_os_error_text(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"unet-train {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -13,7 +13,6 @@ import tensorflow as tf
 from trainer.losses import soft_dice
 
 
-
 def _counts(y_true, y_pred, threshold: float):
     y_true = tf.cast(y_true > 0.5, tf.float32)
     y_hat = tf.cast(y_pred > threshold, tf.float32)
@@ -51,12 +50,18 @@ def precision(y_true, y_pred, threshold: float = 0.5):
     return _ratio(tp, tp + fp)
 
 
-def keras_metrics(threshold: float = 0.5) -> list[tf.keras.metrics.Metric]:
-    """Epoch-level means of the per-sample metrics (what Keras logs as dice, soft_dice, ...)."""
+def keras_metrics(threshold: float = 0.5, smooth_numerator: float = 1.0,
+                  smooth_denominator: float = 1.0) -> list[tf.keras.metrics.Metric]:
+    """Epoch-level means of the per-sample metrics (what Keras logs as dice, soft_dice, ...).
+
+    ``soft_dice`` takes the loss's smoothing (``train.loss.smooth_*``), so the logged value
+    is exactly 1 - the Dice loss. With ``smooth_numerator`` 0 an empty truth with an empty
+    prediction scores 0, not the 1 of the hard metrics (defined, but the opposite convention).
+    """
     wrap = tf.keras.metrics.MeanMetricWrapper
     return [
         wrap(hard_dice, name="dice", threshold=threshold),
-        wrap(lambda t, p: soft_dice(t, p), name="soft_dice"),
+        wrap(soft_dice, name="soft_dice", smooth_numerator=smooth_numerator, smooth_denominator=smooth_denominator),
         wrap(sensitivity, name="sensitivity", threshold=threshold),
         wrap(specificity, name="specificity", threshold=threshold),
         wrap(precision, name="precision", threshold=threshold),

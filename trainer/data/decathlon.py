@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from trainer.data.nifti import Geometry, read_volume
 from trainer.data.normalize import whole_tumour, zscore_brain
 from trainer.data.split import load_split, save_split, split_cases
 from trainer.errors import DataError, UserError
-from trainer.fsutil import atomic_file
+from trainer.fsutil import atomic_dir, refuse_existing
 
 # Decathlon modality order in the 4th axis, in our channel names.
 DECATHLON_CHANNELS = ("flair", "t1", "t1ce", "t2")
@@ -61,20 +62,35 @@ def read_index(root: Path) -> DecathlonIndex:
             raise DataError(f"{path}: missing key '{key}'")
     if not isinstance(meta["training"], list) or not meta["training"]:
         raise DataError(f"{path}: 'training' must be a non-empty list of {{image, label}} entries")
+    if not isinstance(meta["labels"], dict):
+        raise DataError(f"{path}: 'labels' must map integer values to names, got {_kind(meta['labels'])}")
     try:
         label_set = frozenset(int(k) for k in meta["labels"])
-    except (TypeError, ValueError, AttributeError):
+    except (TypeError, ValueError):
         raise DataError(f"{path}: 'labels' must map integer values to names") from None
+    if not isinstance(meta["modality"], dict):
+        raise DataError(f"{path}: 'modality' must map channel numbers to names, got {_kind(meta['modality'])}")
     if len(meta["modality"]) != len(DECATHLON_CHANNELS):
         raise DataError(f"{path}: expected {len(DECATHLON_CHANNELS)} modalities, got {len(meta['modality'])}")
     training = []
     for number, entry in enumerate(meta["training"]):
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
             raise DataError(f"{path}: training[{number}] must be an object with 'image' and 'label'")
-        training.append(DecathlonCase(_case_id(entry["image"]), _resolve(root, entry["image"], path),
-                                      _resolve(root, entry["label"], path)))
-    test = [DecathlonCase(_case_id(item), _resolve(root, item, path), None)
-            for item in meta.get("test", []) if isinstance(item, str)]
+        # Resolve (and so type-check) both paths before deriving the case id from the image name.
+        image = _resolve(root, entry["image"], path, f"training[{number}].image")
+        label = _resolve(root, entry["label"], path, f"training[{number}].label")
+        training.append(DecathlonCase(_case_id(entry["image"]), image, label))
+    ids = [case.case_id for case in training]
+    if len(set(ids)) != len(ids):
+        duplicate = sorted({i for i in ids if ids.count(i) > 1})[0]
+        raise DataError(f"{path}: case {duplicate} is listed more than once in 'training'")
+    test_entries = meta.get("test", [])
+    if not isinstance(test_entries, list):
+        raise DataError(f"{path}: 'test' must be a list of image paths, got {_kind(test_entries)}")
+    test = []
+    for number, item in enumerate(test_entries):
+        image = _resolve(root, item, path, f"test[{number}]")  # type-checks item before _case_id
+        test.append(DecathlonCase(_case_id(item), image, None))
     return DecathlonIndex(root, tuple(sorted(training, key=lambda c: c.case_id)), tuple(test), label_set)
 
 
@@ -83,10 +99,16 @@ def _case_id(relative: str) -> str:
     return name.split(".nii")[0]
 
 
-def _resolve(root: Path, relative: str, source: Path) -> Path:
+def _kind(value) -> str:
+    """A JSON value's type as the user wrote it (null, list, number, ...), for error messages."""
+    return {type(None): "null", list: "a list", dict: "an object", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _resolve(root: Path, relative: str, source: Path, key: str) -> Path:
     """``./imagesTr/X.nii.gz`` relative to the dataset root; accept the .nii variant on disk."""
     if not isinstance(relative, str) or not relative:
-        raise DataError(f"{source}: expected a relative file path, got {relative!r}")
+        raise DataError(f"{source}: {key}: expected a relative file path, got {json.dumps(relative)}")
     path = (root / relative).resolve()
     if path.is_file():
         return path
@@ -133,26 +155,47 @@ class CaseArrays:
         return image, mask
 
 
-def build_cache(index: DecathlonIndex, cache_dir: Path, progress: bool = True) -> list[CaseArrays]:
-    """Write normalised .npy copies of every training case (skipping up-to-date ones)."""
+def build_cache(index: DecathlonIndex, cache_dir: Path, progress: bool = True,
+                overwrite: bool = False) -> list[CaseArrays]:
+    """Write normalised .npy copies of every training case into ``cache_dir``, all or nothing.
+
+    The cache is built in a temporary folder beside ``cache_dir`` and renamed into place only
+    when every case is written: a bad case must not leave a partial cache, which
+    :func:`case_arrays` would silently mix with NIfTI reads. An existing ``cache_dir`` is
+    refused unless ``overwrite``; then its still up-to-date cases are hard-linked (or
+    copied) into the new cache instead of being recomputed.
+    """
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    arrays = []
-    for case in tqdm(index.training, desc="cache decathlon", unit="case", disable=not progress):
-        image_file = cache_dir / f"{case.case_id}.image.npy"
-        mask_file = cache_dir / f"{case.case_id}.mask.npy"
-        stamp = cache_dir / f"{case.case_id}.source.json"
-        source = {"image": str(case.image), "image_mtime": os.stat(case.image).st_mtime,
-                  "label": str(case.label), "label_mtime": os.stat(case.label).st_mtime}
-        if not (image_file.exists() and mask_file.exists() and _stamp_matches(stamp, source)):
+    previous = cache_dir if overwrite and cache_dir.is_dir() else None
+    with atomic_dir(cache_dir, overwrite) as tmp:
+        for case in tqdm(index.training, desc="cache decathlon", unit="case", disable=not progress):
+            names = _cache_names(case.case_id)
+            source = {"image": str(case.image), "image_mtime": os.stat(case.image).st_mtime,
+                      "label": str(case.label), "label_mtime": os.stat(case.label).st_mtime}
+            if previous is not None and _reuse_cached(previous, tmp, names, source):
+                continue
             image, mask, _ = load_case(case, index.label_set)
-            for target, values in ((image_file, image), (mask_file, mask)):
-                with atomic_file(target) as tmp, open(tmp, "wb") as handle:
-                    np.save(handle, values)
-            with atomic_file(stamp) as tmp:
-                tmp.write_text(json.dumps(source))
-        arrays.append(CaseArrays(case, image_file, mask_file))
-    return arrays
+            np.save(tmp / names[0], image)
+            np.save(tmp / names[1], mask)
+            (tmp / names[2]).write_text(json.dumps(source))
+    return [CaseArrays(case, *(cache_dir / name for name in _cache_names(case.case_id)[:2]))
+            for case in index.training]
+
+
+def _cache_names(case_id: str) -> tuple[str, str, str]:
+    return f"{case_id}.image.npy", f"{case_id}.mask.npy", f"{case_id}.source.json"
+
+
+def _reuse_cached(previous: Path, target: Path, names: tuple[str, str, str], source: dict) -> bool:
+    """Link a case's files from the previous cache when its stamp matches the source NIfTI."""
+    if not all((previous / name).is_file() for name in names) or not _stamp_matches(previous / names[2], source):
+        return False
+    for name in names:
+        try:
+            os.link(previous / name, target / name)
+        except OSError:  # e.g. a filesystem without hard links
+            shutil.copy2(previous / name, target / name)
+    return True
 
 
 def case_arrays(index: DecathlonIndex, cache_dir: Path | None) -> dict[str, CaseArrays]:
@@ -179,8 +222,9 @@ def prepare_decathlon(root: Path, cache_dir: Path | None, split: SplitSettings, 
                       progress: bool = True, overwrite: bool = False) -> dict[str, list[str]]:
     """Validate every training case (by loading it), optionally cache it, save the split.
 
-    Re-running is idempotent; an existing split file that would change is kept unless
-    ``overwrite`` (a silently reshuffled split would leak test cases into training).
+    An existing split file that would change is kept unless ``overwrite`` (a silently
+    reshuffled split would leak test cases into training); an identical one is accepted.
+    An existing cache folder is refused unless ``overwrite`` (checked before any work).
     """
     index = read_index(root)
     cases = split_cases([c.case_id for c in index.training], split.val_fraction,
@@ -188,7 +232,8 @@ def prepare_decathlon(root: Path, cache_dir: Path | None, split: SplitSettings, 
     if Path(split_file).exists() and not overwrite and load_split(split_file) != cases:
         raise UserError(f"{split_file}: a different split already exists (pass --overwrite to replace it)")
     if cache_dir is not None:
-        build_cache(index, cache_dir, progress)
+        refuse_existing(Path(cache_dir), overwrite)
+        build_cache(index, cache_dir, progress, overwrite)
     else:
         for case in tqdm(index.training, desc="check decathlon", unit="case", disable=not progress):
             load_case(case, index.label_set)

@@ -31,9 +31,10 @@ def _count(n: int, fraction: float) -> int:
 
 
 def split_path_for(data_file: Path) -> Path:
-    """The split JSON that lives beside a prepared dataset (slices.h5 -> slices.split.json)."""
-    data_file = Path(data_file)
-    return data_file.with_name(data_file.name.split(".")[0] + ".split.json")
+    """The split JSON beside a prepared dataset: only the last suffix is replaced
+    (slices.h5 -> slices.split.json, a.v1.h5 -> a.v1.split.json), so files that differ
+    only after their first dot never share one split file."""
+    return Path(data_file).with_suffix(".split.json")
 
 
 def save_split(path: Path, split: dict[str, list[str]], seed: int, source: Path) -> None:

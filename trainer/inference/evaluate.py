@@ -42,7 +42,8 @@ def iter_cases(settings: Settings, split_name: str, limit: int | None) -> tuple[
         by_id = {c.case_id: c for c in discover_brats(data.brats_dir)}
         missing = [i for i in ids if i not in by_id]
         if missing:
-            raise DataError(f"{data.brats_dir}: split case {missing[0]} not found")
+            raise DataError(f"{split_path_for(data.slices_h5)}: split case {missing[0]} not found in "
+                            f"{data.brats_dir}")
         ids = ids[:limit] if limit else ids
 
         def read_2d():
@@ -52,8 +53,12 @@ def iter_cases(settings: Settings, split_name: str, limit: int | None) -> tuple[
         return len(ids), read_2d()
     index = read_index(data.decathlon_dir)
     ids = load_split(data.decathlon_split)[split_name]
-    ids = ids[:limit] if limit else ids
     by_id = {c.case_id: c for c in index.training}
+    missing = [i for i in ids if i not in by_id]
+    if missing:  # e.g. a split file from another dataset.json: say so before loading a model
+        raise DataError(f"{data.decathlon_split}: split case {missing[0]} is not a training case in "
+                        f"{index.root / 'dataset.json'}")
+    ids = ids[:limit] if limit else ids
 
     def read_3d():
         for case_id in ids:
@@ -65,10 +70,10 @@ def iter_cases(settings: Settings, split_name: str, limit: int | None) -> tuple[
 def evaluate(settings: Settings, split_name: str = "test", limit: int | None = None, out: Path | None = None,
              save_predictions: bool = True, progress: bool = True, **predictor_options) -> dict:
     out = Path(out or settings.run_path / "evaluation")
-    predictor, checkpoint = Predictor.from_run(settings, **predictor_options)
-    count, cases = iter_cases(settings, split_name, limit)
+    count, cases = iter_cases(settings, split_name, limit)  # checks the split first: cheaper than a model
     if count == 0:
         raise DataError(f"split '{split_name}' has no cases to evaluate")
+    predictor, checkpoint = Predictor.from_run(settings, **predictor_options)
     rows = []
     for case in tqdm(cases, total=count, desc=f"evaluate {split_name}", unit="case", disable=not progress):
         probability = predictor.predict(case.image)
@@ -79,22 +84,34 @@ def evaluate(settings: Settings, split_name: str = "test", limit: int | None = N
             write_volume(out / "predictions" / f"{case.case_id}_pred.nii.gz", mask, case.geometry)
     summary = {"checkpoint": checkpoint, "split": split_name, "cases": len(rows), "model": settings.train.model,
                **{name: _stats([row[name] for row in rows]) for name in METRICS}}
+    if summary["hd95"]["undefined_cases"]:
+        log.warning("HD95 is undefined for %d of %d case(s) (exactly one of truth/prediction empty); "
+                    "its mean/median/std cover the other %d", summary["hd95"]["undefined_cases"], len(rows),
+                    summary["hd95"]["n"])
     _write_csv(out / "per_case.csv", rows)
     write_json(out / "summary.json", summary)
     return summary
 
 
 def _stats(values: list[float]) -> dict:
+    """mean/median/std over the cases where the metric is defined (``n`` of them).
+
+    A metric can be undefined for a case (HD95 when exactly one of truth and prediction is
+    empty: ``nan`` in per_case.csv). Dropping those silently would flatter the
+    summary, so their number is reported as ``undefined_cases``.
+    """
     finite = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
+    undefined = len(values) - int(finite.size)
     if not finite.size:
-        return {"mean": None, "median": None, "std": None, "n": 0}
+        return {"mean": None, "median": None, "std": None, "n": 0, "undefined_cases": undefined}
     return {"mean": float(finite.mean()), "median": float(np.median(finite)), "std": float(finite.std()),
-            "n": int(finite.size)}
+            "n": int(finite.size), "undefined_cases": undefined}
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
+    """One row per case; an undefined value is written as ``nan`` (float() and pandas read it back)."""
     with atomic_file(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["case", *METRICS])
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+            writer.writerow({k: ("nan" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from trainer.data.nifti import identity_geometry, write_volume
+from trainer.data.nifti import Geometry, write_volume
 from trainer.data.synth.phantom import (ENHANCING, MODALITY_ORDER, NECROTIC, OEDEMA, REAL_SHAPE,
                                         make_case)
 from trainer.fsutil import atomic_dir
@@ -28,6 +28,26 @@ DECATHLON_ROOT_NAME = "Task01_BrainTumour"
 
 # The 26-byte header of an empty macOS AppleDouble file (magic 0x00051607, version 2).
 APPLEDOUBLE_STUB = bytes.fromhex("00051607" "00020000") + b"Mac OS X        " + b"\x00\x00"
+
+_IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def brats_geometry(shape: Sequence[int]) -> Geometry:
+    """Where real BraTS 2017-2020 volumes sit, as SimpleITK (LPS) reads them.
+
+    Their NIfTI affine (RAS) is diag(-1, -1, 1, 1) with translation (0, 239, 0): in LPS that
+    is the identity direction and origin (0, -239, 0) for 240 x 240 x 155 at 1 mm. Writing
+    it (not SimpleITK's defaults) makes a reader/writer that drops or transposes geometry
+    fail the tests. For a smaller phantom the y offset scales the same way: -(ny - 1).
+    """
+    return Geometry(spacing=(1.0, 1.0, 1.0), origin=(0.0, -float(shape[1] - 1), 0.0), direction=_IDENTITY)
+
+
+def decathlon_geometry(shape: Sequence[int]) -> Geometry:
+    """Where MSD Task01 volumes sit, as SimpleITK (LPS) reads them: 1 mm, origin 0 and
+    direction diag(-1, -1, 1), because the files store an identity RAS affine."""
+    return Geometry(spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+                    direction=(-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
 
 
 @dataclass(frozen=True)
@@ -104,7 +124,7 @@ def _write_brats_case(root: Path, name: str, seed: tuple[int, int], shape) -> st
     grade = "HGG" if case.high_grade else "LGG"
     folder = root / grade / name
     folder.mkdir(parents=True)
-    geometry = identity_geometry()
+    geometry = brats_geometry(shape)
     for modality in MODALITY_ORDER:
         image = np.rint(case.images[modality]).astype(np.int16)
         write_volume(folder / f"{name}_{modality}.nii.gz", image, geometry)
@@ -116,7 +136,7 @@ def _write_decathlon_case(root: Path, case_id: int, seed: tuple[int, int], shape
     case = make_case(seed, shape)
     name = f"BRATS_{case_id:03d}.nii.gz"
     image = np.stack([case.images[m] for m in MODALITY_ORDER], axis=-1).astype(np.float32)
-    geometry = identity_geometry()
+    geometry = decathlon_geometry(shape)
     write_volume(root / ("imagesTr" if labelled else "imagesTs") / name, image, geometry)
     if labelled:
         write_volume(root / "labelsTr" / name, _relabel(case.classes, DECATHLON_LABELS), geometry)
