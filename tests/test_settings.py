@@ -120,6 +120,29 @@ def test_wrong_type_names_the_key():
     assert "abc" in message
 
 
+@pytest.mark.parametrize("override, key, expected", [
+    ("train.epochs=true", "train.epochs", "valid integer"),
+    ("train.epochs=3.5", "train.epochs", "valid integer"),
+    ("train.epochs=3.0", "train.epochs", "valid integer"),
+    ("data.augment=1", "data.augment", "valid boolean"),
+    ("data.augment=on_purpose", "data.augment", "valid boolean"),
+    ("train.learning_rate=fast", "train.learning_rate", "valid number"),
+    ("model.upsampling=7", "model.upsampling", "'transposed' or 'upsample'"),
+])
+def test_wrong_types_are_rejected_not_coerced(override, key, expected):
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, [override])
+    assert f"{key}: " in str(info.value) and expected in str(info.value)
+
+
+def test_json_forms_still_fill_paths_tuples_and_floats():
+    settings = load_settings(None, ["data.crop_size=[144,144,144]", "train.learning_rate=1",
+                                    "train.run_dir=/tmp/somewhere"], {"train.run_name": "x"})
+    assert settings.data.crop_size == (144, 144, 144)
+    assert settings.train.learning_rate == 1.0 and isinstance(settings.train.learning_rate, float)
+    assert settings.train.run_dir == Path("/tmp/somewhere")
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["cpu.inter_op_threads=0"], "cpu.inter_op_threads"),
     (["data.crop_size=[60,64,64]"], "data.crop_size"),

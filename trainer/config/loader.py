@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -23,9 +24,26 @@ def load_settings(path: Path | None, overrides: Iterable[str] = (),
         if value is not None:
             _assign(raw, key, value, source=f"--{key.split('.')[-1].replace('_', '-')}")
     try:
-        return Settings.model_validate(raw)
+        # Strict, as JSON: a wrong type is an error, never coerced (`epochs: true` is not 1,
+        # `augment: 1` is not true, `epochs: 3.5` is not 3), while JSON's own forms still map
+        # onto the schema (lists -> tuples, strings -> paths).
+        # The defaults take the same JSON road (validating Python defaults strictly as JSON would
+        # reject their Path objects), so every value is checked the same way.
+        merged = _merge(Settings().model_dump(mode="json", by_alias=True), raw)
+        return Settings.model_validate_json(json.dumps(merged, default=str), strict=True)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, path)) from None
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``, section by section (a non-mapping replaces outright)."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
