@@ -72,7 +72,8 @@ def open_session(settings: Settings, runtime) -> Session:
                         settings.data.image_size, settings.data.crop_size)
     optimizer = runtime.wrap_optimizer(make_optimizer(settings))
     model.compile(optimizer=optimizer, loss=make_loss(train_cfg.loss),
-                  metrics=keras_metrics(settings.model.threshold))
+                  metrics=keras_metrics(settings.model.threshold, train_cfg.loss.smooth_numerator,
+                                        train_cfg.loss.smooth_denominator))
     optimizer.build(model.trainable_variables)  # slots exist before restore and broadcast
     state = TrainingState()
     store = CheckpointStore(settings.run_path, model, optimizer, state, train_cfg.keep_checkpoints)
@@ -106,7 +107,11 @@ def announce(settings: Settings, runtime, session: Session, data) -> None:
 
 
 def lr_scale(settings: Settings, runtime) -> int:
-    return runtime.size if settings.train.scale_lr else 1
+    """Synchronous modes average N workers' gradients into one step at global batch N x b, so
+    the LR scales by N. Asynchronous PS applies each worker's batch-b gradient as its own
+    step: no scaling there."""
+    asynchronous_ps = runtime.name == "ps" and settings.cluster.asynchronous
+    return runtime.size if settings.train.scale_lr and not asynchronous_ps else 1
 
 
 def run_callbacks(settings: Settings, runtime, session: Session, data, fit_tensorboard: bool = True) -> list:

@@ -57,28 +57,46 @@ class PsRuntime(SingleRuntime):
 
 
 class GradientSlots:
-    """Per-shard gradient buffers on the PS, with a per-shard 'holds step s' marker."""
+    """Per-shard gradient buffers on the PS, with a per-shard 'holds step s' marker.
 
-    def __init__(self, variables, shards: int):
+    Each slot lives on the same PS as its variable, and the average is computed there, so a
+    step moves N gradients worker -> PS and nothing through the chief. Explicit control
+    dependencies order what ``tf.function`` would otherwise leave free (ops on different
+    resources): a shard's marker is set only after its gradients are written, and the
+    update runs only after the markers are checked.
+    """
+
+    def __init__(self, strategy, variables, shards: int):
         self.shards = shards
-        self.slots = [[tf.Variable(tf.zeros_like(v), trainable=False, name=f"grad_slot{i}_{n}")
-                       for n, v in enumerate(variables)] for i in range(shards)]
+        self.variables = list(variables)
+        self.slots = [[self._slot_like(strategy, v, f"grad_slot{i}_{n}") for n, v in enumerate(self.variables)]
+                      for i in range(shards)]
         self.ready = tf.Variable(tf.zeros([shards], tf.int64), trainable=False, name="grad_ready")
 
+    @staticmethod
+    def _slot_like(strategy, variable, name: str) -> tf.Variable:
+        with strategy.extended.colocate_vars_with(variable):
+            return tf.Variable(tf.zeros_like(variable), trainable=False, name=name)
+
     def put(self, shard: int, gradients, step) -> None:
-        for slot, gradient in zip(self.slots[shard], gradients):
-            slot.assign(gradient)
-        self.ready.scatter_nd_update([[shard]], [step])
+        writes = [slot.assign(gradient) for slot, gradient in zip(self.slots[shard], gradients)]
+        with tf.control_dependencies(writes):
+            self.ready.scatter_nd_update([[shard]], [step])
 
     def mean(self, step):
-        tf.debugging.assert_equal(self.ready, tf.fill([self.shards], step),
-                                  message="gradient missing for a shard at this step")
-        return [tf.add_n([self.slots[i][k] for i in range(self.shards)]) / float(self.shards)
-                for k in range(len(self.slots[0]))]
+        check = tf.debugging.assert_equal(self.ready, tf.fill([self.shards], step),
+                                          message="gradient missing for a shard at this step")
+        averaged = []
+        with tf.control_dependencies([check]):
+            for k, variable in enumerate(self.variables):
+                with tf.device(variable.device):
+                    averaged.append(tf.add_n([self.slots[i][k] for i in range(self.shards)]) / float(self.shards))
+        return averaged
 
 
-def _per_sample_metrics(masks, predictions, threshold):
-    return tf.stack([hard_dice(masks, predictions, threshold), soft_dice(masks, predictions),
+def _per_sample_metrics(masks, predictions, threshold, loss_settings):
+    smoothing = (loss_settings.smooth_numerator, loss_settings.smooth_denominator)
+    return tf.stack([hard_dice(masks, predictions, threshold), soft_dice(masks, predictions, *smoothing),
                      sensitivity(masks, predictions, threshold), specificity(masks, predictions, threshold),
                      precision(masks, predictions, threshold)])
 
@@ -94,9 +112,10 @@ class SyncTrainer:
         self.step_timeout = settings.cluster.step_timeout_s
         model, optimizer = session.model, session.optimizer
         loss_fn = make_loss(settings.train.loss)
-        threshold = settings.model.threshold
+        threshold, loss_settings = settings.model.threshold, settings.train.loss
         with strategy.scope():
-            self.exchange = None if self.asynchronous else GradientSlots(model.trainable_variables, shards)
+            self.exchange = (None if self.asynchronous
+                             else GradientSlots(strategy, model.trainable_variables, shards))
 
         def make_train_fn(shard: int):
             @tf.function
@@ -111,7 +130,7 @@ class SyncTrainer:
                         optimizer.apply_gradients(zip(gradients, model.trainable_variables))
                     else:
                         self.exchange.put(shard, gradients, step)
-                    return per_sample, _per_sample_metrics(masks, predictions, threshold)
+                    return per_sample, _per_sample_metrics(masks, predictions, threshold, loss_settings)
                 return strategy.run(replica, args=(images, masks))
             return train_shard
 
@@ -119,7 +138,7 @@ class SyncTrainer:
         def evaluate_shard(images, masks):
             def replica(images, masks):
                 predictions = model(images, training=False)
-                return loss_fn(masks, predictions), _per_sample_metrics(masks, predictions, threshold)
+                return loss_fn(masks, predictions), _per_sample_metrics(masks, predictions, threshold, loss_settings)
             return strategy.run(replica, args=(images, masks))
 
         @tf.function
