@@ -33,7 +33,9 @@ def build_datasets(settings: Settings, shard: Shard, seed_offset: int = 0) -> Tr
     """``seed_offset`` (e.g. the resume epoch) keeps a resumed run from replaying epoch 0's order."""
     data, train = settings.data, settings.train
     batch = train.batch_size
-    seed = train.seed + seed_offset
+    # Each shard draws its own shuffles, crops and augmentations: identical random choices on
+    # every rank would make N workers see N correlated copies of the same augmentation.
+    seed = train.seed + seed_offset + 1_000_003 * shard.rank
     if train.model == "2d":
         train_ds, n_train = slices_dataset(data.slices_h5, "train", data.channels, shard,
                                            _options(data, batch, seed, True))
