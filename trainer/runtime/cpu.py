@@ -48,9 +48,28 @@ def local_ranks_from_environment() -> int:
     return 1
 
 
-def plan_threads(cpu: CpuSettings, local_ranks: int = 1, cores: int | None = None) -> ThreadPlan:
+def allowed_cpus() -> tuple[int, bool]:
+    """CPUs this process may run on, and whether that is fewer than the machine has (bound by
+    mpirun --bind-to, numactl, taskset or a container's cpuset)."""
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1, False
+    return allowed, allowed < (os.cpu_count() or allowed)
+
+
+def default_intra_threads(local_ranks: int, cores: int | None = None) -> int:
+    """Physical cores / ranks on this host; a process already bound to a CPU subset uses that
+    subset (the binder has done the dividing), never more cores than it may run on."""
     cores = cores or physical_cores()
-    intra = cpu.intra_op_threads or max(1, cores // max(1, local_ranks))
+    allowed, bound = allowed_cpus()
+    if bound:
+        return max(1, min(allowed, cores))
+    return max(1, min(cores, allowed) // max(1, local_ranks))
+
+
+def plan_threads(cpu: CpuSettings, local_ranks: int = 1, cores: int | None = None) -> ThreadPlan:
+    intra = cpu.intra_op_threads or default_intra_threads(local_ranks, cores)
     omp = cpu.omp_num_threads or intra
     env = {
         "TF_ENABLE_ONEDNN_OPTS": "1" if cpu.onednn else "0",

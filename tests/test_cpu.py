@@ -1,0 +1,49 @@
+"""CPU thread planning: physical cores / local ranks, bound processes, explicit settings."""
+from __future__ import annotations
+
+import pytest
+
+from trainer.config.settings import CpuSettings
+from trainer.runtime import cpu
+
+
+@pytest.fixture
+def unbound_16_cpus(monkeypatch):
+    monkeypatch.setattr(cpu, "allowed_cpus", lambda: (16, False))
+
+
+def test_default_threads_divide_physical_cores_by_local_ranks(unbound_16_cpus):
+    plan = cpu.plan_threads(CpuSettings(), local_ranks=2, cores=8)
+    assert (plan.intra_op, plan.inter_op) == (4, 2)
+    assert plan.env["OMP_NUM_THREADS"] == "4" and plan.env["TF_NUM_INTRAOP_THREADS"] == "4"
+    assert plan.env["KMP_BLOCKTIME"] == "1" and plan.env["KMP_AFFINITY"] == "granularity=fine,compact,1,0"
+    assert plan.env["TF_ENABLE_ONEDNN_OPTS"] == "1"
+    assert cpu.plan_threads(CpuSettings(), local_ranks=3, cores=8).intra_op == 2
+    assert cpu.plan_threads(CpuSettings(), local_ranks=16, cores=8).intra_op == 1  # never 0
+
+
+def test_a_bound_process_uses_its_cpu_subset_without_dividing(monkeypatch):
+    monkeypatch.setattr(cpu, "allowed_cpus", lambda: (3, True))  # e.g. mpirun --bind-to socket
+    assert cpu.plan_threads(CpuSettings(), local_ranks=4, cores=12).intra_op == 3
+    monkeypatch.setattr(cpu, "allowed_cpus", lambda: (2, False))  # a 2-CPU machine reporting 8 cores
+    assert cpu.plan_threads(CpuSettings(), local_ranks=1, cores=8).intra_op == 2
+
+
+def test_explicit_settings_win(unbound_16_cpus):
+    settings = CpuSettings(intra_op_threads=5, inter_op_threads=1, omp_num_threads=3, onednn=False,
+                           kmp_blocktime=0, kmp_affinity="disabled")
+    plan = cpu.plan_threads(settings, local_ranks=2, cores=8)
+    assert (plan.intra_op, plan.inter_op) == (5, 1)
+    assert plan.env == {"TF_ENABLE_ONEDNN_OPTS": "0", "OMP_NUM_THREADS": "3", "KMP_BLOCKTIME": "0",
+                        "KMP_AFFINITY": "disabled", "TF_NUM_INTRAOP_THREADS": "5", "TF_NUM_INTEROP_THREADS": "1"}
+    assert "intra_op=5 inter_op=1" in plan.describe()
+
+
+def test_local_ranks_come_from_the_launcher(monkeypatch):
+    for key in ("HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+        monkeypatch.delenv(key, raising=False)
+    assert cpu.local_ranks_from_environment() == 1
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "4")
+    assert cpu.local_ranks_from_environment() == 4
+    monkeypatch.setenv("HOROVOD_LOCAL_SIZE", "2")
+    assert cpu.local_ranks_from_environment() == 2
