@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from procs import VENV_BIN, run_bounded, unet_train_cmd
+from trainer.runtime.cpu import default_intra_threads
 
 HOROVODRUN = str(VENV_BIN / "horovodrun")
 TIMEOUT = 300
@@ -21,6 +23,13 @@ SGD_EXACT = ["--set", "train.optimizer=sgd", "--set", "train.learning_rate=0.5",
              "--set", "train.scale_lr=false", "--set", "train.warmup_epochs=0", "--set", "train.steps_per_epoch=3",
              "--set", "train.validation_steps=1", "--set", "model.base_filters_2d=4",
              "--set", "train.image_every_epochs=0", "--set", "train.loss.name=dice", "--quiet"]
+
+
+def writer_pid(event_file_name: str) -> int:
+    """events.out.tfevents.<time>.<host, may hold dots>.<pid>.<id>.v2 -> the writing process."""
+    match = re.fullmatch(r"events\.out\.tfevents\.\d+\.(.+)\.(\d+)\.\d+\.v2", event_file_name)
+    assert match, f"unexpected event file name {event_file_name}"
+    return int(match.group(2))
 
 
 def data_flags(prepared_brats):
@@ -67,26 +76,33 @@ def test_two_ranks_equal_one_process_at_double_batch(controller, prepared_brats,
 
 
 def test_two_rank_training_writes_one_run_and_resumes(prepared_brats, tmp_path):
-    tiny = ["--set", "model.base_filters_2d=4", "--set", "train.steps_per_epoch=2",
-            "--set", "train.validation_steps=1", "--quiet"]
-    run, log = horovod(tmp_path, "gloo", "two", 2, prepared_brats, *tiny, epochs=1)
+    # Momentum SGD: a resume must restore (on rank 0) and broadcast (to rank 1) weights AND optimizer
+    # slots; a rank that resumed from anything else would pull the averaged gradients off course.
+    exact = [*SGD_EXACT, "--set", "train.momentum=0.9"]
+    run, log = horovod(tmp_path, "gloo", "two", 2, prepared_brats, *exact, epochs=1)
     assert sorted(p.name for p in run.iterdir()) == sorted(
         ["checkpoints", "tensorboard", "history.csv", "history.json", "settings.yaml", "summary.json",
          "training.log"])
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "last"]
     assert sorted(p.name for p in (run / "tensorboard").iterdir()) == ["train", "validation"]
-    writers = {f.name.split(".")[4] for f in (run / "tensorboard").rglob("events.out.tfevents.*")}
+    writers = {writer_pid(f.name) for f in (run / "tensorboard").rglob("events.out.tfevents.*")}
     assert len(writers) == 1, f"TensorBoard events from several processes: {writers}"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["workers"] == 2 and summary["global_batch"] == 4 and summary["dist"] == "horovod"
-    assert log.count("[0]<stdout>:2/2 - ") == 1 and "[1]<stdout>" not in log  # only rank 0 prints progress
+    assert log.count("[0]<stdout>:3/3 - ") == 1 and "[1]<stdout>" not in log  # only rank 0 prints progress
 
-    run, log = horovod(tmp_path, "gloo", "two", 2, prepared_brats, *tiny, epochs=2)
-    assert "resuming from" in log and "epoch 1, step 2" in log
+    run, log = horovod(tmp_path, "gloo", "two", 2, prepared_brats, *exact, epochs=2)
+    assert "resuming from" in log and "epoch 1, step 3" in log
     history = json.loads((run / "history.json").read_text())["epochs"]
-    assert [(e["epoch"], e["step"]) for e in history] == [(1, 2), (2, 4)]
+    assert [(e["epoch"], e["step"]) for e in history] == [(1, 3), (2, 6)]
     assert sorted(p.name for p in (run / "checkpoints" / "last").glob("*.index")) == ["epoch-1.index",
                                                                                      "epoch-2.index"]
+    # The same interrupted schedule in one process at batch 4 must land on the same weights.
+    train_single(tmp_path, "one", 4, prepared_brats, *exact)
+    single = model_weights(train_single(tmp_path, "one", 4, prepared_brats, *exact, "--epochs", "2"), epoch=2)
+    resumed = model_weights(run, epoch=2)
+    worst = max(float(np.abs(single[k] - resumed[k]).max()) for k in single)
+    assert worst < 2e-5, f"2-rank resume diverged from the 1-process resume by {worst}"
 
 
 def test_plain_mpirun_runs_the_same_command(prepared_brats, tmp_path):
@@ -98,4 +114,5 @@ def test_plain_mpirun_runs_the_same_command(prepared_brats, tmp_path):
     result = run_bounded(cmd, TIMEOUT, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-4000:]
     assert "2 worker(s) x batch 2 = global batch 4" in result.stdout
-    assert "intra_op=1" in result.stdout  # 2 cores shared by 2 local ranks
+    # Physical cores shared by the 2 local ranks (--bind-to none: the ranks are not pinned).
+    assert f"intra_op={default_intra_threads(2)} " in result.stdout
