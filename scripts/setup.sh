@@ -9,8 +9,9 @@ ROOT=$(pwd)
 VENV="$ROOT/.venv"
 PY=${PYTHON:-python3}
 HOROVOD_VERSION=0.28.1
-APT_PACKAGES=(build-essential cmake openmpi-bin libopenmpi-dev openssh-client openssh-server
-              rsync numactl hwloc procps iproute2 chromium)
+# python3-venv/python3-dev: a bare Debian has neither ensurepip (venv) nor Python.h (Horovod build).
+APT_PACKAGES=(python3 python3-venv python3-dev build-essential cmake openmpi-bin libopenmpi-dev
+              openssh-client openssh-server rsync numactl hwloc procps iproute2 chromium)
 
 log() { printf '[setup] %s\n' "$*"; }
 
