@@ -21,13 +21,14 @@ COMMON = ["--model", "2d", "--epochs", "2", "--set", f"train.steps_per_epoch={ST
           "train.validation_steps=1", "--set", "train.image_every_epochs=0", "--set", "train.run_dir=runs/bench",
           "--quiet"]
 HOROVODRUN = str(ROOT / ".venv" / "bin" / "horovodrun")
+ONE_THREAD = ["--set", "cpu.intra_op_threads=1", "--set", "cpu.inter_op_threads=1"]
 
 
 def loopback_bytes() -> int:
+    """Bytes sent over loopback (received bytes are the same bytes again: count one direction)."""
     for line in open("/proc/net/dev"):
         if line.strip().startswith("lo:"):
-            fields = line.split(":", 1)[1].split()
-            return int(fields[0]) + int(fields[8])
+            return int(line.split(":", 1)[1].split()[8])
     return 0
 
 
@@ -42,7 +43,9 @@ def measure(name: str, cmd_or_fn) -> dict:
     before = loopback_bytes()
     wall = cmd_or_fn() if callable(cmd_or_fn) else timed(cmd_or_fn, RESULTS / "distributed_modes.log")
     moved = loopback_bytes() - before
-    return {**steady(name), "wall_s": wall, "loopback_bytes_per_step": moved / (2 * STEPS)}
+    # Whole-run traffic (start-up, rendezvous, validation included) over the run's training steps:
+    # an upper bound for the per-step traffic; see analytic_bytes_per_step for the gradient exchange.
+    return {**steady(name), "wall_s": wall, "loopback_bytes_per_step_upper_bound": moved / (2 * STEPS)}
 
 
 def free_ports(n: int) -> list[int]:
@@ -60,15 +63,31 @@ def ps_run() -> float:
     cluster = ["--set", f"cluster.ps_hosts=[127.0.0.1:{ps}]", "--set",
                f"cluster.worker_hosts=[127.0.0.1:{w0},127.0.0.1:{w1}]", "--set", f"cluster.chief_host=127.0.0.1:{chief}",
                "--set", f"cluster.control_port={control}"]
+    cluster += ONE_THREAD
     log = open(RESULTS / "distributed_modes.log", "a")
     start = time.perf_counter()
     roles = [subprocess.Popen(CLI + [role, "--index", str(i)] + cluster, cwd=ROOT, env=env(), stdout=log, stderr=log)
              for role, i in (("ps", 0), ("worker", 0), ("worker", 1))]
-    subprocess.run(CLI + ["chief", "--run-name", "ps", "--batch-size", str(GLOBAL_BATCH // 2)] + COMMON + cluster,
-                   cwd=ROOT, env=env(), stdout=log, stderr=log, check=True)
-    for role in roles:
-        role.wait(timeout=60)
+    try:
+        subprocess.run(CLI + ["chief", "--run-name", "ps", "--batch-size", str(GLOBAL_BATCH // 2)] + COMMON + cluster,
+                       cwd=ROOT, env=env(), stdout=log, stderr=log, check=True)
+        for role in roles:
+            role.wait(timeout=60)
+    finally:
+        for role in roles:
+            if role.poll() is None:
+                role.kill()
+                role.wait()
     return time.perf_counter() - start
+
+
+def result_params_bytes() -> int:
+    """float32 bytes of the 2D model's trainable weights (= one gradient)."""
+    out = subprocess.run([sys.executable, "-c", "from trainer.models import UNet2D; from trainer.config.settings "
+                          "import ModelSettings; import numpy as np; m = UNet2D(ModelSettings(), 4); "
+                          "print(sum(int(np.prod(v.shape)) for v in m.trainable_variables) * 4)"],
+                         cwd=ROOT, env=env(), capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -77,12 +96,18 @@ def main() -> None:
     result["single_2_threads"] = measure("single", CLI + ["train", "--run-name", "single", "--batch-size",
                                                            str(GLOBAL_BATCH), "--set", "cpu.intra_op_threads=2"] + COMMON)
     result["horovod_2_ranks"] = measure("hvd", [HOROVODRUN, "-np", "2", "-H", "localhost:2", "--gloo"] + CLI + [
-        "train", "--dist", "horovod", "--run-name", "hvd", "--batch-size", str(GLOBAL_BATCH // 2)] + COMMON)
+        "train", "--dist", "horovod", "--run-name", "hvd", "--batch-size", str(GLOBAL_BATCH // 2)] + COMMON + ONE_THREAD)
     result["ps_1ps_2workers"] = measure("ps", ps_run)
     base = result["single_2_threads"]["step_s"]
     result["horovod_step_time_ratio_vs_single"] = result["horovod_2_ranks"]["step_s"] / base
     result["ps_step_time_ratio_vs_single"] = result["ps_1ps_2workers"]["step_s"] / base
     result["ps_step_time_ratio_vs_horovod"] = result["ps_1ps_2workers"]["step_s"] / result["horovod_2_ranks"]["step_s"]
+    gradient_bytes = result_params_bytes()
+    # Ring allreduce: each of N ranks sends 2 (N-1)/N x G. PS (sync): each worker reads the weights
+    # (G) and writes its gradient slot (G); the average and update stay on the PS.
+    result["analytic_bytes_per_step"] = {"gradient_bytes_G": gradient_bytes,
+                                         "horovod_ring_2_ranks_total": 2 * 2 * (2 - 1) / 2 * gradient_bytes,
+                                         "ps_2_workers_total": 2 * 2 * gradient_bytes}
     allreduce = RESULTS / "allreduce_time.json"
     timed([HOROVODRUN, "-np", "2", "-H", "localhost:2", "--gloo", sys.executable,
            str(ROOT / "benchmarks" / "allreduce_time.py"), allreduce], RESULTS / "distributed_modes.log")

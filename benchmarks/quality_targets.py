@@ -16,7 +16,7 @@ PLAN = {
                      "--cases", "20", "--seed", "0"],
            "prepare": ["prepare", "--format", "brats", "--src", DATA / "raw/MICCAI_BraTS_2019_Data_Training",
                        "--out", DATA / "brats_slices.h5"],
-           "train": ["--model", "2d", "--epochs", "10", "--batch-size", "16", "--set", "train.steps_per_epoch=50",
+           "train": ["--model", "2d", "--epochs", "5", "--batch-size", "16", "--set", "train.steps_per_epoch=40",
                      "--set", "train.validation_steps=10"]},
     "3d": {"synth": ["synth", "--format", "decathlon", "--out", DATA / "raw/Task01_BrainTumour", "--cases", "20",
                      "--seed", "0"],
