@@ -21,7 +21,7 @@ from pathlib import Path
 from launcher.ansible import Ansible, PlaybookResult
 from launcher.hosts import parse_hosts
 from launcher.inventory import render, ssh_user, write_inventory, to_yaml
-from launcher.plan import HOROVOD_MODE, HostFacts, LaunchPlan, build_plan
+from launcher.plan import HOROVOD_MODE, HostFacts, LaunchPlan, build_plan, horovod_rank_hosts, label_rank_line
 from trainer.config.settings import Settings, settings_to_yaml
 from trainer.errors import UserError
 from trainer.fsutil import write_json, write_text
@@ -84,7 +84,7 @@ class Launcher:
         self.say(f"# inventory ({self.inventory_path} when run for real)")
         self.say(to_yaml(render(plan, self.settings.cluster, SOURCE_ROOT, self.stage)))
         self.say("# commands, in order")
-        self.say(f"preflight: ansible facts + versions on {', '.join(plan.hosts)}")
+        self.say(f"preflight: ansible facts + versions on {', '.join(dict.fromkeys(plan.hosts + plan.ps_hosts))}")
         rsync = render(plan, self.settings.cluster, SOURCE_ROOT, self.stage)["all"]["vars"]["unet_rsync_argv"]
         for host in dict.fromkeys(plan.hosts + plan.ps_hosts):
             self.say(f"sync {host}: {shlex.join(rsync)} --delete -- {SOURCE_ROOT}/ {ssh_user(self.settings.cluster)}@{host}:"
@@ -230,6 +230,10 @@ class Launcher:
     # ------------------------------------------------------------------ streaming
     def follow(self) -> dict[str, int]:
         codes: dict[str, int] = {}
+        # horovodrun (on the first host) relays every rank's output as "[r]<stdout>:...":
+        # such lines are labelled with the host that rank runs on, not horovodrun's.
+        rank_hosts = (horovod_rank_hosts(self.hosts, self.request.slots_per_host)
+                      if self.request.mode == HOROVOD_MODE else ())
 
         def on_event(kind: str, host: str, res: dict) -> None:
             for raw in str(res.get("stdout", "")).splitlines():
@@ -242,7 +246,8 @@ class Launcher:
                         self.first_output_s = time.monotonic() - self._started
                     if self.first_training_s is None and "global batch" in item["line"]:
                         self.first_training_s = time.monotonic() - self._started
-                    self.say(f"[{host} {item['role']}] {item['line']}")
+                    labelled = label_rank_line(item["line"], rank_hosts) if item["role"] == "horovod" else None
+                    self.say(labelled or f"[{host} {item['role']}] {item['line']}")
                 elif item.get("exited"):
                     codes[item["role"]] = item["rc"]
 

@@ -7,6 +7,7 @@ shell), so nothing in a host name or a setting can be executed.
 """
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,7 +158,11 @@ def build_plan(settings: Settings, hosts: tuple[str, ...], mode: str, ps_hosts: 
                   "--set", f"cluster.chief_host={hosts[0]}:{_port(cluster.chief_host)}",
                   "--set", f"cluster.control_port={cluster.control_port}")
         for host in dict.fromkeys(hosts + ps_hosts):
-            processes = int(host in hosts) + int(host == hosts[0])  # a worker, and the chief on the first host
+            # Every process that computes shares the host's cores: a PS (applies the averaged
+            # update) and a worker (computes gradients). The chief on hosts[0] is left out: it
+            # only coordinates (reads the next global batch, schedules closures, then waits), so
+            # counting it would halve worker0's threads for a process that is mostly idle.
+            processes = int(host in ps_hosts) + int(host in hosts)
             cpu[host] = _cpu_choice(settings, facts.get(host), max(1, processes), derive=True)
         for index, host in enumerate(ps_hosts):
             roles.append(Role(f"ps{index}", host, "ps", trainer_argv(
@@ -194,6 +199,25 @@ def build_plan(settings: Settings, hosts: tuple[str, ...], mode: str, ps_hosts: 
             "--host", settings.logging.tensorboard_host, "--port", str(port)), "tensorboard", follow=False))
         tensorboard = (hosts[0], port)
     return LaunchPlan(run, mode, hosts, tuple(ps_hosts), workdir, python, tuple(roles), cpu, tensorboard)
+
+
+_RANK_TAG = re.compile(r"\[(?:\d+,)?(\d+)\]<(?:stdout|stderr)>:")  # Gloo [r]; OpenMPI --tag-output [job,r]
+
+
+def horovod_rank_hosts(hosts: tuple[str, ...], slots_per_host: int) -> tuple[str, ...]:
+    """The host of each Horovod rank, by rank. build_plan passes ``-H h1:s,h2:s,...`` and
+    horovodrun fills the hosts in that order: ranks 0..s-1 on h1, s..2s-1 on h2, and so on."""
+    return tuple(host for host in hosts for _ in range(slots_per_host))
+
+
+def label_rank_line(line: str, rank_hosts: tuple[str, ...]) -> str | None:
+    """``[r]<stdout>:text`` from horovodrun -> ``[<host of rank r> rank r] text``; None when the
+    line carries no rank tag (horovodrun's own output) or names a rank outside the plan."""
+    match = _RANK_TAG.match(line)
+    if not match or int(match.group(1)) >= len(rank_hosts):
+        return None
+    rank = int(match.group(1))
+    return f"[{rank_hosts[rank]} rank {rank}] {line[match.end():]}"
 
 
 def _log_file(role: str) -> tuple[str, ...]:

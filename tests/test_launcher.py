@@ -160,6 +160,53 @@ def test_dry_run_takes_hosts_and_mode_from_settings(tmp_path):
     assert none.returncode != 0 and "cluster.hosts" in none.stdout and "Traceback" not in none.stdout
 
 
+def test_dry_run_preflight_lists_ps_only_hosts(tmp_path):
+    """--ps-hosts outside --hosts are preflighted (and synced) too: every host the run touches."""
+    import io
+
+    from launcher import distributed
+    from trainer.config.settings import Settings, TrainSettings
+
+    out = io.StringIO()
+    settings = Settings(train=TrainSettings(run_dir=tmp_path, run_name="psonly"))
+    request = distributed.LaunchRequest(hosts="node1,node2", mode="ps", ps_hosts="node3", dry_run=True)
+    assert distributed.Launcher(settings, request, out=out).dry_run() == 0
+    preflight = next(line for line in out.getvalue().splitlines() if line.startswith("preflight:"))
+    assert preflight.endswith("on node1, node2, node3"), preflight
+    assert "sync node3:" in out.getvalue()
+
+
+def test_ps_cpu_plan_counts_ps_and_worker_not_chief():
+    """Threads = physical cores / the host's computing processes (PS + worker); the chief only coordinates."""
+    from launcher.plan import PS_MODE, HostFacts, build_plan
+    from trainer.config.settings import Settings
+
+    facts = {host: HostFacts(physical_cores=8) for host in ("node1", "node2", "node3")}
+    plan = build_plan(Settings(), ("node1", "node2"), PS_MODE, ("node1", "node3"), facts, Path("/srv/unet"))
+    assert {host: choice.threads for host, choice in plan.cpu.items()} == {"node1": 4, "node2": 8, "node3": 8}
+    assert "8 physical cores / 2 process(es)" in plan.cpu["node1"].reason
+    trainers = [role for role in plan.roles_on("node1") if role.name != "tensorboard"]
+    assert [role.name for role in trainers] == ["ps0", "worker0", "chief"]
+    for role in trainers:  # all three get node1's share
+        assert "cpu.intra_op_threads=4" in role.argv, role.name
+    single = build_plan(Settings(), ("node1",), PS_MODE, (), facts, Path("/srv/unet"))  # ps0 defaults to node1
+    assert single.cpu["node1"].threads == 4
+
+
+def test_horovod_rank_lines_get_the_prefix_of_their_host():
+    """horovodrun fills -H in order: with 2 slots on each of 2 hosts, ranks 0-1 are on h1, 2-3 on h2."""
+    from launcher.plan import horovod_rank_hosts, label_rank_line
+
+    ranks = horovod_rank_hosts(("127.0.0.2", "127.0.0.3"), 2)
+    assert ranks == ("127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3")
+    assert horovod_rank_hosts(("127.0.0.2", "127.0.0.3"), 1) == ("127.0.0.2", "127.0.0.3")
+    assert label_rank_line("[2]<stdout>:2/2 - loss: 1.5 [x]", ranks) == "[127.0.0.3 rank 2] 2/2 - loss: 1.5 [x]"
+    assert label_rank_line("[1]<stderr>:INFO rank 1/4", ranks) == "[127.0.0.2 rank 1] INFO rank 1/4"
+    assert label_rank_line("[1,3]<stdout>:mpi", ranks) == "[127.0.0.3 rank 3] mpi"  # OpenMPI --tag-output
+    for line in ("Launching horovod task function", "[4]<stdout>:no such rank", " [0]<stdout>:indented", ""):
+        assert label_rank_line(line, ranks) is None, line
+
+
 @pytest.mark.parametrize("override", ["cluster.hosts=[node1,node1]", "cluster.hosts=['a;b']",
                                       "cluster.ssh_user=-oProxyCommand=x", "cluster.mode=mpi"])
 def test_bad_cluster_settings_rejected(override):
@@ -302,24 +349,28 @@ def test_doctor_reports_every_host(ssh_hosts, tmp_path):
 def test_two_host_horovod_run_streams_logs_and_checkpoints(ssh_hosts, prepared_brats, tmp_path):
     workdir = tmp_path / "remote"
     flags = cluster_flags(ssh_hosts, workdir, tmp_path)
+    stop = None
     try:
         result = run_bounded(unet_train_cmd("distributed", "--hosts", ",".join(HOSTS), "--mode", "horovod",
                                             "--run-name", "hvd", "--epochs", "1", *flags,
                                             *tiny_training(prepared_brats)), 420, cwd=tmp_path)
+        assert result.returncode == 0, result.stdout[-5000:]
+        # each rank's line names the host that rank ran on, not horovodrun's (127.0.0.2); rank 1
+        # (on 127.0.0.3) logs warnings only, so it may print nothing
+        assert "[127.0.0.2 rank 0] " in result.stdout and "2 worker(s) x batch 2 = global batch 4" in result.stdout
+        assert "[127.0.0.2 rank 1]" not in result.stdout and "[127.0.0.3 rank 0]" not in result.stdout
+        assert "]<stdout>:" not in result.stdout and "]<stderr>:" not in result.stdout
+        merged = (tmp_path / "local-runs" / "hvd" / "training.log").read_text()
+        assert "[127.0.0.2 rank 0] " in merged
+        assert (workdir / "trainer" / "cli.py").exists() and not (workdir / ".venv").exists()  # synced code only
+        assert (workdir / "trainer" / "data" / "pipeline.py").exists()  # anchored excludes: data/ != trainer/data/
+        assert (tmp_path / "local-runs" / "hvd" / "checkpoints" / "last" / "epoch-1.index").exists()
+        launch = json.loads((tmp_path / "local-runs" / "hvd" / "launcher" / "launch.json").read_text())
+        assert launch["first_training_s"] is not None
+        assert "TensorBoard on 127.0.0.2" in result.stdout and "ssh -N -L" in result.stdout
     finally:
-        if leftover_processes(workdir) and not (tmp_path / "local-runs/hvd/launcher/launch.json").exists():
-            stop_run("hvd", flags, tmp_path)  # the launch failed: still stop what it started
-    assert result.returncode == 0, result.stdout[-5000:]
-    assert "[127.0.0.2 horovod]" in result.stdout and "2 worker(s) x batch 2 = global batch 4" in result.stdout
-    merged = (tmp_path / "local-runs" / "hvd" / "training.log").read_text()
-    assert "[127.0.0.2 horovod]" in merged
-    assert (workdir / "trainer" / "cli.py").exists() and not (workdir / ".venv").exists()  # synced code only
-    assert (workdir / "trainer" / "data" / "pipeline.py").exists()  # excludes are anchored: data/ != trainer/data/
-    assert (tmp_path / "local-runs" / "hvd" / "checkpoints" / "last" / "epoch-1.index").exists()
-    launch = json.loads((tmp_path / "local-runs" / "hvd" / "launcher" / "launch.json").read_text())
-    assert launch["first_training_s"] is not None
-    assert "TensorBoard on 127.0.0.2" in result.stdout and "ssh -N -L" in result.stdout
-    stop = stop_run("hvd", flags, tmp_path)
+        # always: TensorBoard outlives a successful launch, and a failed assertion must not leak it
+        stop = stop_run("hvd", flags, tmp_path)
     assert stop.returncode == 0, stop.stdout[-3000:]
     assert "stopped tensorboard" in stop.stdout
     assert wait_gone(workdir) == []
@@ -329,15 +380,19 @@ def test_two_host_horovod_run_streams_logs_and_checkpoints(ssh_hosts, prepared_b
 def test_ps_run_one_ps_two_workers(ssh_hosts, prepared_brats, tmp_path):
     workdir = tmp_path / "remote"
     flags = cluster_flags(ssh_hosts, workdir, tmp_path) + ["--set", "cluster.tensorboard=false"]
-    result = run_bounded(unet_train_cmd("distributed", "--hosts", ",".join(HOSTS), "--mode", "ps",
-                                        "--ps-hosts", HOSTS[0], "--run-name", "psrun", "--epochs", "1", *flags,
-                                        *tiny_training(prepared_brats)), 420, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-5000:]
-    for tag in ("[127.0.0.2 ps0]", "[127.0.0.2 worker0]", "[127.0.0.3 worker1]", "[127.0.0.2 chief]"):
-        assert tag in result.stdout, tag
-    assert "synchronous SGD" in result.stdout
-    assert (tmp_path / "local-runs" / "psrun" / "checkpoints" / "last" / "epoch-1.index").exists()
-    assert wait_gone(workdir) == []  # chief told PS and workers to stop; nothing lingers
+    try:
+        result = run_bounded(unet_train_cmd("distributed", "--hosts", ",".join(HOSTS), "--mode", "ps",
+                                            "--ps-hosts", HOSTS[0], "--run-name", "psrun", "--epochs", "1", *flags,
+                                            *tiny_training(prepared_brats)), 420, cwd=tmp_path)
+        assert result.returncode == 0, result.stdout[-5000:]
+        for tag in ("[127.0.0.2 ps0]", "[127.0.0.2 worker0]", "[127.0.0.3 worker1]", "[127.0.0.2 chief]"):
+            assert tag in result.stdout, tag
+        assert "synchronous SGD" in result.stdout
+        assert (tmp_path / "local-runs" / "psrun" / "checkpoints" / "last" / "epoch-1.index").exists()
+        assert wait_gone(workdir) == []  # chief told PS and workers to stop; nothing lingers
+    finally:
+        if leftover_processes(workdir):  # the test failed: still stop the remote roles by PID
+            stop_run("psrun", flags, tmp_path)
 
 
 @needs_sshd
