@@ -141,7 +141,14 @@ class JsonHistory(tf.keras.callbacks.Callback):
 
 
 class TensorBoardExtras(tf.keras.callbacks.Callback):
-    """LR and images/s scalars, and MRI/truth/prediction panels every N epochs."""
+    """MRI/truth/prediction panels every N epochs; every epoch scalar too for custom loops.
+
+    Under ``model.fit`` Keras' TensorBoard callback already writes every key of the epoch
+    logs (``lr`` and ``images_per_sec`` included, since they are added before it runs) to the
+    same ``train``/``validation`` folders, so writing them here as well gave two points per
+    epoch for those tags. One writer owns each tag: Keras' callback the scalars under fit,
+    this one the scalars in custom loops (``all_scalars``) and the images always.
+    """
 
     def __init__(self, log_dir: Path, sample: tuple[np.ndarray, np.ndarray] | None, every: int,
                  threshold: float, all_scalars: bool = False):
@@ -158,9 +165,10 @@ class TensorBoardExtras(tf.keras.callbacks.Callback):
                         tf.summary.scalar(f"epoch_{key[4:]}", value)
             self.val_writer.flush()
         with self.writer.as_default(step=epoch):  # same x-axis as the Keras TensorBoard callback
-            for key, value in logs.items():
-                if key in ("lr", "images_per_sec") or (self.val_writer is not None and not key.startswith("val_")):
-                    tf.summary.scalar(f"epoch_{key}", value)
+            if self.val_writer is not None:  # under fit, Keras' TensorBoard callback owns the scalars
+                for key, value in logs.items():
+                    if not key.startswith("val_"):
+                        tf.summary.scalar(f"epoch_{key}", value)
             if self.sample is not None and self.every and (epoch + 1) % self.every == 0:
                 tf.summary.image("validation_overlay", self._panels(), max_outputs=4)
         self.writer.flush()
