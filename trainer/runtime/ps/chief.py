@@ -29,6 +29,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -104,8 +105,10 @@ def _per_sample_metrics(masks, predictions, threshold, loss_settings):
 class SyncTrainer:
     """Schedules shard closures, waits for them, applies one averaged update per step."""
 
-    def __init__(self, settings: Settings, strategy, coordinator, session, shards: int):
+    def __init__(self, settings: Settings, strategy, coordinator, session, shards: int,
+                 lost_tasks: Callable[[], list[str]] = list):
         self.settings, self.strategy, self.coordinator = settings, strategy, coordinator
+        self.lost_tasks = lost_tasks  # named in a timeout error: the likely reason for it
         self.session, self.shards = session, shards
         self.batch = settings.train.batch_size
         self.asynchronous = settings.cluster.asynchronous
@@ -157,8 +160,9 @@ class SyncTrainer:
         deadline = time.monotonic() + self.step_timeout
         while not self.coordinator.done():  # raises if a closure failed for good (e.g. a PS is gone)
             if time.monotonic() > deadline:
+                lost = self.lost_tasks()
                 raise TrainingError(f"{what}: workers returned no result within {self.step_timeout:g} s "
-                                    f"(cluster.step_timeout_s)")
+                                    f"(cluster.step_timeout_s)" + (f"; lost {', '.join(lost)}" if lost else ""))
             time.sleep(0.002)
 
     def train_step(self, images, masks) -> tuple[np.ndarray, np.ndarray]:
@@ -243,7 +247,10 @@ def _train(settings: Settings, layout: ClusterLayout, control: ControlServer) ->
     log.info("model variables on %s", ", ".join(devices))
     log.info("parameter servers: %s; workers: %s; %s", ", ".join(layout.ps), ", ".join(layout.workers),
              "ASYNCHRONOUS (cluster.async)" if settings.cluster.asynchronous else "synchronous SGD")
-    trainer = SyncTrainer(settings, strategy, coordinator, session, shards)
+    def lost_tasks() -> list[str]:
+        return [f"{job} {index} ({layout.address(job, index)})" for job, index in control.lost]
+
+    trainer = SyncTrainer(settings, strategy, coordinator, session, shards, lost_tasks)
     callbacks = tf.keras.callbacks.CallbackList(run_callbacks(settings, runtime, session, data, fit_tensorboard=False),
                                                 model=session.model)
     callbacks.set_params({"epochs": settings.train.epochs, "steps": data.steps_per_epoch, "verbose": 0})
@@ -277,7 +284,7 @@ def _train(settings: Settings, layout: ClusterLayout, control: ControlServer) ->
         callbacks.on_train_end()
     except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
             tf.errors.NotFoundError, tf.errors.InternalError) as exc:
-        lost = [f"{job} {index} ({layout.address(job, index)})" for job, index in control.lost]
+        lost = lost_tasks()
         where = f"lost {', '.join(lost)}" if lost else "a cluster task failed"
         raise TrainingError(f"parameter-server training stopped: {where}: {str(exc).splitlines()[0][:200]}. "
                             f"Restart the roles and rerun to resume from the last checkpoint "
