@@ -43,6 +43,15 @@ def ssh_user(cluster: ClusterSettings) -> str:
     return cluster.ssh_user or getpass.getuser()
 
 
+def interpreter_excludes(python: str) -> list[str]:
+    """A relative ``cluster.python`` such as ``venv/bin/python`` lives in the workdir: keep its
+    top folder out of the mirror so --delete never removes the hosts' environment."""
+    parts = Path(python).parts
+    if Path(python).is_absolute() or len(parts) < 2 or parts[0] in ("..", "."):
+        return []
+    return [f"/{parts[0]}/"]
+
+
 def render(plan: LaunchPlan, cluster: ClusterSettings, source_root: Path, stage_dir: Path,
            follow_delay_s: float = 1.0) -> dict:
     user = ssh_user(cluster)
@@ -50,8 +59,10 @@ def render(plan: LaunchPlan, cluster: ClusterSettings, source_root: Path, stage_
     if cluster.ssh_key:
         rsync_ssh += ["-i", str(cluster.ssh_key)]
     # Anchored (leading /): an unanchored "data/" would also drop the trainer/data package.
+    # Excluded paths are also safe from --delete: the hosts' own venv, data, runs and marker.
     excludes = ["/.git/", "/.venv/", "/data/", "/runs/", "/.launch/", "/.pytest_cache/", "/.artifacts/",
-                "/benchmarks/results/", "/inventory/*.yml", "__pycache__/", "*.egg-info/"]
+                "/benchmarks/results/", "/inventory/*.yml", "/.unet-train-workdir", "__pycache__/", "*.egg-info/"]
+    excludes += [e for e in interpreter_excludes(cluster.python) if e not in excludes]
     # -s (--protect-args): paths travel to the remote rsync unsplit; playbooks add "--" before
     # source and target. --timeout: a stalled transfer fails instead of hanging.
     rsync_argv = ["rsync", "-a", "-s", "--timeout=120", *[f"--exclude={e}" for e in excludes],

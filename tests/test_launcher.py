@@ -346,6 +346,31 @@ def test_doctor_reports_every_host(ssh_hosts, tmp_path):
 
 
 @needs_sshd
+def test_sync_refuses_a_workdir_that_holds_something_else(ssh_hosts, tmp_path):
+    workdir = tmp_path / "home"
+    workdir.mkdir()
+    (workdir / "thesis.tex").write_text("years of work\n")
+    result = run_bounded(unet_train_cmd("distributed", "--hosts", HOSTS[0], "--mode", "ps", "--run-name", "foreign",
+                                        *cluster_flags(ssh_hosts, workdir, tmp_path)), 180, cwd=tmp_path)
+    assert result.returncode != 0
+    assert f"workdir {workdir} is not empty and is not a unet-train" in result.stdout + result.stderr
+    assert sorted(p.name for p in workdir.iterdir()) == ["thesis.tex"]  # nothing deleted, nothing added
+
+
+def test_rsync_keeps_the_hosts_environment_and_marker(tmp_path):
+    from launcher.inventory import interpreter_excludes
+
+    assert interpreter_excludes("venv/bin/python") == ["/venv/"]
+    assert interpreter_excludes("/opt/py/bin/python") == [] and interpreter_excludes("python3") == []
+    result = run_bounded(unet_train_cmd("distributed", "--hosts", "node1", "--dry-run", "--run-name", "keep",
+                                        "--set", "cluster.python=envs/unet/bin/python",
+                                        "--set", f"train.run_dir={tmp_path}"), 120, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:]
+    for kept in ("--exclude=/envs/", "--exclude=/.venv/", "--exclude=/.unet-train-workdir", "--exclude=/data/"):
+        assert kept in result.stdout
+
+
+@needs_sshd
 def test_two_host_horovod_run_streams_logs_and_checkpoints(ssh_hosts, prepared_brats, tmp_path):
     workdir = tmp_path / "remote"
     flags = cluster_flags(ssh_hosts, workdir, tmp_path)
