@@ -6,6 +6,7 @@ float32 ``.npy`` copies (memory-mapped, so a crop reads only the bytes it needs)
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from trainer.data.normalize import whole_tumour, zscore_brain
 from trainer.data.split import load_split, save_split, split_cases
 from trainer.errors import DataError, UserError
 from trainer.fsutil import atomic_dir, refuse_existing
+
+log = logging.getLogger(__name__)
 
 # Decathlon modality order in the 4th axis, in our channel names.
 DECATHLON_CHANNELS = ("flair", "t1", "t1ce", "t2")
@@ -170,8 +173,7 @@ def build_cache(index: DecathlonIndex, cache_dir: Path, progress: bool = True,
     with atomic_dir(cache_dir, overwrite) as tmp:
         for case in tqdm(index.training, desc="cache decathlon", unit="case", disable=not progress):
             names = _cache_names(case.case_id)
-            source = {"image": str(case.image), "image_mtime": os.stat(case.image).st_mtime,
-                      "label": str(case.label), "label_mtime": os.stat(case.label).st_mtime}
+            source = _source_stamp(case)
             if previous is not None and _reuse_cached(previous, tmp, names, source):
                 continue
             image, mask, _ = load_case(case, index.label_set)
@@ -199,16 +201,29 @@ def _reuse_cached(previous: Path, target: Path, names: tuple[str, str, str], sou
 
 
 def case_arrays(index: DecathlonIndex, cache_dir: Path | None) -> dict[str, CaseArrays]:
-    """Per case: the cache when it is complete for that case, else the NIfTI source."""
-    result = {}
+    """Per case: the cache when it is complete and still matches its NIfTI source (path and
+    modification time, as stamped by prepare), else the NIfTI source itself."""
+    result, stale = {}, []
     for case in index.training:
         image_file = mask_file = None
         if cache_dir is not None:
-            candidate = Path(cache_dir) / f"{case.case_id}.image.npy"
-            if candidate.exists() and candidate.with_name(f"{case.case_id}.mask.npy").exists():
-                image_file, mask_file = candidate, candidate.with_name(f"{case.case_id}.mask.npy")
+            image_name, mask_name, stamp_name = (Path(cache_dir) / n for n in _cache_names(case.case_id))
+            if image_name.exists() and mask_name.exists():
+                if _stamp_matches(stamp_name, _source_stamp(case)):
+                    image_file, mask_file = image_name, mask_name
+                else:
+                    stale.append(case.case_id)
         result[case.case_id] = CaseArrays(case, image_file, mask_file)
+    if stale:
+        log.warning("%s: cache of %d case(s) (%s) is older than its NIfTI source; reading the source "
+                    "instead (refresh: unet-train prepare --format decathlon --overwrite)", cache_dir, len(stale),
+                    ", ".join(stale[:3]) + (", ..." if len(stale) > 3 else ""))
     return result
+
+
+def _source_stamp(case: DecathlonCase) -> dict:
+    return {"image": str(case.image), "image_mtime": os.stat(case.image).st_mtime,
+            "label": str(case.label), "label_mtime": os.stat(case.label).st_mtime}
 
 
 def _stamp_matches(stamp: Path, source: dict) -> bool:
