@@ -35,7 +35,7 @@ _OPS = {
 
 
 def _unet(input_shape: tuple[int, ...], base_filters: int, batch_norm: bool, dropout: float,
-          upsampling: str, name: str) -> tf.keras.Model:
+          upsampling: str, name: str, bn_momentum: float = 0.9) -> tf.keras.Model:
     dims = len(input_shape) - 1
     ops = _OPS[dims]
     for edge in input_shape[:-1]:
@@ -47,7 +47,7 @@ def _unet(input_shape: tuple[int, ...], base_filters: int, batch_norm: bool, dro
             x = ops.conv(filters, ops.kernel, padding="same", use_bias=not batch_norm,
                          kernel_initializer="he_uniform", name=f"{prefix}_conv{i}")(x)
             if batch_norm:
-                x = tf.keras.layers.BatchNormalization(name=f"{prefix}_bn{i}")(x)
+                x = tf.keras.layers.BatchNormalization(momentum=bn_momentum, name=f"{prefix}_bn{i}")(x)
             x = tf.keras.layers.Activation("relu", name=f"{prefix}_relu{i}")(x)
         if drop and dropout > 0:
             x = ops.dropout(dropout, name=f"{prefix}_dropout")(x)
@@ -77,14 +77,14 @@ def _unet(input_shape: tuple[int, ...], base_filters: int, batch_norm: bool, dro
 def UNet2D(settings: ModelSettings, channels: int, image_size: int = 128) -> tf.keras.Model:
     """2D UNet for (image_size, image_size, channels) slices -> (.., .., 1) WT probability."""
     return _unet((image_size, image_size, channels), settings.base_filters_2d, settings.batch_norm_2d,
-                 settings.dropout, settings.upsampling, "unet2d")
+                 settings.dropout, settings.upsampling, "unet2d", settings.batch_norm_momentum)
 
 
 def UNet3D(settings: ModelSettings, channels: int, crop: tuple[int, int, int] | None = None) -> tf.keras.Model:
     """3D UNet (always batch norm); ``crop=None`` accepts any size divisible by 16 at run time."""
     spatial = tuple(crop) if crop is not None else (None, None, None)
     return _unet((*spatial, channels), settings.base_filters_3d, True, settings.dropout,
-                 settings.upsampling, "unet3d")
+                 settings.upsampling, "unet3d", settings.batch_norm_momentum)
 
 
 def build_model(kind: str, model: ModelSettings, channels: int, image_size: int,
