@@ -194,3 +194,18 @@ def test_crops_are_deterministic_for_a_seed(decathlon_cases):
     a = first(9)
     np.testing.assert_array_equal(first(9), a)
     assert not np.array_equal(first(10), a)
+
+
+def test_random_crops_stay_inside_the_brain(tmp_path):
+    """Non-tumour crops come from the brain's bounding box, not the air around the head."""
+    from trainer.data.decathlon import CaseArrays, DecathlonCase
+
+    image = np.zeros((48, 48, 32, 4), np.float32)
+    image[20:36, 24:40, 10:26] = 1.0  # a 16^3 "brain" in one corner of a mostly empty volume
+    np.save(tmp_path / "c.image.npy", image)
+    np.save(tmp_path / "c.mask.npy", np.zeros((48, 48, 32), np.uint8))
+    case = CaseArrays(DecathlonCase("c", tmp_path / "c.nii.gz", None), tmp_path / "c.image.npy",
+                      tmp_path / "c.mask.npy")
+    ds, _ = crops_dataset([case], (16, 16, 16), ("flair",), 0.0, Shard(), options(seed=3, batch=4))
+    for images, _ in ds.take(3):
+        assert np.all(images.numpy() == 1.0), "a random crop left the brain's bounding box"

@@ -124,13 +124,19 @@ def slices_dataset(h5_path: Path, split: str, channels: Sequence[str], shard: Sh
 # ---------------------------------------------------------------- 3D: Decathlon crops
 
 class _CropSampler:
-    """Random (or tumour-centred) crops from memory-mapped / NIfTI volumes."""
+    """Tumour-centred crops (``tumour_fraction`` of them) and random crops inside the brain.
+
+    Random crops are drawn within the brain's bounding box (non-zero voxels), as nnU-Net
+    crops to the non-zero region: uniform over the whole 240 x 240 x 155 volume most would be
+    air, and the model would hardly see the healthy tissue it must learn to leave unlabelled.
+    """
 
     def __init__(self, cases: Sequence[CaseArrays], crop: tuple[int, int, int], channels: Sequence[int],
                  tumour_fraction: float, seed: int, label_set):
         self.cases, self.crop, self.channels = list(cases), tuple(crop), list(channels)
         self.tumour_fraction, self.seed, self.label_set = tumour_fraction, seed, label_set
         self._tumour_voxels: dict[int, np.ndarray] = {}
+        self._brain_boxes: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def sample(self, case_position: np.int64, counter: np.int64) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, int(counter)])
@@ -142,7 +148,10 @@ class _CropSampler:
             centre = voxels[rng.integers(len(voxels))] if len(voxels) else rng.integers(0, shape)
             start = np.asarray(centre) - crop // 2
         else:
-            start = rng.integers(0, np.maximum(shape - crop, 0) + 1)
+            low, high = self._brain_box(int(case_position), image)
+            first = np.clip(low, 0, np.maximum(shape - crop, 0))
+            last = np.clip(high + 1 - crop, first, np.maximum(shape - crop, 0))
+            start = rng.integers(first, last + 1)
         start = np.clip(start, 0, np.maximum(shape - crop, 0))
         window = tuple(slice(s, s + c) for s, c in zip(start, crop))
         image_crop = np.asarray(image[window])[..., self.channels]
@@ -151,6 +160,16 @@ class _CropSampler:
         if any(p[1] for p in pad):
             image_crop, mask_crop = np.pad(image_crop, pad), np.pad(mask_crop, pad)
         return image_crop.astype(np.float32), mask_crop.astype(np.float32)
+
+    def _brain_box(self, position: int, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Inclusive (low, high) corners of the non-zero voxels (the whole volume if none)."""
+        if position not in self._brain_boxes:
+            brain = np.argwhere(np.any(np.asarray(image) != 0, axis=-1))
+            if len(brain):
+                self._brain_boxes[position] = brain.min(axis=0), brain.max(axis=0)
+            else:
+                self._brain_boxes[position] = np.zeros(3, np.int64), np.asarray(image.shape[:3]) - 1
+        return self._brain_boxes[position]
 
     def _tumour(self, position: int, mask: np.ndarray) -> np.ndarray:
         if position not in self._tumour_voxels:
