@@ -47,3 +47,11 @@ def test_local_ranks_come_from_the_launcher(monkeypatch):
     assert cpu.local_ranks_from_environment() == 4
     monkeypatch.setenv("HOROVOD_LOCAL_SIZE", "2")
     assert cpu.local_ranks_from_environment() == 2
+
+
+def test_parameter_server_tasks_get_at_least_two_inter_op_threads(unbound_16_cpus):
+    one = CpuSettings(inter_op_threads=1)
+    assert cpu.plan_threads(one, cores=8).inter_op == 1  # single/Horovod: as configured
+    plan = cpu.plan_threads(one, cores=8, cluster_task=True)
+    assert plan.inter_op == 2 and plan.env["TF_NUM_INTEROP_THREADS"] == "2"
+    assert cpu.plan_threads(CpuSettings(inter_op_threads=4), cores=8, cluster_task=True).inter_op == 4

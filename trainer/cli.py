@@ -330,7 +330,7 @@ def _cmd_chief(args: argparse.Namespace) -> int:
     from trainer.runtime.ps.cluster import ClusterLayout
 
     layout = ClusterLayout.from_settings(settings.cluster)
-    configure_threads(apply_cpu_environment(settings.cpu, layout.local_processes("chief", 0)))
+    configure_threads(apply_cpu_environment(settings.cpu, layout.local_processes("chief", 0), cluster_task=True))
     _log_to_run_file(settings, _ChiefIdentity())
     from trainer.runtime.ps.chief import run_chief
 

@@ -68,8 +68,21 @@ def default_intra_threads(local_ranks: int, cores: int | None = None) -> int:
     return max(1, min(cores, allowed) // max(1, local_ranks))
 
 
-def plan_threads(cpu: CpuSettings, local_ranks: int = 1, cores: int | None = None) -> ThreadPlan:
+# A parameter-server cluster task runs remote functions whose ops block on each other across
+# tasks; with a single inter-op thread one blocked op holds the only thread and the step never
+# ends (seen: 1 PS + 2 workers at cpu.inter_op_threads=1 hung on the first step).
+MIN_INTER_OP_CLUSTER = 2
+
+
+def plan_threads(cpu: CpuSettings, local_ranks: int = 1, cores: int | None = None,
+                 cluster_task: bool = False) -> ThreadPlan:
     intra = cpu.intra_op_threads or default_intra_threads(local_ranks, cores)
+    inter = cpu.inter_op_threads
+    if cluster_task and inter < MIN_INTER_OP_CLUSTER:
+        log.warning("cpu.inter_op_threads=%d raised to %d for a parameter-server cluster task "
+                    "(one inter-op thread can deadlock TensorFlow's distributed runtime)", inter,
+                    MIN_INTER_OP_CLUSTER)
+        inter = MIN_INTER_OP_CLUSTER
     omp = cpu.omp_num_threads or intra
     env = {
         "TF_ENABLE_ONEDNN_OPTS": "1" if cpu.onednn else "0",
@@ -77,14 +90,15 @@ def plan_threads(cpu: CpuSettings, local_ranks: int = 1, cores: int | None = Non
         "KMP_BLOCKTIME": str(cpu.kmp_blocktime),
         "KMP_AFFINITY": cpu.kmp_affinity,
         "TF_NUM_INTRAOP_THREADS": str(intra),
-        "TF_NUM_INTEROP_THREADS": str(cpu.inter_op_threads),
+        "TF_NUM_INTEROP_THREADS": str(inter),
     }
-    return ThreadPlan(intra_op=intra, inter_op=cpu.inter_op_threads, env=env)
+    return ThreadPlan(intra_op=intra, inter_op=inter, env=env)
 
 
-def apply_cpu_environment(cpu: CpuSettings, local_ranks: int | None = None) -> ThreadPlan:
+def apply_cpu_environment(cpu: CpuSettings, local_ranks: int | None = None,
+                          cluster_task: bool = False) -> ThreadPlan:
     """Export the plan's variables into this process (call before importing TensorFlow)."""
-    plan = plan_threads(cpu, local_ranks or local_ranks_from_environment())
+    plan = plan_threads(cpu, local_ranks or local_ranks_from_environment(), cluster_task=cluster_task)
     os.environ.update(plan.env)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     return plan

@@ -17,7 +17,7 @@ def serve(settings: Settings, job: str, index: int) -> int:
     layout = ClusterLayout.from_settings(settings.cluster)
     address = layout.address(job, index)
     export_tf_config(layout, job, index)
-    plan = apply_cpu_environment(settings.cpu, layout.local_processes(job, index))
+    plan = apply_cpu_environment(settings.cpu, layout.local_processes(job, index), cluster_task=True)
     import tensorflow as tf
 
     configure_threads(plan)
