@@ -19,6 +19,18 @@ MODALITIES: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
 HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?")
 
 
+def check_host_names(hosts: tuple[str, ...]) -> tuple[str, ...]:
+    """The one host rule (``--hosts`` and ``cluster.hosts``): safe names, none listed twice."""
+    for host in hosts:
+        if not HOST_NAME.fullmatch(host):
+            raise ValueError(f"invalid host {host!r}: only letters, digits, '.' and '-' are allowed "
+                             f"(no spaces, quotes or shell characters)")
+    duplicates = sorted({host for host in hosts if hosts.count(host) > 1})
+    if duplicates:
+        raise ValueError(f"host {duplicates[0]!r} is listed twice")
+    return hosts
+
+
 def _check_host_port(address: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9.-]+:[0-9]{1,5}", address):
         raise ValueError(f"expected 'host:port' (letters, digits, '.', '-'), got {address!r}")
@@ -186,14 +198,7 @@ class ClusterSettings(_Section):
     @field_validator("hosts")
     @classmethod
     def _host_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        """The --hosts rule (launcher/hosts.py): letters, digits, '.', '-'; no duplicates."""
-        for host in value:
-            if not HOST_NAME.fullmatch(host):
-                raise ValueError(f"invalid host {host!r}: only letters, digits, '.' and '-' are allowed")
-        duplicates = sorted({host for host in value if value.count(host) > 1})
-        if duplicates:
-            raise ValueError(f"host {duplicates[0]!r} is listed twice")
-        return value
+        return check_host_names(value)
 
 
 class LoggingSettings(_Section):
