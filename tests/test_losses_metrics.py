@@ -76,6 +76,51 @@ def test_hd95_by_hand():
     assert hd95(np.zeros_like(a), np.zeros_like(a), (1, 1, 1)) == 0.0
 
 
+def _brute_surface(mask: np.ndarray) -> np.ndarray:
+    """Independent face-connected surface: a voxel with a 6-neighbour outside the mask (numpy only)."""
+    padded = np.pad(mask, 1)
+    interior = np.ones_like(mask)
+    for axis in range(mask.ndim):
+        for shift in (1, -1):
+            interior &= np.roll(padded, shift, axis)[1:-1, 1:-1, 1:-1]
+    return mask & ~interior
+
+
+def _brute_hd95(a: np.ndarray, b: np.ndarray, spacing) -> float:
+    """Independent HD95 (MONAI's convention): brute-force Euclidean distances between the two
+    face-connected surfaces in mm, 95th percentile of each direction, the larger one."""
+    sa, sb = (np.argwhere(_brute_surface(m)) * np.asarray(spacing, float) for m in (a, b))
+    distances = np.sqrt(((sa[:, None, :] - sb[None, :, :]) ** 2).sum(axis=-1))
+    return float(max(np.percentile(distances.min(axis=1), 95), np.percentile(distances.min(axis=0), 95)))
+
+
+def _sphere(shape, centre, radius, spacing=(1, 1, 1)) -> np.ndarray:
+    grid = np.indices(shape).astype(float)
+    return sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, spacing)) <= radius ** 2
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (1.0, 0.8, 2.0)])
+def test_hd95_equals_an_independent_implementation_on_offset_spheres(spacing):
+    shape = (40, 36, 30)
+    a = _sphere(shape, (18, 17, 14), 9.0, spacing)
+    b = _sphere(shape, (21, 15, 15), 6.5, spacing) | _sphere(shape, (10, 26, 8), 2.5, spacing)  # + a far blob
+    assert hd95(a, b, spacing) == pytest.approx(_brute_hd95(a, b, spacing), abs=1e-6)
+    assert hd95(b, a, spacing) == pytest.approx(_brute_hd95(b, a, spacing), abs=1e-6)
+
+
+def test_surface_is_face_connected_not_fully_connected():
+    from trainer.metrics import surface
+
+    ball = _sphere((24, 24, 24), (12, 12, 12), 8.0)
+    np.testing.assert_array_equal(surface(ball), _brute_surface(ball))
+    # The fully connected contour (26-neighbourhood) is much larger: the old, non-standard convention.
+    padded = np.pad(ball, 1)
+    full_interior = np.ones_like(ball)
+    for offset in np.ndindex(3, 3, 3):
+        full_interior &= padded[offset[0]:offset[0] + 24, offset[1]:offset[1] + 24, offset[2]:offset[2] + 24]
+    assert (ball & ~full_interior).sum() > 1.3 * surface(ball).sum()
+
+
 def test_case_metrics_volume():
     a = np.zeros((10, 10, 10), np.float32)
     a[2:6, 2:6, 2:6] = 1

@@ -61,24 +61,30 @@ def test_hdf5_structure(prepared_brats):
         total = 0
         for name in SPLITS:
             group = h5[name]
-            images, masks = group["images"], group["masks"]
+            images, labels = group["images"], group["labels"]
             n = images.shape[0]
             total += n
             assert n > 0, name
             assert images.dtype == np.float32
             assert images.shape == (n, SIZE, SIZE, 4)
-            assert masks.dtype == np.uint8
-            assert masks.shape == (n, SIZE, SIZE, 1)
-            assert images.chunks is not None and masks.chunks is not None
+            assert labels.dtype == np.uint8
+            assert labels.shape == (n, SIZE, SIZE)
+            assert images.chunks is not None and labels.chunks is not None
             assert images.chunks[0] < n or n == 1  # chunked per slice(s), not one monolithic block
             assert group["case"].shape == (n,) and group["slice"].shape == (n,)
             assert np.issubdtype(group["case"].dtype, np.integer)
             assert np.issubdtype(group["slice"].dtype, np.integer)
-            assert set(np.unique(masks[()]).tolist()) <= {0, 1}
+            assert set(np.unique(labels[()]).tolist()) <= {0, 1, 2, 3}  # canonical labels
+            voxels = group["region_voxels"][()]
+            assert voxels.shape == (n, 3)
+            np.testing.assert_array_equal(voxels[:, 0], (labels[()] > 0).sum(axis=(1, 2)))
+            np.testing.assert_array_equal(voxels[:, 2], (labels[()] == 3).sum(axis=(1, 2)))
+            assert np.all(voxels[:, 0] >= voxels[:, 1]) and np.all(voxels[:, 1] >= voxels[:, 2])
             assert np.isfinite(images[()]).all()
             slices = group["slice"][()]
             assert slices.min() >= 0 and slices.max() < SHAPE[2]
-        assert h5["train"]["masks"][()].any(), "no tumour pixels in the training slices"
+        assert (h5["train"]["labels"][()] > 0).any(), "no tumour pixels in the training slices"
+        assert (h5["train"]["labels"][()] == 3).any(), "no enhancing tumour in the training slices"
 
 
 def test_split_is_by_patient_and_covers_all_cases(prepared_brats, brats_dataset):
@@ -131,7 +137,7 @@ def test_stored_slice_matches_independent_normalisation(prepared_brats, brats_da
             pick = len(rows) // 2
             row, z = rows[pick], int(slices[pick])
             stored_image = h5[name]["images"][row]
-            stored_mask = h5[name]["masks"][row]
+            stored_labels = h5[name]["labels"][row]
 
             expected = np.zeros((SIZE, SIZE, 4), dtype=np.float32)
             for channel, modality in enumerate(MODALITIES):
@@ -144,10 +150,17 @@ def test_stored_slice_matches_independent_normalisation(prepared_brats, brats_da
                 expected[..., channel] = cv2.resize(plane, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
             np.testing.assert_allclose(stored_image, expected, atol=1e-4)
 
-            seg = _sitk_xyz(folder / f"{folder.name}_seg.nii.gz")
-            fraction = cv2.resize((seg[:, :, z] > 0).astype(np.float32), (SIZE, SIZE),
-                                  interpolation=cv2.INTER_AREA)
-            np.testing.assert_array_equal(stored_mask[..., 0], (fraction >= 0.5).astype(np.uint8))
+            # BraTS 0/1/2/4 -> canonical 0/1 oedema/2 core/3 enhancing, region by region:
+            # WT = {1, 2, 4}, TC = {1, 4}, ET = {4} in BraTS labels.
+            seg = _sitk_xyz(folder / f"{folder.name}_seg.nii.gz")[:, :, z]
+            def region(values):
+                fraction = cv2.resize(np.isin(seg, values).astype(np.float32), (SIZE, SIZE),
+                                      interpolation=cv2.INTER_AREA)
+                return fraction >= 0.5
+            wt, tc, et = region([1, 2, 4]), region([1, 4]), region([4])
+            np.testing.assert_array_equal(stored_labels > 0, wt)
+            np.testing.assert_array_equal(stored_labels >= 2, tc & wt)
+            np.testing.assert_array_equal(stored_labels == 3, et & tc & wt)
 
 
 def test_tumour_slices_have_tumour_masks(prepared_brats, brats_dataset):
@@ -156,7 +169,7 @@ def test_tumour_slices_have_tumour_masks(prepared_brats, brats_dataset):
             seg = _sitk_xyz(folder / f"{folder.name}_seg.nii.gz")
             name, rows = _case_rows(h5, folder.name)
             slices = h5[name]["slice"][()][rows]
-            masks = h5[name]["masks"][()][rows]
+            masks = h5[name]["labels"][()][rows] > 0
             area = (seg > 0).sum(axis=(0, 1))
             biggest = int(np.argmax(area))
             assert masks[list(slices).index(biggest)].any()
@@ -201,7 +214,7 @@ def test_parallel_workers_give_identical_output(prepared_brats, brats_dataset, r
     assert str(_split_file(out)) in result.stdout
     with h5py.File(out, "r") as a, h5py.File(prepared_brats, "r") as b:
         for name in SPLITS:
-            for key in ("images", "masks", "case", "slice", "case_ids"):
+            for key in ("images", "labels", "region_voxels", "case", "slice", "case_ids"):
                 np.testing.assert_array_equal(a[name][key][()], b[name][key][()])
 
 
@@ -212,7 +225,7 @@ def _compare_case(h5_a: Path, h5_b: Path, case_id: str) -> None:
         assert name_a == name_b
         assert len(rows_a) > 0
         np.testing.assert_array_equal(a[name_a]["images"][()][rows_a], b[name_b]["images"][()][rows_b])
-        np.testing.assert_array_equal(a[name_a]["masks"][()][rows_a], b[name_b]["masks"][()][rows_b])
+        np.testing.assert_array_equal(a[name_a]["labels"][()][rows_a], b[name_b]["labels"][()][rows_b])
 
 
 def test_uncompressed_nii_files_work(prepared_brats, brats_copy, tmp_path):
@@ -278,7 +291,7 @@ def test_image_size_setting_is_used(brats_dataset, tmp_path):
     assert result.returncode == 0, result.stderr
     with h5py.File(out, "r") as h5:
         assert h5["train"]["images"].shape[1:] == (64, 64, 4)
-        assert h5["train"]["masks"].shape[1:] == (64, 64, 1)
+        assert h5["train"]["labels"].shape[1:] == (64, 64)
         assert h5.attrs["split_seed"] == 7
     assert json.loads(_split_file(out).read_text())["seed"] == 7
 
@@ -298,18 +311,18 @@ def test_decathlon_prepare_writes_cache_and_split(run_cli, decathlon_dataset, tm
     assert "Traceback" not in result.stderr
 
     ids = [f"BRATS_{i:03d}" for i in range(1, DECATHLON_CASES + 1)]
-    expected_files = {f"{i}.{kind}" for i in ids for kind in ("image.npy", "mask.npy", "source.json")}
+    expected_files = {f"{i}.{kind}" for i in ids for kind in ("image.npy", "labels.npy", "source.json")}
     assert {p.name for p in cache.iterdir()} == expected_files  # no ._* cases, no partial files
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
     assert cache.stat().st_mode & 0o777 == 0o777 & ~_current_umask()  # not mkdtemp's 0700
     for case_id in ids:
         image = np.load(cache / f"{case_id}.image.npy")
-        mask = np.load(cache / f"{case_id}.mask.npy")
+        cached_labels = np.load(cache / f"{case_id}.labels.npy")
         assert image.shape == (*SHAPE, 4) and image.dtype == np.float32
-        assert mask.shape == SHAPE and mask.dtype == np.uint8
+        assert cached_labels.shape == SHAPE and cached_labels.dtype == np.uint8
         raw = _sitk_xyz(decathlon_dataset / "imagesTr" / f"{case_id}.nii.gz")
         labels = _sitk_xyz(decathlon_dataset / "labelsTr" / f"{case_id}.nii.gz")
-        np.testing.assert_array_equal(mask, (labels > 0).astype(np.uint8))
+        np.testing.assert_array_equal(cached_labels, labels)  # Decathlon labels are the canonical ones
         for channel in range(4):
             brain = raw[..., channel] != 0
             np.testing.assert_array_equal(image[..., channel] != 0, brain)
@@ -346,7 +359,7 @@ def test_decathlon_existing_cache_needs_overwrite_and_up_to_date_cases_are_reuse
     assert result.returncode == 0, result.stderr
     after = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
     assert set(after) == set(before)
-    assert {n for n in after if after[n] != before[n]} == {f"BRATS_002.{k}" for k in ("image.npy", "mask.npy",
+    assert {n for n in after if after[n] != before[n]} == {f"BRATS_002.{k}" for k in ("image.npy", "labels.npy",
                                                                                         "source.json")}
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name or ".old" in p.name]
 

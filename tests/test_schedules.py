@@ -12,7 +12,8 @@ import tensorflow as tf
 
 from trainer.config.settings import ScheduleSettings
 from trainer.training.callbacks import EpochCheckpoint, LearningRateController
-from trainer.training.state import CheckpointStore, TrainingState
+from trainer.checkpoints import CheckpointStore
+from trainer.training.state import TrainingState
 
 STEPS = 10
 

@@ -11,6 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 from test_training import trained_2d  # noqa: F401  (shared module fixture)
@@ -64,13 +66,38 @@ def _get_json(url: str, deadline_s: float = 60.0, want=lambda data: True):
 def test_scalar_and_image_tags_via_http_api(tensorboard_url):
     scalars = _get_json(tensorboard_url + "/data/plugin/scalars/tags",
                         want=lambda d: "epoch_images_per_sec" in d.get("train", {}))
-    assert {"epoch_loss", "epoch_dice", "epoch_lr", "epoch_images_per_sec"} <= set(scalars["train"])
-    assert {"epoch_loss", "epoch_dice"} <= set(scalars["validation"])
+    assert {"epoch_loss", "epoch_slice_dice", "epoch_lr", "epoch_images_per_sec"} <= set(scalars["train"])
+    assert {"epoch_loss", "epoch_dice", "epoch_slice_dice"} <= set(scalars["validation"])  # case-level dice
     images = _get_json(tensorboard_url + "/data/plugin/images/tags", want=lambda d: "train" in d)
     assert "validation_overlay" in images["train"]
     points = json.loads(urllib.request.urlopen(
         tensorboard_url + "/data/plugin/scalars/scalars?run=validation&tag=epoch_dice", timeout=5).read())
     assert [p[1] for p in points] == [0, 1]  # one point per epoch
+
+
+def overlay_share(picture: np.ndarray) -> float:
+    """Share of pixels in the whole-tumour overlay colour (green blended 1:1 over grey MRI)."""
+    red, green, blue = (picture[..., c].astype(int) for c in range(3))
+    return float(np.mean((green - red > 80) & (green - blue > 80)))
+
+
+def test_image_panels_show_the_tumour(tensorboard_url):
+    """Each panel is [MRI | truth | prediction]: its truth third must hold tumour, in the overlay colour."""
+    tags = _get_json(tensorboard_url + "/data/plugin/images/tags", want=lambda d: "train" in d)
+    samples = tags["train"]["validation_overlay"]["samples"]
+    assert samples >= 1  # one per validation case, up to 4 (the tiny dataset has one)
+    base = tensorboard_url + "/data/plugin/images/images?run=train&tag=validation_overlay"
+    for sample in range(samples):
+        entries = _get_json(f"{base}&sample={sample}", want=lambda d: len(d) >= 2)
+        assert entries, f"no panel {sample}"
+        data = urllib.request.urlopen(tensorboard_url + "/data/plugin/images/individualImage?"
+                                      + entries[-1]["query"], timeout=5).read()
+        picture = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        height, width = picture.shape[:2]
+        assert height >= 240, f"panel {sample} is {height} px high: too small to read"
+        truth = picture[:, width // 3: 2 * width // 3]
+        assert overlay_share(truth) > 0.01, f"panel {sample}: no tumour in the ground-truth third"
+        assert overlay_share(picture[:, : width // 3]) == 0.0  # the plain MRI third has no overlay
 
 
 def event_points(folder: Path) -> collections.Counter:
@@ -125,3 +152,13 @@ def test_dashboard_renders_in_headless_chromium(tensorboard_url, tmp_path):
     artifacts = Path(__file__).resolve().parent.parent / ".artifacts"
     artifacts.mkdir(exist_ok=True)
     shutil.copy(shot, artifacts / "tensorboard.png")
+
+    # What a user sees on the Images dashboard: the rendered page holds tumour-overlay pixels.
+    shot = tmp_path / "images.png"
+    result = _chromium(f"--screenshot={shot}", "--window-size=1280,1400", tensorboard_url + "/#images",
+                       profile=tmp_path / "profile-images")
+    assert shot.exists(), result.stderr[-2000:]
+    page = cv2.cvtColor(cv2.imread(str(shot), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    shutil.copy(shot, artifacts / "tensorboard-images.png")
+    overlay_pixels = overlay_share(page) * page.shape[0] * page.shape[1]
+    assert overlay_pixels > 300, f"the Images dashboard shows {overlay_pixels:.0f} tumour-overlay pixels"

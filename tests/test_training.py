@@ -46,7 +46,8 @@ def test_2d_training_writes_checkpoints_history_and_events(trained_2d):
     history = json.loads((run / "history.json").read_text())["epochs"]
     assert [e["epoch"] for e in history] == [1, 2]
     assert [e["step"] for e in history] == [2, 4]
-    for key in ("loss", "dice", "val_dice", "lr", "images_per_sec", "val_specificity"):
+    for key in ("loss", "slice_dice", "val_dice", "val_slice_dice", "lr", "images_per_sec", "val_specificity",
+                "input_wait_share"):
         assert key in history[-1], key
     assert (run / "history.csv").read_text().count("\n") == 3
     assert list((run / "tensorboard" / "train").glob("events.out.tfevents.*"))

@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from trainer.errors import UserError
+from trainer.errors import InfrastructureError, UserError
 
 DEFAULT_SETTINGS = Path("settings.yaml")
+BENCHMARK_MODES = ("train", "train_in_memory", "infer", "pipeline")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,11 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(export)
     export.add_argument("--out", type=Path, default=None, help="default runs/<run>/export/saved_model")
 
-    bench = _command(sub, "benchmark", "throughput, latency percentiles, peak RSS, input pipeline", _cmd_benchmark)
+    bench = _command(sub, "benchmark", "time the real training step (single or under horovodrun), inference "
+                     "and the input pipeline", _cmd_benchmark)
     _add_run_flags(bench)
-    bench.add_argument("--mode", action="append", choices=["train", "infer", "pipeline"], default=None,
-                       help="repeatable (default: all three)")
-    bench.add_argument("--batch-size", type=_positive_int, default=32)
+    bench.add_argument("--dist", choices=["single", "horovod"], default=None,
+                       help="horovod: run under horovodrun/mpirun, one process per rank")
+    bench.add_argument("--mode", action="append", choices=list(BENCHMARK_MODES), default=None,
+                       help="repeatable (default: all)")
+    bench.add_argument("--batch-size", type=_positive_int, default=16, help="per worker/rank")
     bench.add_argument("--steps", type=_positive_int, default=20)
     bench.add_argument("--warmup", type=_non_negative_int, default=5)
     bench.add_argument("--out", type=Path, default=None, help="JSON file")
@@ -250,7 +254,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_runtime(settings):
+def _start_runtime(settings, log_to_run: bool = True):
     """Apply CPU settings, import TensorFlow, and start the runtime named by train.dist."""
     from trainer.runtime.cpu import apply_cpu_environment, configure_threads
 
@@ -264,17 +268,20 @@ def _start_runtime(settings):
         raise UserError("train.dist=ps: the parameter-server chief is 'unet-train chief' (with "
                         "'unet-train ps --index i' and 'unet-train worker --index i' running; see README)")
     else:
-        from trainer.runtime.base import SingleRuntime
+        from trainer.runtime.single import SingleRuntime
 
         runtime = SingleRuntime()
-    _log_to_run_file(settings, runtime)
+    if log_to_run:
+        _log_to_run_file(settings, runtime.is_chief)
+    elif not runtime.is_chief:
+        logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger(__name__).info("rank %d/%d, threads: %s", runtime.rank, runtime.size, plan.describe())
     return runtime
 
 
-def _log_to_run_file(settings, runtime) -> None:
+def _log_to_run_file(settings, is_chief: bool) -> None:
     root = logging.getLogger()
-    if not runtime.is_chief:
+    if not is_chief:
         root.setLevel(logging.WARNING)
         return
     settings.run_path.mkdir(parents=True, exist_ok=True)
@@ -284,18 +291,24 @@ def _log_to_run_file(settings, runtime) -> None:
     root.setLevel(settings.logging.level)
 
 
+def _trained(result) -> str:
+    return (f"trained {result.epochs_run} epoch(s) (now at epoch {result.final_epoch}, step {result.step}); "
+            f"best val Dice {result.best_val_dice:.4f} (case-level); run: {result.run_path}")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     settings = load_cli_settings(args, _flag_overrides(args))
     runtime = _start_runtime(settings)
-    from trainer.training.run import train
+    from trainer.training.loop import train
 
+    succeeded = False
     try:
-        result = train(settings, runtime)
+        result = train(settings, runtime, progress=not args.quiet)
+        succeeded = True
     finally:
-        runtime.shutdown()
+        runtime.shutdown(succeeded)
     if runtime.is_chief:
-        print(f"trained {result.epochs_run} epoch(s) (now at epoch {result.final_epoch}, step {result.step}); "
-              f"best val Dice {result.best_val_dice:.4f}; run: {result.run_path}")
+        print(_trained(result))
     return 0
 
 
@@ -307,6 +320,13 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
+def _report_and_exit(command: str, error: Exception) -> None:
+    """Fatal errors seen on a background thread (a lost parameter server) end the process here,
+    at the entry point, like errors of the main thread do."""
+    print(f"unet-train {command}: error: {error}", file=sys.stderr, flush=True)
+    _exit_now(getattr(error, "exit_code", 1))
+
+
 def _cmd_server_role(args: argparse.Namespace) -> int:
     settings = load_cli_settings(args)
     from trainer.runtime.ps.roles import serve
@@ -314,7 +334,7 @@ def _cmd_server_role(args: argparse.Namespace) -> int:
     code = 1
     try:
         code = serve(settings, args.role, args.index)
-    except UserError as exc:
+    except (UserError, InfrastructureError) as exc:
         print(f"unet-train {args.role}: error: {exc}", file=sys.stderr)
         code = exc.exit_code
     except KeyboardInterrupt:
@@ -331,16 +351,16 @@ def _cmd_chief(args: argparse.Namespace) -> int:
 
     layout = ClusterLayout.from_settings(settings.cluster)
     configure_threads(apply_cpu_environment(settings.cpu, layout.local_processes("chief", 0), cluster_task=True))
-    _log_to_run_file(settings, _ChiefIdentity())
-    from trainer.runtime.ps.chief import run_chief
+    _log_to_run_file(settings, is_chief=True)
+    from trainer.runtime.ps.runtime import PsRuntime
+    from trainer.training.loop import train
 
-    code = 1
+    code, runtime = 1, None
     try:
-        result = run_chief(settings)
-        print(f"trained {result.epochs_run} epoch(s) (now at epoch {result.final_epoch}, step {result.step}); "
-              f"best val Dice {result.best_val_dice:.4f}; run: {result.run_path}")
+        runtime = PsRuntime.start(settings, on_fatal=lambda error: _report_and_exit("chief", error))
+        print(_trained(train(settings, runtime, progress=not args.quiet)))
         code = 0
-    except UserError as exc:
+    except (UserError, InfrastructureError) as exc:
         print(f"unet-train chief: error: {exc}", file=sys.stderr)
         code = exc.exit_code
     except KeyboardInterrupt:
@@ -351,12 +371,10 @@ def _cmd_chief(args: argparse.Namespace) -> int:
 
         traceback.print_exc()
     finally:
+        if runtime is not None:
+            runtime.shutdown(code == 0)
         _exit_now(code)
     return code
-
-
-class _ChiefIdentity:
-    is_chief = True
 
 
 def _start_inference(args: argparse.Namespace):
@@ -409,12 +427,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     import json
 
-    settings = _start_inference(args)
-    from trainer.benchmark import BenchmarkRequest, run_benchmark
+    settings = load_cli_settings(args, _flag_overrides(args))
+    runtime = _start_runtime(settings, log_to_run=False)  # a benchmark writes no run
+    from trainer.training.benchmark import BenchmarkRequest, run_benchmark
 
-    request = BenchmarkRequest(modes=tuple(args.mode or ("train", "infer", "pipeline")),
-                               batch_size=args.batch_size, steps=args.steps, warmup=args.warmup)
-    print(json.dumps(run_benchmark(settings, request, args.out), indent=1))
+    request = BenchmarkRequest(modes=tuple(args.mode or BENCHMARK_MODES), batch_size=args.batch_size,
+                               steps=args.steps, warmup=args.warmup)
+    succeeded = False
+    try:
+        report = run_benchmark(settings, runtime, request, args.out)
+        succeeded = True
+    finally:
+        runtime.shutdown(succeeded)
+    if report is not None:
+        print(json.dumps(report, indent=1))
     return 0
 
 
@@ -463,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.handler(args) or 0)
-    except UserError as exc:
+    except (UserError, InfrastructureError) as exc:
         print(f"unet-train {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # permission denied, disk full, unwritable --out: the user's to fix

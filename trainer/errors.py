@@ -1,4 +1,11 @@
-"""User-facing errors: the CLI prints them as one line and exits non-zero (no traceback)."""
+"""The error hierarchy. The CLI entry point is the one place that turns an error into a
+one-line message and an exit code (no traceback):
+
+* ``UserError`` (exit 2): bad input the user can fix; the message names the file, key or
+  host and what was expected.
+* ``InfrastructureError`` (exit 3): the machines failed under a correct job (a lost
+  parameter server, a dead control connection); rerunning after fixing the cluster resumes.
+"""
 
 
 class UserError(Exception):
@@ -17,3 +24,13 @@ class DataError(UserError):
 
 class TrainingError(UserError):
     """A run cannot start or continue (e.g. incompatible checkpoint, no training data)."""
+
+
+class InfrastructureError(Exception):
+    """A process or host of a distributed job failed; nothing in the job's input is wrong."""
+
+    exit_code = 3
+
+
+class ClusterError(InfrastructureError):
+    """A parameter-server cluster task was lost, did not start, or stopped answering."""

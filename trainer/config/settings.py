@@ -68,6 +68,9 @@ class DataSettings(_Section):
     image_size: int = Field(128, ge=16, le=1024, multiple_of=16)
     crop_size: tuple[int, int, int] = (64, 64, 64)
     tumour_crop_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    tumour_slice_fraction: float = Field(0.33, ge=0.0, le=1.0,
+                                         description="2D: share of each shuffled batch drawn from tumour slices")
+    val_crops_per_case: int = Field(4, ge=1, le=64, description="3D: fixed validation crops per case")
     split: SplitSettings = SplitSettings()
     augment: bool = True
     shuffle: bool = True
@@ -91,6 +94,7 @@ class DataSettings(_Section):
 
 
 class ModelSettings(_Section):
+    regions: tuple[Literal["wt", "tc", "et"], ...] = Field(("wt",), min_length=1, max_length=3)
     base_filters_2d: int = Field(32, ge=1, le=256)
     base_filters_3d: int = Field(16, ge=1, le=128)
     upsampling: Literal["transposed", "upsample"] = "transposed"
@@ -100,6 +104,13 @@ class ModelSettings(_Section):
     # validation of a short run at batch 1-2 (the 3D model) is then garbage. 0.9 tracks in ~20 steps.
     batch_norm_momentum: float = Field(0.9, gt=0.0, lt=1.0)
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
+
+    @field_validator("regions")
+    @classmethod
+    def _distinct_regions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"regions must not repeat, got {list(value)}")
+        return value
 
 
 class LossSettings(_Section):
@@ -124,8 +135,8 @@ class TrainSettings(_Section):
     run_name: str = Field("default", pattern=r"^[A-Za-z0-9._-]+$")
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(16, ge=1, description="per worker/rank")
-    steps_per_epoch: int = Field(0, ge=0, description="0 = one pass over the (sharded) training set")
-    validation_steps: int = Field(0, ge=0, description="0 = one pass over the (sharded) validation set")
+    steps_per_epoch: int = Field(0, ge=0, description="0 = one pass over the training set (global batches)")
+    validation_steps: int = Field(0, ge=0, description="0 = every validation case; N = N global batches over all cases")
     optimizer: Literal["adam", "sgd"] = "adam"
     learning_rate: float = Field(1e-3, gt=0.0, le=10.0)
     momentum: float = Field(0.0, ge=0.0, lt=1.0)

@@ -18,16 +18,20 @@ from tqdm import tqdm
 from trainer.config.settings import MODALITIES, SplitSettings
 from trainer.data.brats import check_labels
 from trainer.data.nifti import Geometry, read_volume
-from trainer.data.normalize import whole_tumour, zscore_brain
+from trainer.data.normalize import zscore_brain
 from trainer.data.split import load_split, save_split, split_cases
 from trainer.errors import DataError, UserError
 from trainer.fsutil import atomic_dir, refuse_existing
+from trainer.regions import DECATHLON
 
 log = logging.getLogger(__name__)
 
 # Decathlon modality order in the 4th axis, in our channel names.
 DECATHLON_CHANNELS = ("flair", "t1", "t1ce", "t2")
-DEFAULT_LABEL_SET = frozenset({0, 1, 2, 3})
+DEFAULT_LABEL_SET = DECATHLON.label_set
+# Bumped when the cached arrays change meaning (2: canonical label maps instead of WT masks);
+# a cache stamped with another version is stale and read from the NIfTI source instead.
+CACHE_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,7 @@ def channel_indices(channels: tuple[str, ...]) -> list[int]:
 
 def load_case(case: DecathlonCase, label_set: frozenset[int] = DEFAULT_LABEL_SET
               ) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
-    """Normalised (x, y, z, 4) float32 image, WT mask (x, y, z) uint8 (or None), geometry."""
+    """Normalised (x, y, z, 4) float32 image, canonical labels (x, y, z) uint8 (or None), geometry."""
     volume = read_volume(case.image, np.float32)
     if volume.array.ndim != 4 or volume.array.shape[-1] != len(DECATHLON_CHANNELS):
         raise DataError(f"{case.image}: expected a 4D image (x, y, z, {len(DECATHLON_CHANNELS)}), "
@@ -139,21 +143,21 @@ def load_case(case: DecathlonCase, label_set: frozenset[int] = DEFAULT_LABEL_SET
         if labels.array.shape != image.shape[:3]:
             raise DataError(f"{case.label}: label shape {labels.array.shape} differs from image shape "
                             f"{image.shape[:3]}")
-        mask = whole_tumour(check_labels(labels.array, label_set, case.label))
+        mask = DECATHLON.canonical(check_labels(labels.array, label_set, case.label))
     return image, mask, volume.geometry
 
 
 @dataclass(frozen=True)
 class CaseArrays:
-    """Where a case's normalised arrays live: the cache (memory-mapped) or its NIfTI."""
+    """Where a case's normalised image and canonical labels live: the cache (memory-mapped) or its NIfTI."""
 
     case: DecathlonCase
     image_file: Path | None = None
-    mask_file: Path | None = None
+    labels_file: Path | None = None
 
     def load(self, label_set: frozenset[int] = DEFAULT_LABEL_SET) -> tuple[np.ndarray, np.ndarray]:
         if self.image_file is not None:
-            return np.load(self.image_file, mmap_mode="r"), np.load(self.mask_file, mmap_mode="r")
+            return np.load(self.image_file, mmap_mode="r"), np.load(self.labels_file, mmap_mode="r")
         image, mask, _ = load_case(self.case, label_set)
         return image, mask
 
@@ -185,7 +189,7 @@ def build_cache(index: DecathlonIndex, cache_dir: Path, progress: bool = True,
 
 
 def _cache_names(case_id: str) -> tuple[str, str, str]:
-    return f"{case_id}.image.npy", f"{case_id}.mask.npy", f"{case_id}.source.json"
+    return f"{case_id}.image.npy", f"{case_id}.labels.npy", f"{case_id}.source.json"
 
 
 def _reuse_cached(previous: Path, target: Path, names: tuple[str, str, str], source: dict) -> bool:
@@ -207,22 +211,22 @@ def case_arrays(index: DecathlonIndex, cache_dir: Path | None) -> dict[str, Case
     for case in index.training:
         image_file = mask_file = None
         if cache_dir is not None:
-            image_name, mask_name, stamp_name = (Path(cache_dir) / n for n in _cache_names(case.case_id))
-            if image_name.exists() and mask_name.exists():
-                if _stamp_matches(stamp_name, _source_stamp(case)):
-                    image_file, mask_file = image_name, mask_name
-                else:
-                    stale.append(case.case_id)
+            image_name, labels_name, stamp_name = (Path(cache_dir) / n for n in _cache_names(case.case_id))
+            if image_name.exists() and labels_name.exists() and _stamp_matches(stamp_name, _source_stamp(case)):
+                image_file, mask_file = image_name, labels_name
+            elif image_name.exists() or stamp_name.exists():
+                stale.append(case.case_id)
         result[case.case_id] = CaseArrays(case, image_file, mask_file)
     if stale:
-        log.warning("%s: cache of %d case(s) (%s) is older than its NIfTI source; reading the source "
+        log.warning("%s: cache of %d case(s) (%s) is older than its NIfTI source or than this unet-train's cache "
+                    "format; reading the source "
                     "instead (refresh: unet-train prepare --format decathlon --overwrite)", cache_dir, len(stale),
                     ", ".join(stale[:3]) + (", ..." if len(stale) > 3 else ""))
     return result
 
 
 def _source_stamp(case: DecathlonCase) -> dict:
-    return {"image": str(case.image), "image_mtime": os.stat(case.image).st_mtime,
+    return {"format": CACHE_FORMAT, "image": str(case.image), "image_mtime": os.stat(case.image).st_mtime,
             "label": str(case.label), "label_mtime": os.stat(case.label).st_mtime}
 
 

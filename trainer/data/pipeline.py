@@ -1,12 +1,10 @@
-"""tf.data input pipelines: 2D slices from HDF5, 3D crops from Decathlon volumes.
+"""Sample sources and augmentation: 2D slices from HDF5, 3D crops from Decathlon volumes.
 
-Shared properties, so every execution mode sees the same numbers:
-- Sharding by (rank, size) before shuffling: workers read disjoint samples, and every
-  shard has the same length so all ranks run the same number of steps.
-- Infinite (repeated) streams; an epoch is ``steps`` batches chosen by the caller.
-- Determinism for a seed: shuffles are seeded and every random choice (augmentation,
-  crop position) is a stateless function of (seed, sample counter), so parallel maps
-  cannot reorder randomness.
+A *source* turns sample positions into arrays; *which* positions form which batch is
+decided in :mod:`trainer.data.streams`. Properties every execution mode relies on:
+- Every random choice (crop position, augmentation) is a stateless function of the
+  sample's place in the *global* batch, so worker r of N reading its slice of a global
+  batch gets exactly the arrays a single process reading the whole batch gets.
 - Nothing loads a whole dataset: HDF5 is read a batch at a time; 3D volumes are
   memory-mapped from the cache (or read per crop from NIfTI).
 """
@@ -24,138 +22,152 @@ import tensorflow as tf
 from trainer.config.settings import MODALITIES
 from trainer.data.decathlon import CaseArrays, channel_indices
 from trainer.errors import DataError
+from trainer.regions import RegionSet
+
+SLICES_FORMAT = 2
 
 
 @dataclass(frozen=True)
 class Shard:
-    """Which slice of the data this process reads: worker ``rank`` of ``size``."""
+    """Worker ``rank`` of ``size``: it reads rows rank, rank + size, ... of each global batch."""
 
     rank: int = 0
     size: int = 1
 
-    def take(self, count: int) -> np.ndarray:
-        """Disjoint, equal-length positions for this shard (the remainder is dropped)."""
-        per_shard = count // self.size
-        if per_shard == 0:
-            raise DataError(f"{count} sample(s) cannot be split across {self.size} workers")
-        return np.arange(count)[self.rank::self.size][:per_shard]
-
-
-@dataclass(frozen=True)
-class PipelineOptions:
-    batch_size: int
-    seed: int
-    training: bool
-    augment: bool
-    shuffle: bool
-    shuffle_buffer: int = 2048
-    parallel_calls: int = 0
-    prefetch: int = 0
-
-    @property
-    def tf_parallel(self) -> int:
-        return self.parallel_calls or tf.data.AUTOTUNE
-
-    @property
-    def tf_prefetch(self) -> int:
-        return self.prefetch or tf.data.AUTOTUNE
+    def part(self, rows: np.ndarray) -> np.ndarray:
+        """This worker's rows of a global batch (first axis; the length divides evenly)."""
+        return rows[self.rank::self.size]
 
 
 # ---------------------------------------------------------------- 2D: HDF5 slices
 
-class _H5Reader:
-    """One read-only h5py handle per process, shared by tf.data threads under a lock."""
+class SliceSource:
+    """One split of a prepared slices file: per-slice metadata in memory, pixels read per batch.
 
-    def __init__(self, path: Path, split: str, channels: Sequence[int]):
-        self.path, self.split, self.channels = str(path), split, list(channels)
+    One read-only h5py handle per process, shared by tf.data threads under a lock.
+    """
+
+    def __init__(self, path: Path, split: str, channels: Sequence[str], regions: RegionSet):
+        self.path, self.split, self.regions = Path(path), split, regions
+        self.channels = [MODALITIES.index(c) for c in channels]
+        try:
+            with h5py.File(self.path, "r") as h5:
+                version = int(h5.attrs.get("format_version", 1))
+                if version != SLICES_FORMAT:
+                    raise DataError(f"{self.path}: prepared slices of format {version}, this unet-train reads "
+                                    f"format {SLICES_FORMAT} (label maps for the BraTS regions); rebuild it with "
+                                    f"'unet-train prepare --format brats --overwrite'")
+                group = h5[split]
+                self.count = int(group["images"].shape[0])
+                self.size = int(group["images"].shape[1])
+                self.case = group["case"][()].astype(np.int64)
+                self.case_ids = [c.decode() if isinstance(c, bytes) else str(c) for c in group["case_ids"][()]]
+                self.region_voxels = group["region_voxels"][()].astype(np.int64)
+        except FileNotFoundError:
+            raise DataError(f"{self.path}: prepared slices not found "
+                            f"(run 'unet-train prepare --format brats')") from None
+        except (OSError, KeyError) as exc:
+            raise DataError(f"{self.path}: not a prepared slices file (no '{split}' data: {exc})") from None
+        if self.count == 0:
+            raise DataError(f"{self.path}: the '{split}' split holds no slices")
         self._file: h5py.File | None = None
         self._lock = threading.Lock()
 
-    def _group(self) -> h5py.Group:
-        if self._file is None:
-            self._file = h5py.File(self.path, "r")
-        return self._file[self.split]
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.size, self.size, len(self.channels)
 
-    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # h5py needs increasing, unique indices; a batch spanning two epochs may repeat one.
-        unique, inverse = np.unique(indices, return_inverse=True)
+    def tumour_positions(self) -> np.ndarray:
+        """Slices that hold whole tumour (for tumour-aware sampling)."""
+        return np.flatnonzero(self.region_voxels[:, 0] > 0)
+
+    def read(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(images (n, S, S, C) float32, region masks (n, S, S, R) float32) for ``positions``."""
+        # h5py needs increasing, unique indices; a batch may repeat a slice.
+        unique, inverse = np.unique(np.asarray(positions, np.int64), return_inverse=True)
         with self._lock:
-            group = self._group()
+            if self._file is None:
+                self._file = h5py.File(self.path, "r")
+            group = self._file[self.split]
             images = group["images"][unique]
-            masks = group["masks"][unique]
-        return (images[inverse][..., self.channels].astype(np.float32),
-                masks[inverse].astype(np.float32))
-
-
-def slice_count(h5_path: Path, split: str) -> int:
-    try:
-        with h5py.File(h5_path, "r") as h5:
-            return int(h5[split]["images"].shape[0])
-    except FileNotFoundError:
-        raise DataError(f"{h5_path}: prepared slices not found (run 'unet-train prepare --format brats')") from None
-    except (OSError, KeyError) as exc:
-        raise DataError(f"{h5_path}: not a prepared slices file (no '{split}' group: {exc})") from None
-
-
-def slices_dataset(h5_path: Path, split: str, channels: Sequence[str], shard: Shard,
-                   options: PipelineOptions) -> tuple[tf.data.Dataset, int]:
-    """Batches of (image (b, S, S, C), mask (b, S, S, 1)); returns (dataset, samples in this shard)."""
-    positions = shard.take(slice_count(h5_path, split))
-    reader = _H5Reader(h5_path, split, [MODALITIES.index(c) for c in channels])
-    with h5py.File(h5_path, "r") as h5:
-        size = int(h5[split]["images"].shape[1])
-    ds = tf.data.Dataset.from_tensor_slices(positions)
-    if options.shuffle and options.training:
-        ds = ds.shuffle(min(len(positions), options.shuffle_buffer), seed=options.seed,
-                        reshuffle_each_iteration=True)
-    ds = ds.repeat().batch(options.batch_size, drop_remainder=True)
-
-    def read(indices):
-        images, masks = tf.numpy_function(reader.read, [indices], [tf.float32, tf.float32])
-        images.set_shape([options.batch_size, size, size, len(channels)])
-        masks.set_shape([options.batch_size, size, size, 1])
-        return images, masks
-
-    ds = ds.map(read, num_parallel_calls=options.tf_parallel, deterministic=True)
-    ds = _maybe_augment(ds, options, spatial_dims=2)
-    return ds.prefetch(options.tf_prefetch), len(positions)
+            labels = group["labels"][unique]
+        masks = self.regions.masks(labels[inverse]).astype(np.float32)
+        return images[inverse][..., self.channels].astype(np.float32), masks
 
 
 # ---------------------------------------------------------------- 3D: Decathlon crops
 
-class _CropSampler:
+class CropSource:
     """Tumour-centred crops (``tumour_fraction`` of them) and random crops inside the brain.
 
     Random crops are drawn within the brain's bounding box (non-zero voxels), as nnU-Net
     crops to the non-zero region: uniform over the whole 240 x 240 x 155 volume most would be
     air, and the model would hardly see the healthy tissue it must learn to leave unlabelled.
+    A crop is a pure function of (case, counter): the counter is the sample's serial number
+    in the run, so the same global sample is the same crop in every mode.
     """
 
-    def __init__(self, cases: Sequence[CaseArrays], crop: tuple[int, int, int], channels: Sequence[int],
-                 tumour_fraction: float, seed: int, label_set):
-        self.cases, self.crop, self.channels = list(cases), tuple(crop), list(channels)
-        self.tumour_fraction, self.seed, self.label_set = tumour_fraction, seed, label_set
+    def __init__(self, cases: Sequence[CaseArrays], crop: tuple[int, int, int], channels: Sequence[str],
+                 regions: RegionSet, tumour_fraction: float, seed: int, label_set):
+        self.cases, self.crop, self.channels = list(cases), tuple(crop), channel_indices(tuple(channels))
+        self.regions, self.tumour_fraction, self.seed, self.label_set = regions, tumour_fraction, seed, label_set
         self._tumour_voxels: dict[int, np.ndarray] = {}
         self._brain_boxes: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._lock = threading.Lock()
 
-    def sample(self, case_position: np.int64, counter: np.int64) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([self.seed, int(counter)])
-        image, mask = self.cases[int(case_position)].load(self.label_set)
-        shape = np.asarray(mask.shape)
-        crop = np.asarray(self.crop)
-        if rng.random() < self.tumour_fraction:
-            voxels = self._tumour(int(case_position), mask)
+    @property
+    def count(self) -> int:
+        return len(self.cases)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return (*self.crop, len(self.channels))
+
+    def read(self, positions: np.ndarray, counters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Training crops: (images (n, X, Y, Z, C), region masks (n, X, Y, Z, R)) float32."""
+        pairs = [self._random_crop(int(p), int(c)) for p, c in zip(positions, counters)]
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+    def read_validation(self, positions: np.ndarray, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Validation crops: crop 0 of a case is centred on its tumour's centre, the others
+        alternate between tumour voxels and the brain (fixed per (case, number), never per epoch)."""
+        pairs = [self._validation_crop(int(p), int(k)) for p, k in zip(positions, numbers)]
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+    def _random_crop(self, position: int, counter: int):
+        rng = np.random.default_rng([self.seed, counter])
+        return self._crop_from(position, rng, tumour=rng.random() < self.tumour_fraction)
+
+    def _validation_crop(self, position: int, number: int):
+        if number == 0:
+            image, labels = self.cases[position].load(self.label_set)
+            voxels = self._tumour(position, labels)
+            if len(voxels):  # the tumour voxel nearest the tumour's centre of mass
+                centre = voxels[np.argmin(((voxels - voxels.mean(axis=0)) ** 2).sum(axis=1))]
+                return self._window(image, labels, np.asarray(centre) - np.asarray(self.crop) // 2)
+        rng = np.random.default_rng([self.seed, 1 << 40, position, number])
+        return self._crop_from(position, rng, tumour=number % 2 == 0)
+
+    def _crop_from(self, position: int, rng: np.random.Generator, tumour: bool):
+        image, labels = self.cases[position].load(self.label_set)
+        shape, crop = np.asarray(labels.shape), np.asarray(self.crop)
+        if tumour:
+            voxels = self._tumour(position, labels)
             centre = voxels[rng.integers(len(voxels))] if len(voxels) else rng.integers(0, shape)
             start = np.asarray(centre) - crop // 2
         else:
-            low, high = self._brain_box(int(case_position), image)
+            low, high = self._brain_box(position, image)
             first = np.clip(low, 0, np.maximum(shape - crop, 0))
             last = np.clip(high + 1 - crop, first, np.maximum(shape - crop, 0))
             start = rng.integers(first, last + 1)
+        return self._window(image, labels, start)
+
+    def _window(self, image, labels, start):
+        shape, crop = np.asarray(labels.shape), np.asarray(self.crop)
         start = np.clip(start, 0, np.maximum(shape - crop, 0))
         window = tuple(slice(s, s + c) for s, c in zip(start, crop))
         image_crop = np.asarray(image[window])[..., self.channels]
-        mask_crop = np.asarray(mask[window])[..., None]
+        mask_crop = self.regions.masks(np.asarray(labels[window]))
         pad = [(0, int(c - n)) for c, n in zip(crop, mask_crop.shape[:3])] + [(0, 0)]
         if any(p[1] for p in pad):
             image_crop, mask_crop = np.pad(image_crop, pad), np.pad(mask_crop, pad)
@@ -163,70 +175,43 @@ class _CropSampler:
 
     def _brain_box(self, position: int, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Inclusive (low, high) corners of the non-zero voxels (the whole volume if none)."""
-        if position not in self._brain_boxes:
-            brain = np.argwhere(np.any(np.asarray(image) != 0, axis=-1))
-            if len(brain):
-                self._brain_boxes[position] = brain.min(axis=0), brain.max(axis=0)
-            else:
-                self._brain_boxes[position] = np.zeros(3, np.int64), np.asarray(image.shape[:3]) - 1
-        return self._brain_boxes[position]
+        with self._lock:
+            if position not in self._brain_boxes:
+                brain = np.argwhere(np.any(np.asarray(image) != 0, axis=-1))
+                if len(brain):
+                    self._brain_boxes[position] = brain.min(axis=0), brain.max(axis=0)
+                else:
+                    self._brain_boxes[position] = np.zeros(3, np.int64), np.asarray(image.shape[:3]) - 1
+            return self._brain_boxes[position]
 
-    def _tumour(self, position: int, mask: np.ndarray) -> np.ndarray:
-        if position not in self._tumour_voxels:
-            self._tumour_voxels[position] = np.argwhere(np.asarray(mask) > 0).astype(np.int16)
-        return self._tumour_voxels[position]
-
-
-def crops_dataset(cases: Sequence[CaseArrays], crop: tuple[int, int, int], channels: Sequence[str],
-                  tumour_fraction: float, shard: Shard, options: PipelineOptions,
-                  label_set=frozenset({0, 1, 2, 3})) -> tuple[tf.data.Dataset, int]:
-    """Batches of (image (b, X, Y, Z, C), mask (b, X, Y, Z, 1)) crops; returns (dataset, cases in shard)."""
-    positions = shard.take(len(cases))
-    sampler = _CropSampler(cases, crop, channel_indices(tuple(channels)), tumour_fraction,
-                           options.seed, label_set)
-    ds = tf.data.Dataset.from_tensor_slices(positions)
-    if options.shuffle and options.training:
-        ds = ds.shuffle(len(positions), seed=options.seed, reshuffle_each_iteration=True)
-    ds = ds.repeat().enumerate()
-
-    def load(counter, position):
-        image, mask = tf.numpy_function(sampler.sample, [position, counter], [tf.float32, tf.float32])
-        image.set_shape([*crop, len(channels)])
-        mask.set_shape([*crop, 1])
-        return image, mask
-
-    ds = ds.map(load, num_parallel_calls=options.tf_parallel, deterministic=True)
-    ds = ds.batch(options.batch_size, drop_remainder=True)
-    ds = _maybe_augment(ds, options, spatial_dims=3)
-    return ds.prefetch(options.tf_prefetch), len(positions)
+    def _tumour(self, position: int, labels: np.ndarray) -> np.ndarray:
+        with self._lock:
+            if position not in self._tumour_voxels:
+                self._tumour_voxels[position] = np.argwhere(np.asarray(labels) > 0).astype(np.int16)
+            return self._tumour_voxels[position]
 
 
 # ---------------------------------------------------------------- augmentation
 
-def _maybe_augment(ds: tf.data.Dataset, options: PipelineOptions, spatial_dims: int) -> tf.data.Dataset:
-    if not (options.training and options.augment):
-        return ds
-    seed = options.seed
-
-    def augment(step, batch):
-        images, masks = batch
-        return augment_batch(images, masks, tf.stack([tf.constant(seed, tf.int64), step]), spatial_dims)
-
-    return ds.enumerate().map(augment, num_parallel_calls=options.tf_parallel, deterministic=True)
-
-
-def augment_batch(images: tf.Tensor, masks: tf.Tensor, seed: tf.Tensor, spatial_dims: int):
+def augment_batch(images: tf.Tensor, masks: tf.Tensor, seed: tf.Tensor, spatial_dims: int,
+                  shard: Shard = Shard()):
     """Per-sample random flips on every spatial axis and a 90-degree rotation in the axial plane.
 
-    Stateless and vectorised: the choices are a pure function of ``seed``.
+    Stateless and vectorised: the choices are a pure function of ``seed`` and of each
+    sample's row in the global batch (this batch holds ``shard``'s rows of it), so a worker's
+    rows of a global batch are augmented exactly as the same rows are in a single process.
     """
-    batch = tf.shape(images)[0]
+    total = images.shape[0] * shard.size
+
+    def draws(offset: int, **kwargs):
+        return tf.random.stateless_uniform([total], seed=seed + offset, **kwargs)[shard.rank::shard.size]
+
     data = tf.concat([images, tf.cast(masks, images.dtype)], axis=-1)
     for axis in range(1, spatial_dims + 1):
-        flip = tf.random.stateless_uniform([batch], seed=seed + axis) < 0.5
+        flip = draws(axis) < 0.5
         data = tf.where(_per_sample(flip, data), tf.reverse(data, axis=[axis]), data)
     if data.shape[1] == data.shape[2]:  # square axial plane: rotations keep the shape
-        k = tf.random.stateless_uniform([batch], seed=seed + 10, maxval=4, dtype=tf.int32)
+        k = draws(10, maxval=4, dtype=tf.int32)
         rotated = data
         for quarter in range(1, 4):
             rotated_once = tf.experimental.numpy.rot90(data, k=quarter, axes=(1, 2))

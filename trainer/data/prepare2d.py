@@ -7,10 +7,14 @@ is written under a temporary name and renamed only when complete.
 Layout, per split group ``train`` / ``val`` / ``test``::
 
     images (N, S, S, 4) float32   all four modalities (flair, t1, t1ce, t2); training picks channels
-    masks  (N, S, S, 1) uint8     whole tumour (label > 0)
+    labels (N, S, S) uint8        canonical labels (trainer.regions): 0 bg, 1 oedema, 2 core, 3 enhancing
+    region_voxels (N, 3) int32    WT, TC, ET voxels per slice (tumour-aware sampling, panels)
     case   (N,) int32             index into ``case_ids``
     slice  (N,) int16             axial index z in the source volume
     case_ids (n,) str
+
+Format 1 (before regions) stored only a whole-tumour ``masks`` dataset; it is refused with
+the command that rebuilds the file.
 """
 from __future__ import annotations
 
@@ -25,11 +29,12 @@ from tqdm import tqdm
 
 from trainer.config.settings import MODALITIES, SplitSettings
 from trainer.data.brats import BratsCase, discover_brats, read_brats_case
-from trainer.data.normalize import whole_tumour, zscore_brain
+from trainer.data.normalize import zscore_brain
 from trainer.data.split import SPLITS, save_split, split_cases, split_path_for
 from trainer.fsutil import atomic_file, refuse_existing
+from trainer.regions import BRATS, REGION_NAMES, RegionSet, region_voxels
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -48,10 +53,16 @@ def resize_slices(volume: np.ndarray, size: int) -> np.ndarray:
     return np.stack([_resize(s, size, cv2.INTER_AREA) for s in slices]).astype(np.float32)
 
 
-def resize_mask_slices(mask: np.ndarray, size: int) -> np.ndarray:
-    """(x, y, z) binary -> (z, size, size, 1) uint8: area-average then threshold at 0.5."""
-    fractions = resize_slices(mask[..., None].astype(np.float32), size)
-    return (fractions >= 0.5).astype(np.uint8)
+def resize_label_slices(canonical: np.ndarray, size: int) -> np.ndarray:
+    """(x, y, z) canonical labels -> (z, size, size) uint8 labels.
+
+    Each nested region (WT ⊇ TC ⊇ ET) is area-averaged and thresholded at 0.5 on its own,
+    then the label map is rebuilt: the thresholded fractions stay nested, so no region is
+    invented or lost by nearest-neighbour picking of one label.
+    """
+    regions = RegionSet(REGION_NAMES)
+    fractions = resize_slices(regions.masks(canonical).astype(np.float32), size)
+    return regions.label_map(fractions >= 0.5)
 
 
 def brain_slices(image: np.ndarray) -> np.ndarray:
@@ -69,8 +80,8 @@ def _convert_case(args: tuple[BratsCase, int]) -> tuple[str, np.ndarray, np.ndar
     image, labels, _ = read_brats_case(case, MODALITIES)
     keep = brain_slices(image)
     normalised = zscore_brain(image)[:, :, keep]
-    mask = whole_tumour(labels)[:, :, keep]
-    return case.case_id, resize_slices(normalised, size), resize_mask_slices(mask, size), keep
+    canonical = BRATS.canonical(labels)[:, :, keep]
+    return case.case_id, resize_slices(normalised, size), resize_label_slices(canonical, size), keep
 
 
 def prepare_brats(request: PrepareRequest, progress: bool = True) -> dict[str, int]:
@@ -93,9 +104,9 @@ def prepare_brats(request: PrepareRequest, progress: bool = True) -> dict[str, i
         jobs = [(case, size) for case in cases]
         bar = tqdm(total=len(jobs), desc="prepare brats", unit="case", disable=not progress)
         with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else _Serial() as pool:
-            for case_id, images, masks, z in pool.imap(_convert_case, jobs):
+            for case_id, images, labels, z in pool.imap(_convert_case, jobs):
                 name = split_of[case_id]
-                _append(groups[name], images, masks, index_of[name][case_id], z)
+                _append(groups[name], images, labels, index_of[name][case_id], z)
                 counts[name] += len(z)
                 bar.update()
         bar.close()
@@ -108,18 +119,20 @@ def _create_group(h5: h5py.File, name: str, size: int, case_ids: list[str]) -> h
     channels = len(MODALITIES)
     group.create_dataset("images", shape=(0, size, size, channels), maxshape=(None, size, size, channels),
                          dtype="float32", chunks=(1, size, size, channels), compression="lzf")
-    group.create_dataset("masks", shape=(0, size, size, 1), maxshape=(None, size, size, 1),
-                         dtype="uint8", chunks=(64, size, size, 1), compression="lzf")
+    group.create_dataset("labels", shape=(0, size, size), maxshape=(None, size, size),
+                         dtype="uint8", chunks=(64, size, size), compression="lzf")
+    group.create_dataset("region_voxels", shape=(0, len(REGION_NAMES)), maxshape=(None, len(REGION_NAMES)),
+                         dtype="int32", chunks=(4096, len(REGION_NAMES)))
     group.create_dataset("case", shape=(0,), maxshape=(None,), dtype="int32", chunks=(4096,))
     group.create_dataset("slice", shape=(0,), maxshape=(None,), dtype="int16", chunks=(4096,))
     group.create_dataset("case_ids", data=np.array(case_ids, dtype=object), dtype=h5py.string_dtype())
     return group
 
 
-def _append(group: h5py.Group, images: np.ndarray, masks: np.ndarray, case_index: int, z: np.ndarray) -> None:
+def _append(group: h5py.Group, images: np.ndarray, labels: np.ndarray, case_index: int, z: np.ndarray) -> None:
     start = group["images"].shape[0]
     stop = start + len(z)
-    for key, values in (("images", images), ("masks", masks),
+    for key, values in (("images", images), ("labels", labels), ("region_voxels", region_voxels(labels, (1, 2))),
                         ("case", np.full(len(z), case_index, np.int32)), ("slice", z.astype(np.int16))):
         group[key].resize(stop, axis=0)
         group[key][start:stop] = values

@@ -13,7 +13,7 @@ from trainer.data.normalize import zscore_brain
 from trainer.errors import DataError
 from trainer.fsutil import atomic_file
 from trainer.inference.predictor import Predictor
-from trainer.training.panels import panel
+from trainer.panels import panel
 
 
 def load_input(path: Path) -> tuple[str, np.ndarray, Geometry]:

@@ -11,7 +11,7 @@ import tensorflow as tf
 from trainer.config.settings import MODALITIES, Settings
 from trainer.data.prepare2d import brain_slices, resize_slices
 from trainer.models import build_model
-from trainer.training.state import restore_weights
+from trainer.checkpoints import restore_weights
 
 
 @dataclass

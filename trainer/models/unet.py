@@ -2,8 +2,9 @@
 
 Four pooling levels; each level two (3x3 | 3x3x3) convolutions with ReLU, he_uniform
 initialisation; optional batch norm (always on in 3D); spatial dropout on the two
-deepest levels; transposed-convolution or upsampling decoder; 1x1 sigmoid output kept in
-float32 so that mixed precision never changes the output dtype.
+deepest levels; transposed-convolution or upsampling decoder; a 1x1 sigmoid output with one
+channel per tumour region (``model.regions``: WT, or WT/TC/ET), kept in float32 so that
+mixed precision never changes the output dtype.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ _OPS = {
 
 
 def _unet(input_shape: tuple[int, ...], base_filters: int, batch_norm: bool, dropout: float,
-          upsampling: str, name: str, bn_momentum: float = 0.9) -> tf.keras.Model:
+          upsampling: str, name: str, bn_momentum: float = 0.9, outputs: int = 1) -> tf.keras.Model:
     dims = len(input_shape) - 1
     ops = _OPS[dims]
     for edge in input_shape[:-1]:
@@ -70,21 +71,22 @@ def _unet(input_shape: tuple[int, ...], base_filters: int, batch_norm: bool, dro
             x = ops.upsample(name=f"up{level}")(x)
         x = tf.keras.layers.Concatenate(name=f"concat{level}")([x, skips[level]])
         x = block(x, filters, f"dec{level}", drop=False)
-    outputs = ops.conv(1, (1,) * dims, activation="sigmoid", dtype="float32", name="mask")(x)
-    return tf.keras.Model(inputs, outputs, name=name)
+    probabilities = ops.conv(outputs, (1,) * dims, activation="sigmoid", dtype="float32", name="mask")(x)
+    return tf.keras.Model(inputs, probabilities, name=name)
 
 
 def UNet2D(settings: ModelSettings, channels: int, image_size: int = 128) -> tf.keras.Model:
-    """2D UNet for (image_size, image_size, channels) slices -> (.., .., 1) WT probability."""
+    """2D UNet for (image_size, image_size, channels) slices -> (.., .., regions) probabilities."""
     return _unet((image_size, image_size, channels), settings.base_filters_2d, settings.batch_norm_2d,
-                 settings.dropout, settings.upsampling, "unet2d", settings.batch_norm_momentum)
+                 settings.dropout, settings.upsampling, "unet2d", settings.batch_norm_momentum,
+                 len(settings.regions))
 
 
 def UNet3D(settings: ModelSettings, channels: int, crop: tuple[int, int, int] | None = None) -> tf.keras.Model:
     """3D UNet (always batch norm); ``crop=None`` accepts any size divisible by 16 at run time."""
     spatial = tuple(crop) if crop is not None else (None, None, None)
     return _unet((*spatial, channels), settings.base_filters_3d, True, settings.dropout,
-                 settings.upsampling, "unet3d", settings.batch_norm_momentum)
+                 settings.upsampling, "unet3d", settings.batch_norm_momentum, len(settings.regions))
 
 
 def build_model(kind: str, model: ModelSettings, channels: int, image_size: int,

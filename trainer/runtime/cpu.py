@@ -121,3 +121,56 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _clock_ghz() -> tuple[float, str]:
+    """The nominal clock: lscpu's max MHz where the kernel reports it, else /proc/cpuinfo's MHz."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("CPU max MHz:"):
+                return float(line.split(":", 1)[1]) / 1000.0, "lscpu max MHz"
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("cpu MHz"):
+                    return float(line.split(":", 1)[1]) / 1000.0, "/proc/cpuinfo cpu MHz"
+    except (OSError, ValueError):
+        pass
+    return 0.0, "unknown"
+
+
+FMA_UNITS = 2  # two FMA pipes per core: Xeon (Skylake-SP and later) and EPYC server cores
+
+
+def nominal_peak() -> dict:
+    """fp32 FMA peak of the cores this process may use: cores x SIMD lanes x 2 (FMA) x FMA units
+    x clock. The vector width is what oneDNN may use: AVX-512 unless ONEDNN_MAX_CPU_ISA caps it.
+    A nominal ceiling for comparison (turbo, AVX-512 down-clocking and bf16/AMX units aside)."""
+    flags = _cpu_flags()
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    capped_below_avx512 = cap in {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2"}
+    if "avx512f" in flags and not capped_below_avx512:
+        lanes, isa = 16, "avx512"
+    elif "avx2" in flags and "fma" in flags:
+        lanes, isa = 8, "avx2+fma"
+    else:
+        lanes, isa = 4, "sse"
+    cores = min(physical_cores(), allowed_cpus()[0])
+    ghz, source = _clock_ghz()
+    return {"cores": cores, "clock_ghz": ghz, "clock_source": source, "isa": isa, "fp32_lanes": lanes,
+            "fma_units_assumed": FMA_UNITS, "onednn_max_cpu_isa": cap or None,
+            "gflop_per_sec": cores * lanes * 2 * FMA_UNITS * ghz}

@@ -12,8 +12,9 @@ import tensorflow as tf
 
 from trainer.config.settings import ScheduleSettings
 from trainer.fsutil import write_json
-from trainer.training.panels import panel, volume_panel
-from trainer.training.state import CheckpointStore, TrainingState
+from trainer.checkpoints import CheckpointStore
+from trainer.panels import enlarge, panel, volume_panel
+from trainer.training.state import TrainingState
 
 log = logging.getLogger(__name__)
 MONITOR = "val_dice"
@@ -140,45 +141,56 @@ class JsonHistory(tf.keras.callbacks.Callback):
         write_json(self.path, {**self.extra, "epochs": self.entries})
 
 
-class TensorBoardExtras(tf.keras.callbacks.Callback):
-    """MRI/truth/prediction panels every N epochs; every epoch scalar too for custom loops.
+class TensorBoard(tf.keras.callbacks.Callback):
+    """Every epoch scalar (``train/`` and ``validation/`` folders, Keras' tag names) and the
+    MRI/truth/prediction panels every N epochs. One writer owns each tag: one point per epoch.
 
-    Under ``model.fit`` Keras' TensorBoard callback already writes every key of the epoch
-    logs (``lr`` and ``images_per_sec`` included, since they are added before it runs) to the
-    same ``train``/``validation`` folders, so writing them here as well gave two points per
-    epoch for those tags. One writer owns each tag: Keras' callback the scalars under fit,
-    this one the scalars in custom loops (``all_scalars``) and the images always.
+    The panel samples come from distinct validation cases, each at its largest tumour (2D),
+    or a crop centred on the tumour (3D, planes through its centre), so a user watching
+    training sees the tumour and what the model makes of it.
     """
 
     def __init__(self, log_dir: Path, sample: tuple[np.ndarray, np.ndarray] | None, every: int,
-                 threshold: float, all_scalars: bool = False):
+                 threshold: float, regions: tuple[str, ...]):
         super().__init__()
         self.writer = tf.summary.create_file_writer(str(Path(log_dir) / "train"))
-        self.val_writer = tf.summary.create_file_writer(str(Path(log_dir) / "validation")) if all_scalars else None
-        self.sample, self.every, self.threshold = sample, every, threshold
+        self.val_writer = tf.summary.create_file_writer(str(Path(log_dir) / "validation"))
+        self.sample, self.every, self.threshold, self.regions = sample, every, threshold, regions
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.val_writer is not None:  # custom loops: write what Keras' TensorBoard callback would
-            with self.val_writer.as_default(step=epoch):
-                for key, value in logs.items():
-                    if key.startswith("val_"):
-                        tf.summary.scalar(f"epoch_{key[4:]}", value)
-            self.val_writer.flush()
-        with self.writer.as_default(step=epoch):  # same x-axis as the Keras TensorBoard callback
-            if self.val_writer is not None:  # under fit, Keras' TensorBoard callback owns the scalars
-                for key, value in logs.items():
-                    if not key.startswith("val_"):
-                        tf.summary.scalar(f"epoch_{key}", value)
+        with self.val_writer.as_default(step=epoch):
+            for key, value in logs.items():
+                if key.startswith("val_"):
+                    tf.summary.scalar(f"epoch_{key[4:]}", value)
+        self.val_writer.flush()
+        with self.writer.as_default(step=epoch):
+            for key, value in logs.items():
+                if not key.startswith("val_"):
+                    tf.summary.scalar(f"epoch_{key}", value)
             if self.sample is not None and self.every and (epoch + 1) % self.every == 0:
-                tf.summary.image("validation_overlay", self._panels(), max_outputs=4)
+                tf.summary.image("validation_overlay", self.panels(), max_outputs=len(self.sample[0]))
         self.writer.flush()
 
-    def _panels(self) -> np.ndarray:
+    def panels(self) -> np.ndarray:
         images, masks = self.sample
-        predictions = self.model.predict(images, verbose=0) > self.threshold
+        predictions = (self.model.predict(images, verbose=0) > self.threshold).astype(np.float32)
         make = panel if images.ndim == 4 else volume_panel
-        panels = [make(images[i, ..., 0], masks[i, ..., 0], predictions[i, ..., 0]) for i in range(len(images))]
+        edge = images.shape[1]
+        panels = [enlarge(make(images[i, ..., 0], masks[i], predictions[i], self.regions), edge)
+                  for i in range(len(images))]
         return np.stack(panels).astype(np.uint8)
+
+
+class EpochLine(tf.keras.callbacks.Callback):
+    """One line per epoch on stdout with every figure the other callbacks added (chief only)."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        print(f"epoch {epoch + 1}/{self.epochs}: " + " - ".join(
+            f"{k}: {v:.4g}" for k, v in (logs or {}).items() if isinstance(v, (float, int))), flush=True)
 
 
 def _jsonable(value):

@@ -1,0 +1,161 @@
+"""``train(settings, runtime)``: the one training loop of every execution mode.
+
+The loop owns what a run *is*: epochs and steps, case-level validation, callbacks (LR
+schedule, checkpoints, early stopping, history, TensorBoard), the progress display and
+the run's summary. The runtime (:mod:`trainer.runtime.contract`) owns who this process is
+and how a step is computed: Keras' own train step alone or under Horovod's allreduce,
+closures scheduled on parameter-server workers. Single, Horovod and PS runs therefore
+share every number the loop computes.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import tensorflow as tf
+
+from trainer.checkpoints import weights_checksum
+from trainer.config import Settings, settings_to_yaml
+from trainer.data.streams import Streams, build_streams
+from trainer.fsutil import write_json, write_text
+from trainer.runtime.contract import Runtime, Stepper
+from trainer.training.callbacks import (EpochCheckpoint, EpochLine, JsonHistory, LearningRateController,
+                                        TensorBoard, Throughput)
+from trainer.training.session import Session, open_session
+from trainer.training.validation import CaseValidator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_path: Path
+    epochs_run: int
+    final_epoch: int
+    step: int
+    best_val_dice: float
+    resumed_from: str | None
+    weights_checksum: float
+
+
+def train(settings: Settings, runtime: Runtime, progress: bool = True) -> TrainResult:
+    """Train (or resume) the run in ``settings.run_path`` with ``runtime``; the chief writes.
+    ``progress``: a per-step progress bar on the chief (one line per epoch is printed anyway)."""
+    with runtime.guard():
+        session = open_session(settings, runtime)
+        if session.initial_epoch >= settings.train.epochs:
+            log.info("run %s already finished %d/%d epochs; nothing to do", settings.run_path,
+                     session.initial_epoch, settings.train.epochs)
+            return _result(settings, session, 0)
+        streams = build_streams(settings, runtime.data_shard, settings.train.batch_size * runtime.size)
+        runtime.agree("steps per epoch / validation batches", (streams.steps_per_epoch, streams.validation_steps))
+        if runtime.is_chief:
+            _announce(settings, runtime, session, streams)
+        stepper = runtime.make_stepper(session.model, session.optimizer, settings)
+        epochs_run = _run_epochs(settings, runtime, session, streams, stepper, progress and runtime.is_chief)
+        return _finish(settings, runtime, session, epochs_run)
+
+
+def lr_scale(settings: Settings, runtime: Runtime) -> int:
+    """Synchronous modes average N workers' gradients into one step at global batch N x b, so
+    the LR scales by N. Asynchronous PS applies each worker's batch-b gradient as its own
+    step: no scaling there."""
+    return runtime.size if settings.train.scale_lr and runtime.synchronous else 1
+
+
+def _run_epochs(settings: Settings, runtime: Runtime, session: Session, streams: Streams, stepper: Stepper,
+                show: bool) -> int:
+    callbacks = tf.keras.callbacks.CallbackList(_callbacks(settings, runtime, session, streams), model=session.model)
+    callbacks.set_params({"epochs": settings.train.epochs, "steps": streams.steps_per_epoch, "verbose": 0})
+    validator = CaseValidator(streams, stepper, runtime)
+    epochs_run = 0
+    callbacks.on_train_begin()
+    for epoch in range(session.initial_epoch, settings.train.epochs):
+        logs: dict = {}
+        callbacks.on_epoch_begin(epoch, logs)
+        stepper.reset()
+        bar = tf.keras.utils.Progbar(streams.steps_per_epoch, verbose=1 if sys.stdout.isatty() else 2,
+                                     unit_name="step") if show else None
+        waited = computed = 0.0
+        batches = iter(streams.train(epoch))
+        for step in range(streams.steps_per_epoch):
+            started = time.perf_counter()
+            images, masks = next(batches)
+            fetched = time.perf_counter()
+            callbacks.on_train_batch_begin(step)
+            loss = stepper.train_step(images, masks)
+            callbacks.on_train_batch_end(step, {"loss": loss})
+            waited, computed = waited + fetched - started, computed + time.perf_counter() - fetched
+            if bar is not None:
+                bar.update(step + 1, [("loss", loss)])
+        logs.update(stepper.train_logs())
+        logs["input_wait_share"] = waited / max(waited + computed, 1e-9)
+        logs.update(validator.run())
+        callbacks.on_epoch_end(epoch, logs)
+        epochs_run += 1
+        if session.model.stop_training:
+            break
+    callbacks.on_train_end()
+    return epochs_run
+
+
+def _callbacks(settings: Settings, runtime: Runtime, session: Session, streams: Streams) -> list:
+    """Every run's callbacks, in order: runtime first (metric averaging), chief-only writers last."""
+    train_cfg, run_path = settings.train, settings.run_path
+    callbacks = runtime.callbacks() + [
+        Throughput(streams.global_batch, streams.steps_per_epoch),
+        LearningRateController(train_cfg.learning_rate, lr_scale(settings, runtime), train_cfg.warmup_epochs,
+                               streams.steps_per_epoch, train_cfg.epochs, train_cfg.schedule, session.state),
+        EpochCheckpoint(session.store if runtime.is_chief else None, session.state,
+                        train_cfg.early_stopping_patience),
+    ]
+    if runtime.is_chief:
+        panels = streams.panel_samples() if train_cfg.image_every_epochs else None
+        callbacks += [
+            tf.keras.callbacks.CSVLogger(str(run_path / "history.csv"), append=True),
+            JsonHistory(run_path / "history.json", {"dist": runtime.name, "workers": runtime.size}),
+            TensorBoard(run_path / "tensorboard", panels, train_cfg.image_every_epochs, settings.model.threshold,
+                        streams.regions.names),
+            EpochLine(train_cfg.epochs),
+        ]
+    return callbacks
+
+
+def _announce(settings: Settings, runtime: Runtime, session: Session, streams: Streams) -> None:
+    """Chief: write the merged settings into the run and log the run's shape."""
+    run_path, train_cfg = settings.run_path, settings.train
+    run_path.mkdir(parents=True, exist_ok=True)
+    write_text(run_path / "settings.yaml", settings_to_yaml(settings))
+    log.info("%s run %s: model %s (%d params, %s, regions %s), %d worker(s) x batch %d = global batch %d, "
+             "%d steps/epoch, %d validation batches over %d case(s), train samples %d, LR %.3g x %d", runtime.name,
+             run_path, train_cfg.model, session.model.count_params(), session.policy,
+             "/".join(streams.regions.names), runtime.size, train_cfg.batch_size, streams.global_batch,
+             streams.steps_per_epoch, streams.validation_steps, len(streams.validation.case_ids),
+             streams.train_samples, train_cfg.learning_rate, lr_scale(settings, runtime))
+
+
+def _finish(settings: Settings, runtime: Runtime, session: Session, epochs_run: int) -> TrainResult:
+    result = _result(settings, session, epochs_run)
+    if runtime.is_chief:
+        write_json(settings.run_path / "summary.json", {
+            **result.__dict__, "run_path": str(settings.run_path), "dist": runtime.name, "workers": runtime.size,
+            "global_batch": settings.train.batch_size * runtime.size, "precision": session.policy,
+            "best_epoch": int(session.state.best_epoch.numpy()), "regions": list(settings.model.regions),
+            "host": platform.node()})
+        log.info("finished: epoch %d, step %d, best val Dice %.4f (case-level, epoch %d); TensorBoard logs in %s",
+                 result.final_epoch, result.step, result.best_val_dice, int(session.state.best_epoch.numpy()),
+                 settings.run_path / "tensorboard")
+    return result
+
+
+def _result(settings: Settings, session: Session, epochs_run: int) -> TrainResult:
+    return TrainResult(run_path=settings.run_path, epochs_run=epochs_run, final_epoch=session.initial_epoch,
+                       step=session.step, best_val_dice=float(session.state.best_dice.numpy()),
+                       resumed_from=session.resumed, weights_checksum=weights_checksum(session.model.variables))
+
+
+__all__ = ["train", "TrainResult", "lr_scale"]
