@@ -116,3 +116,21 @@ def test_plain_mpirun_runs_the_same_command(prepared_brats, tmp_path):
     assert "2 worker(s) x batch 2 = global batch 4" in result.stdout
     # Physical cores shared by the 2 local ranks (--bind-to none: the ranks are not pinned).
     assert f"intra_op={default_intra_threads(2)} " in result.stdout
+
+
+def test_benchmark_times_the_real_step_under_horovodrun(prepared_brats, tmp_path):
+    """The built-in benchmark runs the training runtime itself: per-rank figures from both ranks."""
+    out = tmp_path / "bench.json"
+    cmd = [HOROVODRUN, "-np", "2", "-H", "localhost:2", "--gloo", *unet_train_cmd(
+        "benchmark", "--dist", "horovod", "--model", "2d", "--batch-size", "2", "--steps", "2", "--warmup", "1",
+        "--mode", "train", "--mode", "pipeline", "--out", out, *data_flags(prepared_brats),
+        "--set", "model.base_filters_2d=4")]
+    result = run_bounded(cmd, TIMEOUT, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-4000:]
+    report = json.loads(out.read_text())
+    assert report["dist"] == "horovod" and report["workers"] == 2 and report["global_batch"] == 4
+    train = report["train"]
+    assert len(train["images_per_sec_per_worker"]) == 2 and all(v > 0 for v in train["images_per_sec_per_worker"])
+    assert 0 <= train["input_wait_share"] <= 1 and 0 < train["share_of_nominal_peak"] < 1
+    assert report["nominal_peak"]["gflop_per_sec"] > 0 and len(report["pipeline"]["images_per_sec_per_worker"]) == 2
+    assert not (tmp_path / "runs").exists()  # a benchmark writes no run

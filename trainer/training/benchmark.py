@@ -88,6 +88,20 @@ def _measure(settings: Settings, runtime: Runtime, request: BenchmarkRequest, ou
                     "timed_steps": request.steps, "host": platform.node(), "tensorflow": tf.__version__,
                     "nominal_peak": nominal_peak()}
     batches = _batches(streams)
+    try:
+        _measure_modes(report, runtime, request, session, stepper, batches, global_batch, flops)
+    finally:
+        batches.close()  # stop the input threads now, not during interpreter shutdown (which can hang)
+    report["peak_rss_mib_per_worker"] = _per_worker(runtime, peak_rss_mib())
+    if not runtime.is_chief:
+        return None
+    if out is not None:
+        write_json(out, report)
+    return report
+
+
+def _measure_modes(report: dict, runtime: Runtime, request: BenchmarkRequest, session, stepper, batches,
+                   global_batch: int, flops: float) -> None:
     images, masks = next(batches)
     if "train" in request.modes:
         waits, steps = [], []
@@ -108,21 +122,16 @@ def _measure(settings: Settings, runtime: Runtime, request: BenchmarkRequest, ou
         report["train_in_memory"]["source"] = "one batch held in memory"
     if "infer" in request.modes:
         seconds = _timed(lambda: session.model.predict_on_batch(images), request)
-        report["infer"] = {"images_per_sec_per_worker": request.batch_size / float(np.median(seconds)),
+        report["infer"] = {"images_per_sec_per_worker": _per_worker(runtime, request.batch_size / np.median(seconds)),
                            **percentiles(seconds)}
     if "pipeline" in request.modes:
         seconds = _timed(lambda: next(batches), request)
-        report["pipeline"] = {"images_per_sec_per_worker": request.batch_size / float(np.median(seconds)),
+        report["pipeline"] = {"images_per_sec_per_worker": _per_worker(runtime,
+                                                                       request.batch_size / np.median(seconds)),
                               **percentiles(seconds), "source": "real data files, no model"}
-    if "train" in report and "pipeline" in report:
-        report["pipeline_to_train_ratio"] = (report["pipeline"]["images_per_sec_per_worker"]
-                                             / report["train"]["images_per_sec_per_worker"])
-    report["peak_rss_mib_per_worker"] = _per_worker(runtime, peak_rss_mib())
-    if not runtime.is_chief:
-        return None
-    if out is not None:
-        write_json(out, report)
-    return report
+    if "train" in report and "pipeline" in report:  # the chief's own input pipeline against its own step
+        report["pipeline_to_train_ratio"] = (report["pipeline"]["images_per_sec_per_worker"][0]
+                                             / report["train"]["images_per_sec_per_worker"][0])
 
 
 def _batches(streams):
