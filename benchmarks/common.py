@@ -35,3 +35,43 @@ def save(name: str, data: dict) -> Path:
     path.write_text(json.dumps(data, indent=2) + "\n")
     print(json.dumps(data, indent=2))
     return path
+
+
+HOROVODRUN = str(ROOT / ".venv" / "bin" / "horovodrun")
+
+
+def free_ports(n: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(n)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def ps_job(chief_args: list, extra: list, log: Path, workers: int = 2, **extra_env: str) -> float:
+    """1 PS + ``workers`` workers + the chief on 127.0.0.1 (free ports); wall seconds of the job."""
+    ports = free_ports(workers + 3)
+    ps, worker_ports, (chief, control) = ports[0], ports[1:1 + workers], ports[1 + workers:]
+    cluster = ["--set", f"cluster.ps_hosts=[127.0.0.1:{ps}]",
+               "--set", "cluster.worker_hosts=[" + ",".join(f"127.0.0.1:{p}" for p in worker_ports) + "]",
+               "--set", f"cluster.chief_host=127.0.0.1:{chief}", "--set", f"cluster.control_port={control}"] + extra
+    start = time.perf_counter()
+    with open(log, "a") as handle:
+        roles = [subprocess.Popen([str(c) for c in CLI + [role, "--index", str(i)] + cluster], cwd=ROOT,
+                                  env=env(**extra_env), stdout=handle, stderr=subprocess.STDOUT)
+                 for role, i in [("ps", 0)] + [("worker", w) for w in range(workers)]]
+        try:
+            subprocess.run([str(c) for c in CLI + ["chief"] + chief_args + cluster], cwd=ROOT, env=env(**extra_env),
+                           stdout=handle, stderr=subprocess.STDOUT, check=True)
+            for role in roles:
+                role.wait(timeout=120)
+        finally:
+            for role in roles:
+                if role.poll() is None:
+                    role.kill()
+                    role.wait()
+    return time.perf_counter() - start

@@ -9,18 +9,15 @@ Needs data/brats_slices.h5 (scripts/demo.sh makes it). Usage:
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import time
 
-from common import CLI, ROOT, RESULTS, env, save, timed
+from common import CLI, HOROVODRUN, ROOT, RESULTS, env, ps_job, save, timed
 
 GLOBAL_BATCH, STEPS = 8, 8
 COMMON = ["--model", "2d", "--epochs", "2", "--set", f"train.steps_per_epoch={STEPS}", "--set",
           "train.validation_steps=1", "--set", "train.image_every_epochs=0", "--set", "train.run_dir=runs/bench",
           "--quiet"]
-HOROVODRUN = str(ROOT / ".venv" / "bin" / "horovodrun")
 ONE_THREAD = ["--set", "cpu.intra_op_threads=1"]  # compute threads; inter-op stays at its default 2
 
 
@@ -48,37 +45,9 @@ def measure(name: str, cmd_or_fn) -> dict:
     return {**steady(name), "wall_s": wall, "loopback_bytes_per_step_upper_bound": moved / (2 * STEPS)}
 
 
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def ps_run() -> float:
-    ps, w0, w1, chief, control = free_ports(5)
-    cluster = ["--set", f"cluster.ps_hosts=[127.0.0.1:{ps}]", "--set",
-               f"cluster.worker_hosts=[127.0.0.1:{w0},127.0.0.1:{w1}]", "--set", f"cluster.chief_host=127.0.0.1:{chief}",
-               "--set", f"cluster.control_port={control}"]
-    cluster += ONE_THREAD
-    log = open(RESULTS / "distributed_modes.log", "a")
-    start = time.perf_counter()
-    roles = [subprocess.Popen(CLI + [role, "--index", str(i)] + cluster, cwd=ROOT, env=env(), stdout=log, stderr=log)
-             for role, i in (("ps", 0), ("worker", 0), ("worker", 1))]
-    try:
-        subprocess.run(CLI + ["chief", "--run-name", "ps", "--batch-size", str(GLOBAL_BATCH // 2)] + COMMON + cluster,
-                       cwd=ROOT, env=env(), stdout=log, stderr=log, check=True)
-        for role in roles:
-            role.wait(timeout=60)
-    finally:
-        for role in roles:
-            if role.poll() is None:
-                role.kill()
-                role.wait()
-    return time.perf_counter() - start
+    return ps_job(["--run-name", "ps", "--batch-size", str(GLOBAL_BATCH // 2)] + COMMON, ONE_THREAD,
+                  RESULTS / "distributed_modes.log")
 
 
 def result_params_bytes() -> int:

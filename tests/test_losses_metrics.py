@@ -134,8 +134,9 @@ def test_summary_counts_undefined_hd95_instead_of_dropping_it_silently():
     from trainer.inference.evaluate import _stats
 
     stats = _stats([2.0, float("nan"), 4.0, float("nan")])
-    assert stats == {"mean": 3.0, "median": 3.0, "std": 1.0, "n": 2, "undefined_cases": 2}
-    assert _stats([float("nan")]) == {"mean": None, "median": None, "std": None, "n": 0, "undefined_cases": 1}
+    assert stats == {"mean": 3.0, "median": 3.0, "std": 1.0, "min": 2.0, "max": 4.0, "n": 2, "undefined_cases": 2}
+    assert _stats([float("nan")]) == {"mean": None, "median": None, "std": None, "min": None, "max": None, "n": 0,
+                                      "undefined_cases": 1}
     assert _stats([1.0])["undefined_cases"] == 0
 
 

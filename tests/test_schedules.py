@@ -72,6 +72,20 @@ def test_cosine_decays_from_base_to_min_lr_at_the_end():
     assert cb.lr_at(epochs + 3) == pytest.approx(1e-3)  # and it stays there past the end
 
 
+@pytest.mark.parametrize("name,shape", [("cosine", lambda t: 0.5 * (1 + math.cos(math.pi * t))),
+                                        ("poly", lambda t: (1 - t) ** 0.9)])
+def test_smooth_schedules_decay_step_by_step_within_an_epoch(name, shape):
+    epochs = 4
+    cb, _ = controller(ScheduleSettings(name=name, min_lr=0.0), epochs=epochs)
+    cb.on_epoch_begin(1)
+    seen = []
+    for batch in range(STEPS):
+        cb.on_train_batch_begin(batch)
+        seen.append(lr(cb))
+    assert seen == pytest.approx([0.1 * shape((1 + b / STEPS) / epochs) for b in range(STEPS)])
+    assert all(a > b for a, b in zip(seen, seen[1:]))  # decays within the epoch, not per epoch
+
+
 def test_plateau_drops_after_patience_epochs_without_improvement():
     schedule = ScheduleSettings(name="plateau", plateau_patience=2, gamma=0.5, min_lr=1e-6)
     cb, state = controller(schedule)

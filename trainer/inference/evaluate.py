@@ -103,9 +103,11 @@ def _stats(values: list[float]) -> dict:
     finite = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
     undefined = len(values) - int(finite.size)
     if not finite.size:
-        return {"mean": None, "median": None, "std": None, "n": 0, "undefined_cases": undefined}
+        return {"mean": None, "median": None, "std": None, "min": None, "max": None, "n": 0,
+                "undefined_cases": undefined}
     return {"mean": float(finite.mean()), "median": float(np.median(finite)), "std": float(finite.std()),
-            "n": int(finite.size), "undefined_cases": undefined}
+            "min": float(finite.min()), "max": float(finite.max()), "n": int(finite.size),
+            "undefined_cases": undefined}
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

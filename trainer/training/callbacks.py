@@ -43,8 +43,10 @@ class Throughput(tf.keras.callbacks.Callback):
 class LearningRateController(tf.keras.callbacks.Callback):
     """One owner of the LR: schedule x plateau factor x worker scaling, with linear warm-up.
 
-    Warm-up follows Goyal et al. (and Horovod's recipe): the LR ramps from the single-worker
-    value to the scaled value over ``warmup_epochs``.
+    ``cosine`` and ``poly`` (nnU-Net's (1 - t)^0.9) decay smoothly, step by step, over the
+    whole run, so the last epochs take small steps and the final weights settle instead of
+    swinging. Warm-up follows Goyal et al. (and Horovod's recipe): the LR ramps from the
+    single-worker value to the scaled value over ``warmup_epochs``.
     """
 
     def __init__(self, base_lr: float, scale: float, warmup_epochs: float, steps_per_epoch: int,
@@ -56,10 +58,13 @@ class LearningRateController(tf.keras.callbacks.Callback):
 
     def lr_at(self, epoch: int, batch: int = 0) -> float:
         sched = self.schedule
+        progress = min((epoch + batch / self.steps) / self.epochs, 1.0)
         if sched.name == "step":
             factor = sched.gamma ** (epoch // sched.step_epochs)
         elif sched.name == "cosine":
-            factor = 0.5 * (1 + math.cos(math.pi * min(epoch, self.epochs) / self.epochs))
+            factor = 0.5 * (1 + math.cos(math.pi * progress))
+        elif sched.name == "poly":
+            factor = (1.0 - progress) ** 0.9
         else:
             factor = 1.0
         lr = self.base_lr * factor * float(self.state.lr_factor.numpy())
@@ -74,7 +79,7 @@ class LearningRateController(tf.keras.callbacks.Callback):
         self._set(self.lr_at(epoch))
 
     def on_train_batch_begin(self, batch, logs=None):
-        if self.warmup > 0 and self._epoch < self.warmup:
+        if self.schedule.name in ("cosine", "poly") or (self.warmup > 0 and self._epoch < self.warmup):
             self._set(self.lr_at(self._epoch, batch))
 
     def on_epoch_end(self, epoch, logs=None):
