@@ -132,7 +132,9 @@ CLUSTER_FLAGS = {"user": "cluster.ssh_user", "key": "cluster.ssh_key", "port": "
 def _launcher(args: argparse.Namespace, hosts_required: bool = True):
     from launcher.distributed import Launcher, LaunchRequest
 
-    flags = {key: (str(getattr(args, attr)) if attr == "key" and getattr(args, attr) else getattr(args, attr))
+    # --key is made absolute here: horovodrun uses it on the first host, from another folder
+    flags = {key: (os.path.abspath(os.path.expanduser(getattr(args, attr))) if attr == "key" and getattr(args, attr)
+                   else getattr(args, attr))
              for attr, key in CLUSTER_FLAGS.items() if hasattr(args, attr)}
     settings = load_cli_settings(args, flags)
     # --hosts/--mode win over cluster.hosts/cluster.mode in settings.yaml

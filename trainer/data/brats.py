@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def discover_brats(root: Path, require_seg: bool = True) -> list[BratsCase]:
                         f"*_flair/_t1/_t1ce/_t2[/_seg].nii[.gz])")
     ids = [case.case_id for case in cases]
     if len(set(ids)) != len(ids):
-        dup = sorted({i for i in ids if ids.count(i) > 1})[0]
+        dup = sorted(i for i, seen in Counter(ids).items() if seen > 1)[0]
         raise DataError(f"{root}: case id {dup!r} appears in more than one folder")
     return sorted(cases, key=lambda case: case.case_id)
 

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def read_index(root: Path) -> DecathlonIndex:
         training.append(DecathlonCase(_case_id(entry["image"]), image, label))
     ids = [case.case_id for case in training]
     if len(set(ids)) != len(ids):
-        duplicate = sorted({i for i in ids if ids.count(i) > 1})[0]
+        duplicate = sorted(i for i, seen in Counter(ids).items() if seen > 1)[0]
         raise DataError(f"{path}: case {duplicate} is listed more than once in 'training'")
     test_entries = meta.get("test", [])
     if not isinstance(test_entries, list):
