@@ -235,7 +235,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
         request = PrepareRequest(src=args.src or settings.data.brats_dir, out=args.out or settings.data.slices_h5,
                                  image_size=settings.data.image_size, split=settings.data.split,
-                                 workers=args.workers, overwrite=args.overwrite)
+                                 workers=args.workers, overwrite=args.overwrite,
+                                 max_voxels=settings.data.max_voxels)
         counts = prepare_brats(request, progress=not args.quiet)
         print(f"wrote {request.out} (slices: " + ", ".join(f"{k} {v}" for k, v in counts.items())
               + f"); split: {split_path_for(request.out)}")
@@ -246,7 +247,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         cache = args.out or settings.data.cache_dir
         split_file = settings.data.decathlon_split
         split = prepare_decathlon(src, cache, settings.data.split, split_file, progress=not args.quiet,
-                                  overwrite=args.overwrite)
+                                  overwrite=args.overwrite, max_voxels=settings.data.max_voxels)
         print(f"checked {sum(len(v) for v in split.values())} case(s) in {src}; cache: {cache}; "
               f"split: {split_file}")
     return 0

@@ -43,7 +43,7 @@ def build_datasets(settings: Settings, shard: Shard, seed_offset: int = 0) -> Tr
                                        _options(data, batch, seed, False))
         input_shape = (data.image_size, data.image_size, len(data.channels))
     else:
-        index = read_index(data.decathlon_dir)
+        index = read_index(data.decathlon_dir, data.max_voxels)
         split = load_split(data.decathlon_split)
         arrays = case_arrays(index, data.cache_dir)
         missing = [c for c in split["train"] + split["val"] if c not in arrays]
