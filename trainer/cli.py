@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = _command(sub, "export", "export the best checkpoint as a SavedModel (+ parity check)", _cmd_export)
     _add_run_flags(export)
     export.add_argument("--out", type=Path, default=None, help="default runs/<run>/export/saved_model")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     bench = _command(sub, "benchmark", "throughput, latency percentiles, peak RSS, input pipeline", _cmd_benchmark)
     _add_run_flags(bench)
@@ -404,7 +405,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     settings = _start_inference(args)
     from trainer.inference.export import export
 
-    report = export(settings, args.out)
+    report = export(settings, args.out, overwrite=args.overwrite)
     print(f"SavedModel: {report['saved_model']} (max |export - keras| = {report['max_abs_diff']:.2e})")
     return 0
 
