@@ -25,6 +25,7 @@ from launcher.plan import HOROVOD_MODE, HostFacts, LaunchPlan, build_plan, horov
 from trainer.config.settings import Settings, settings_to_yaml
 from trainer.errors import UserError
 from trainer.fsutil import write_json, write_text
+from trainer.network import check_private_network, is_loopback, is_private
 
 log = logging.getLogger(__name__)
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
@@ -78,13 +79,33 @@ class Launcher:
                        self.settings.cluster.connect_timeout_s,
                        self._cancel.is_set if cancellable else (lambda: False))
 
+    # ------------------------------------------------------------------ network exposure
+    def check_network(self, plan: LaunchPlan) -> None:
+        """Every host the run uses must be private, loopback or link-local (see trainer/network.py)."""
+        check_private_network(plan.hosts + plan.ps_hosts, self.settings.cluster.allow_public_network)
+        if self.settings.cluster.allow_public_network:
+            self.say("warning: cluster.allow_public_network is true: cluster addresses are not checked; the "
+                     "gRPC servers (ps mode) accept anyone who can reach their ports")
+        self.warn_tensorboard(plan)
+
+    def warn_tensorboard(self, plan: LaunchPlan) -> None:
+        bind = self.settings.logging.tensorboard_host
+        if plan.tensorboard and not is_loopback(bind):
+            self.say(f"warning: TensorBoard on {plan.tensorboard[0]} binds to {bind or 'every interface'} "
+                     f"(logging.tensorboard_host), not loopback: its image panels show patient MRI to anyone who "
+                     f"can reach port {plan.tensorboard[1]}; keep 127.0.0.1 and use the ssh -N -L tunnel")
+
     # ------------------------------------------------------------------ entry points
     def dry_run(self) -> int:
-        plan = self.plan()
+        plan = self.plan()  # no name lookups here: the network check runs at launch (and doctor)
+        self.warn_tensorboard(plan)
         self.say(f"# inventory ({self.inventory_path} when run for real)")
         self.say(to_yaml(render(plan, self.settings.cluster, SOURCE_ROOT, self.stage)))
         self.say("# commands, in order")
         self.say(f"preflight: ansible facts + versions on {', '.join(dict.fromkeys(plan.hosts + plan.ps_hosts))}")
+        self.say("network check (first, at launch): every host private, loopback or link-local"
+                 + (" -- off: cluster.allow_public_network is true" if self.settings.cluster.allow_public_network
+                    else ""))
         rsync = render(plan, self.settings.cluster, SOURCE_ROOT, self.stage)["all"]["vars"]["unet_rsync_argv"]
         for host in dict.fromkeys(plan.hosts + plan.ps_hosts):
             self.say(f"sync {host}: {shlex.join(rsync)} --delete -- {SOURCE_ROOT}/ {ssh_user(self.settings.cluster)}@{host}:"
@@ -99,6 +120,7 @@ class Launcher:
         running launch needs for ``--stop`` is never overwritten."""
         if standalone:
             self.inventory_path = self.inventory_path.with_name(f"{self.settings.train.run_name}.doctor.yml")
+        self.check_network(self.plan())  # before anything connects anywhere
         self.write_inventory(self.plan())
         result = self.ansible().run("preflight.yml")
         if self._cancel.is_set():
@@ -135,7 +157,8 @@ class Launcher:
             cores = _count(report["cores_per_socket"]) * _count(report["sockets"]) or _count(report["vcpus"]) or 1
             facts[host] = HostFacts(physical_cores=cores, numa_nodes=max(1, _count(report["numa_nodes"])),
                                     numactl=str(report["numactl"]).lower() == "true", versions=found,
-                                    mpi=report["mpi"], interfaces=tuple(report["interfaces"]))
+                                    mpi=report["mpi"], interfaces=tuple(report["interfaces"]),
+                                    addresses=tuple(report.get("addresses") or ()))
             self.say(f"{host}: python {found.get('python')}, tensorflow {tf_version}, horovod {found.get('horovod')}, "
                      f"{cores} cores / {report['sockets']} socket(s) / {facts[host].numa_nodes} NUMA node(s), "
                      f"MPI {'yes' if report['mpi'] else 'no'}, NICs {', '.join(facts[host].interfaces)}")
@@ -148,7 +171,21 @@ class Launcher:
                                         f"{versions[reference_host][key]}")
         if problems:
             raise LaunchError("preflight failed:\n  " + "\n  ".join(problems))
+        if self.request.mode != HOROVOD_MODE:
+            self.say_grpc_exposure(facts)
         return facts
+
+    def say_grpc_exposure(self, facts: dict[str, HostFacts]) -> None:
+        """Plainly: what parameter-server mode opens on every host, and where that is public."""
+        self.say("note: parameter-server mode: TensorFlow's gRPC servers listen on ALL interfaces of their hosts "
+                 "with no authentication (TensorFlow 2.15 has no bind-address option); anyone who reaches those "
+                 "ports can run ops as the training user. Use an isolated network or a firewall "
+                 "(README: Security model)")
+        for host, found in facts.items():
+            public = [a for a in found.addresses if not is_private(a)]
+            if public:
+                self.say(f"warning: {host} has public address(es) {', '.join(public)}: the gRPC ports are open "
+                         f"there too unless a firewall blocks them")
 
     def launch(self) -> int:
         """Preflight, sync, start, stream; stop everything on failure or Ctrl-C. Returns the exit code."""

@@ -29,6 +29,7 @@ class HostFacts:
     versions: Mapping[str, str | None] = field(default_factory=dict)
     mpi: str = ""
     interfaces: tuple[str, ...] = ()
+    addresses: tuple[str, ...] = ()  # every IPv4/IPv6 address of the host's interfaces
 
 
 @dataclass(frozen=True)
