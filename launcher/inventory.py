@@ -30,8 +30,13 @@ _Dumper.add_representer(Unsafe, lambda dumper, value: dumper.represent_scalar("!
 
 
 def ssh_options(cluster: ClusterSettings) -> list[str]:
-    """Keys only, and bounded waits: ServerAlive* drops a vanished host in ~15 s, not hours."""
-    options = ["-o", "StrictHostKeyChecking=accept-new", "-o", "BatchMode=yes",
+    """Keys only, and bounded waits: ServerAlive* drops a vanished host in ~15 s, not hours.
+
+    Host keys: with ``cluster.known_hosts_file`` only the keys listed there are accepted
+    (StrictHostKeyChecking=yes); without it, ssh's own file, and a new host is trusted on first
+    use (accept-new), then pinned."""
+    strict = "yes" if cluster.known_hosts_file else "accept-new"
+    options = ["-o", f"StrictHostKeyChecking={strict}", "-o", "BatchMode=yes",
                "-o", f"ConnectTimeout={cluster.connect_timeout_s}",
                "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
     if cluster.known_hosts_file:

@@ -345,6 +345,44 @@ def test_doctor_reports_every_host(ssh_hosts, tmp_path):
     assert "every host passed" in result.stdout
 
 
+def test_known_hosts_file_means_strict_host_key_checking(tmp_path):
+    from launcher.inventory import ssh_options
+    from trainer.config.settings import ClusterSettings
+
+    assert "StrictHostKeyChecking=accept-new" in ssh_options(ClusterSettings())
+    strict = ssh_options(ClusterSettings(known_hosts_file="/etc/unet/known_hosts"))
+    assert "StrictHostKeyChecking=yes" in strict and "UserKnownHostsFile=/etc/unet/known_hosts" in strict
+    assert not any("accept-new" in option for option in strict)
+
+
+@needs_sshd
+def test_host_with_an_unlisted_key_is_refused(tmp_path):
+    """With cluster.known_hosts_file, a host whose key is not the one pinned there is not trusted.
+    Its own sshd on a fresh alias: Ansible's ControlPersist would reuse an earlier test's connection."""
+    host = "127.0.0.4"
+    sshd = start_sshd_hosts(tmp_path / "sshd", (host,))
+    try:
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other")], check=True)
+        kind, key = (tmp_path / "other.pub").read_text().split()[:2]
+        (tmp_path / "known_hosts").write_text(f"[{host}]:{sshd.port} {kind} {key}\n")
+        result = run_bounded(unet_train_cmd(
+            "doctor", "--hosts", host, "--port", sshd.port, "--key", sshd.key, "--set", "train.run_name=hk",
+            "--set", f"cluster.known_hosts_file={tmp_path / 'known_hosts'}", "--set", f"cluster.python={sys.executable}",
+            "--set", "cluster.connect_timeout_s=5", "--set", f"train.run_dir={tmp_path / 'runs'}"), 180, cwd=tmp_path)
+        assert result.returncode != 0
+        assert f"{host}: unreachable" in result.stdout and "Host key verification failed" in result.stdout, \
+            result.stdout[-3000:]
+        assert (tmp_path / "known_hosts").read_text().count("\n") == 1  # nothing was added to the pinned file
+        # the same host with its real key pinned (the helper's known_hosts) passes
+        ok = run_bounded(unet_train_cmd(
+            "doctor", "--hosts", host, "--port", sshd.port, "--key", sshd.key, "--set", "train.run_name=hk2",
+            "--set", f"cluster.known_hosts_file={sshd.known_hosts}", "--set", f"cluster.python={sys.executable}",
+            "--set", "cluster.connect_timeout_s=5", "--set", f"train.run_dir={tmp_path / 'runs'}"), 180, cwd=tmp_path)
+        assert ok.returncode == 0, ok.stdout[-3000:]
+    finally:
+        sshd.stop()
+
+
 @needs_sshd
 def test_sync_refuses_a_workdir_that_holds_something_else(ssh_hosts, tmp_path):
     workdir = tmp_path / "home"
