@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from launcher.protect import mirror_excludes
 from trainer.config.settings import Settings
 from trainer.errors import UserError
 
@@ -60,6 +61,7 @@ class LaunchPlan:
     roles: tuple[Role, ...]
     cpu: Mapping[str, CpuChoice]
     tensorboard: tuple[str, int] | None  # (host, port) on the chief
+    keep: tuple[str, ...] = ()  # rsync excludes for the settings' run/data paths inside the workdir
 
     @property
     def state_dir(self) -> str:
@@ -199,7 +201,8 @@ def build_plan(settings: Settings, hosts: tuple[str, ...], mode: str, ps_hosts: 
             "env", f"PYTHONPATH={workdir}", python, "-m", "tensorboard.main", "--logdir", logdir,
             "--host", settings.logging.tensorboard_host, "--port", str(port)), "tensorboard", follow=False))
         tensorboard = (hosts[0], port)
-    return LaunchPlan(run, mode, hosts, tuple(ps_hosts), workdir, python, tuple(roles), cpu, tensorboard)
+    keep = tuple(mirror_excludes(settings, workdir, source_root or Path.cwd()))
+    return LaunchPlan(run, mode, hosts, tuple(ps_hosts), workdir, python, tuple(roles), cpu, tensorboard, keep)
 
 
 _RANK_TAG = re.compile(r"\[(?:\d+,)?(\d+)\]<(?:stdout|stderr)>:")  # Gloo [r]; OpenMPI --tag-output [job,r]

@@ -395,6 +395,45 @@ def test_sync_refuses_a_workdir_that_holds_something_else(ssh_hosts, tmp_path):
     assert sorted(p.name for p in workdir.iterdir()) == ["thesis.tex"]  # nothing deleted, nothing added
 
 
+def test_sync_keeps_run_and_data_paths_from_settings(tmp_path):
+    """A real rsync with the launcher's own argv and --delete: checkpoints under a custom run_dir
+    (relative, or absolute inside the workdir and nested in a folder the checkout lacks), a cache,
+    a split file and the token on the host survive; stale code is removed."""
+    from launcher.inventory import render
+    from launcher.plan import build_plan
+    from trainer.config.loader import load_settings
+
+    source = tmp_path / "checkout"
+    (source / "trainer").mkdir(parents=True)
+    (source / "trainer" / "cli.py").write_text("# code\n")
+    for number, (run_dir, checkpoint) in enumerate([("experiments", "experiments/exp1/checkpoints/last/epoch-3.index"),
+                                                    ("{remote}/results/deep", "results/deep/exp2/history.json")]):
+        remote = tmp_path / f"remote{number}"
+        kept = {checkpoint: "ckpt", "cache3d/BRATS_001.image.npy": "npy", "splits/decathlon.json": "{}",
+                ".unet-train-cluster.token": "secret"}
+        for name, text in {**kept, "trainer/stale.py": "old", "leftover.txt": "old"}.items():
+            (remote / name).parent.mkdir(parents=True, exist_ok=True)
+            (remote / name).write_text(text)
+        settings = load_settings(None, [f"train.run_dir={run_dir.format(remote=remote)}", "data.cache_dir=cache3d",
+                                        "data.decathlon_split=splits/decathlon.json", f"cluster.workdir={remote}"])
+        plan = build_plan(settings, ("node1",), "ps", source_root=source)
+        rsync = render(plan, settings.cluster, source, tmp_path / "stage")["all"]["vars"]["unet_rsync_argv"]
+        result = subprocess.run([*rsync, "--delete", "--", f"{source}/", f"{remote}/"], capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        for name, text in kept.items():
+            assert (remote / name).read_text() == text, (run_dir, name)
+        assert (remote / "trainer" / "cli.py").exists()
+        assert not (remote / "trainer" / "stale.py").exists() and not (remote / "leftover.txt").exists()
+
+
+def test_run_dir_that_is_the_workdir_is_refused(tmp_path):
+    result = run_bounded(unet_train_cmd("distributed", "--hosts", "node1", "--dry-run", "--workdir", "/srv/unet",
+                                        "--set", "train.run_dir=/srv/unet"), 120, cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stdout
+    assert "train.run_dir: /srv/unet is the workdir itself" in result.stdout, result.stdout[-2000:]
+
+
 def test_rsync_keeps_the_hosts_environment_and_marker(tmp_path):
     from launcher.inventory import interpreter_excludes
 
