@@ -48,6 +48,12 @@ class LaunchRequest:
 
 
 class Launcher:
+    # follow.yml polls every follow_delay_s for at most follow_window_s, then the launcher issues it
+    # again for the hosts still running: a run may last any time (a fixed 7-day bound used to end
+    # in "lost contact" and stop a healthy run).
+    follow_delay_s: float = 1.0
+    follow_window_s: float = 24 * 3600.0
+
     def __init__(self, settings: Settings, request: LaunchRequest, out=sys.stdout):
         self.settings, self.request, self.out = settings, request, out
         self.hosts = parse_hosts(request.hosts) if request.hosts else ()  # --stop needs none
@@ -272,7 +278,11 @@ class Launcher:
         rank_hosts = (horovod_rank_hosts(self.hosts, self.request.slots_per_host)
                       if self.request.mode == HOROVOD_MODE else ())
 
+        window_over: set[str] = set()
+
         def on_event(kind: str, host: str, res: dict) -> None:
+            if kind == "runner_on_failed" and _follow_window_over(res):
+                window_over.add(host)
             for raw in str(res.get("stdout", "")).splitlines():
                 try:
                     item = json.loads(raw)
@@ -288,11 +298,20 @@ class Launcher:
                 elif item.get("exited"):
                     codes[item["role"]] = item["rc"]
 
-        result = self.ansible().run("follow.yml", on_event=on_event)
-        if self._cancel.is_set():
-            return codes
-        for host, msg in {**result.unreachable, **result.failed}.items():
-            raise LaunchError(f"lost contact with {host} while training: {msg}")
+        polls = {"unet_follow_delay": self.follow_delay_s,
+                 "unet_follow_retries": max(1, int(self.follow_window_s / self.follow_delay_s))}
+        hosts: str | None = None  # all
+        while True:
+            window_over.clear()
+            result = self.ansible().run("follow.yml", extravars=polls, limit=hosts, on_event=on_event)
+            if self._cancel.is_set():
+                return codes
+            for host, msg in {**result.unreachable, **result.failed}.items():
+                if host not in window_over:
+                    raise LaunchError(f"lost contact with {host} while training: {msg}")
+            if not window_over:
+                break
+            hosts = ",".join(sorted(window_over))  # roles still running there: follow them again
         if result.rc != 0:
             raise LaunchError(f"following the logs failed (ansible exit {result.rc}; see "
                               f"{self.run_dir / 'launcher' / 'ansible'})")
@@ -331,6 +350,14 @@ class Launcher:
     @staticmethod
     def _host_of(plan: LaunchPlan, role: str) -> str:
         return next((r.host for r in plan.roles if r.name == role), "?")
+
+
+def _follow_window_over(res: dict) -> bool:
+    """A follow task that failed only because its polls ran out: follow.py answered (rc 0) every
+    time, and its roles had not finished. Anything else (unreachable, a hung poll, follow.py
+    failing) is a real failure."""
+    lines = res.get("stdout_lines") or str(res.get("stdout", "")).splitlines()
+    return res.get("rc") == 0 and "attempts" in res and "__FINISHED__" not in lines
 
 
 def _count(value) -> int:

@@ -78,7 +78,8 @@ def render(plan: LaunchPlan, cluster: ClusterSettings, source_root: Path, stage_
         "unet_state": Unsafe(plan.state_dir), "unet_source": Unsafe(source_root),
         "unet_stage": Unsafe(stage_dir),
         "unet_rsync_argv": [Unsafe(a) for a in rsync_argv],
-        "unet_follow_delay": follow_delay_s, "unet_follow_retries": int(7 * 24 * 3600 / follow_delay_s),
+        # defaults for a manual ansible-playbook run; the launcher passes its own and re-issues follow.yml
+        "unet_follow_delay": follow_delay_s, "unet_follow_retries": int(24 * 3600 / follow_delay_s),
         "unet_phase": "main",
     }
     groups: dict[str, dict] = {"ps": {"hosts": {}}, "workers": {"hosts": {}}, "chief": {"hosts": {}}}

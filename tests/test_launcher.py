@@ -302,6 +302,59 @@ def test_stop_cannot_be_cancelled_and_sigterm_stops_the_launch(tmp_path, monkeyp
     assert "interrupted: stopping every process" in launcher.out.getvalue()
 
 
+def test_follow_is_reissued_when_its_window_ends(tmp_path, monkeypatch):
+    """A run longer than one follow window (7 days before; 1 s here) is followed again, not declared
+    lost. Real Ansible and follow.py, on this machine (local connection), with a role that runs ~6 s."""
+    import io
+
+    from launcher import distributed
+    from launcher.plan import Role
+    from trainer.config.settings import Settings, TrainSettings
+
+    state = tmp_path / "state"
+    started = subprocess.run(["sh", REPO_ROOT / "launcher" / "remote" / "run-role.sh", state / "chief.log",
+                              state / "chief.rc", state / "chief.pid", "sh", "-c", "echo begin; sleep 6; echo end"],
+                             capture_output=True, text=True, timeout=30)
+    assert started.returncode == 0, started.stderr
+    inventory = {"all": {"vars": {"unet_python": sys.executable, "unet_workdir": str(REPO_ROOT),
+                                  "unet_state": str(state), "unet_follow_delay": 0.3, "unet_follow_retries": 3},
+                         "children": {"chief": {"hosts": {"localhost": {
+                             "ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+                             "unet_roles": [{"name": "chief", "phase": "main", "follow": True, "argv": []}]}}}}}}
+    settings = Settings(train=TrainSettings(run_dir=tmp_path / "runs", run_name="long"))
+    out = io.StringIO()
+    launcher = distributed.Launcher(settings, distributed.LaunchRequest(hosts="localhost"), out=out)
+    launcher.inventory_path = tmp_path / "long.yml"
+    launcher.inventory_path.write_text(yaml.safe_dump(inventory))
+    launcher._followed = [Role("chief", "localhost", "chief", (), "main")]
+    launcher.follow_delay_s, launcher.follow_window_s = 0.3, 1.0
+    runs = []
+    real_run = distributed.Ansible.run
+
+    def counting_run(self, playbook, *args, **kwargs):
+        runs.append((playbook, kwargs.get("limit")))
+        return real_run(self, playbook, *args, **kwargs)
+
+    monkeypatch.setattr(distributed.Ansible, "run", counting_run)
+    try:
+        assert launcher.follow() == {"chief": 0}, out.getvalue()[-3000:]
+    finally:
+        subprocess.run(["sh", REPO_ROOT / "launcher" / "remote" / "stop-roles.sh", state, "chief"], timeout=60)
+    assert len(runs) >= 2 and runs[0] == ("follow.yml", None) and runs[1] == ("follow.yml", "localhost"), runs
+    assert "[localhost chief] begin" in out.getvalue() and "[localhost chief] end" in out.getvalue()
+
+
+def test_follow_window_over_only_when_polls_ran_out():
+    from launcher.distributed import _follow_window_over
+
+    running = '{"role": "chief", "exited": false, "rc": null}'
+    assert _follow_window_over({"rc": 0, "attempts": 4, "stdout": running})
+    assert not _follow_window_over({"rc": 0, "attempts": 4, "stdout": running + "\n__FINISHED__"})
+    assert not _follow_window_over({"rc": 1, "attempts": 4, "stdout": ""})       # follow.py failed
+    assert not _follow_window_over({"msg": "The command action failed to execute in the expected time frame"})
+    assert not _follow_window_over({"rc": 0, "stdout": running})                  # no retries: not a window
+
+
 def test_facts_na_and_forks(tmp_path):
     """Facts of "NA" mean unknown, not a traceback; forks cover every host (live follow beyond 5)."""
     from launcher.ansible import _host_count
