@@ -21,11 +21,13 @@ from pathlib import Path
 from launcher.ansible import Ansible, PlaybookResult
 from launcher.hosts import parse_hosts
 from launcher.inventory import render, ssh_user, write_inventory, to_yaml
-from launcher.plan import HOROVOD_MODE, HostFacts, LaunchPlan, build_plan, horovod_rank_hosts, label_rank_line
+from launcher.plan import (HOROVOD_MODE, PS_MODE, TOKEN_FILE, HostFacts, LaunchPlan, build_plan, horovod_rank_hosts,
+                           label_rank_line)
 from trainer.config.settings import Settings, settings_to_yaml
 from trainer.errors import UserError
 from trainer.fsutil import write_json, write_text
 from trainer.network import check_private_network, is_loopback, is_private
+from trainer.runtime.ps.token import new_token, write_token
 
 log = logging.getLogger(__name__)
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
@@ -205,6 +207,8 @@ class Launcher:
             self.say(plan.describe())
             self.write_inventory(plan)
             write_text(self.stage / "settings.yaml", settings_to_yaml(self.settings))
+            if plan.mode == PS_MODE:  # a fresh secret per run, 0600; sync.yml copies it with its mode
+                write_token(self.stage / TOKEN_FILE, new_token(), replace=True)
             self._check(self.ansible().run("sync.yml"), "sync")
             for phase in ("servers", "main", "tensorboard"):
                 self._check(self.ansible().run("start.yml", extravars={"unet_phase": phase}), f"start {phase}")

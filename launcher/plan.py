@@ -18,6 +18,7 @@ from trainer.config.settings import Settings
 from trainer.errors import UserError
 
 PS_MODE, HOROVOD_MODE = "ps", "horovod"
+TOKEN_FILE = "cluster.token"  # in the run's state folder on every host (PS mode)
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,9 @@ def build_plan(settings: Settings, hosts: tuple[str, ...], mode: str, ps_hosts: 
         layout = ("--set", "cluster.ps_hosts=[" + ",".join(f"{h}:{p}" for h, p in zip(ps_hosts, ps_ports)) + "]",
                   "--set", "cluster.worker_hosts=[" + ",".join(f"{h}:{p}" for h, p in zip(hosts, worker_ports)) + "]",
                   "--set", f"cluster.chief_host={hosts[0]}:{_port(cluster.chief_host)}",
-                  "--set", f"cluster.control_port={cluster.control_port}")
+                  "--set", f"cluster.control_port={cluster.control_port}",
+                  # the run's own control-channel secret, written by the launcher and synced 0600
+                  "--set", f"cluster.token_file={state_dir}/{TOKEN_FILE}")
         for host in dict.fromkeys(hosts + ps_hosts):
             # Every process that computes shares the host's cores: a PS (applies the averaged
             # update) and a worker (computes gradients). The chief on hosts[0] is left out: it

@@ -199,7 +199,7 @@ def run_chief(settings: Settings) -> TrainResult:
     """Wait for every PS and worker, train, then tell them all to stop (0 on success, 1 on failure)."""
     layout = ClusterLayout.from_settings(settings.cluster)
     export_tf_config(layout, "chief", 0)
-    control = ControlServer(*layout.control_address)
+    control = ControlServer.for_cluster(settings.cluster)
     control.on_lost = lambda task: _abort_if_ps(task, layout, control, settings)
     code = 1
     try:
