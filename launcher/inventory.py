@@ -64,9 +64,10 @@ def render(plan: LaunchPlan, cluster: ClusterSettings, source_root: Path, stage_
     if cluster.ssh_key:
         rsync_ssh += ["-i", str(cluster.ssh_key)]
     # Anchored (leading /): an unanchored "data/" would also drop the trainer/data package.
-    # Excluded paths are also safe from --delete: the hosts' own venv, data, runs and marker, and
-    # every run/data path in settings that lies inside the workdir (plan.keep, launcher/protect.py).
-    excludes = ["/.git/", "/.venv/", "/data/", "/runs/", "/.launch/", "/.pytest_cache/", "/.artifacts/",
+    # Excluded paths are also safe from --delete: the hosts' own venv (a folder or a symlink, so no
+    # trailing slash: a worktree's .venv symlink was synced), data, runs, marker, and every run/data
+    # path in settings that lies inside the workdir (plan.keep, launcher/protect.py).
+    excludes = ["/.git", "/.venv", "/data/", "/runs/", "/.launch/", "/.pytest_cache/", "/.artifacts/",
                 "/benchmarks/results/", "/inventory/*.yml", "/.unet-train-workdir", "__pycache__/", "*.egg-info/"]
     excludes += [e for e in interpreter_excludes(cluster.python) + list(plan.keep) if e not in excludes]
     # -s (--protect-args): paths travel to the remote rsync unsplit; playbooks add "--" before

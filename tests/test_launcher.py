@@ -114,17 +114,22 @@ def _strings(node, key=""):
 
 
 def test_inventory_marks_user_values_unsafe_and_ansible_never_templates_them(tmp_path):
-    """A Jinja payload in run_dir or --key must reach Ansible as !unsafe and never run."""
+    """A Jinja payload in run_dir must reach Ansible as !unsafe and never run; in --key it is refused
+    outright (cluster.ssh_key allows only plain path characters)."""
     marker = tmp_path / "pwned"
     payload = "{{ lookup('pipe','touch %s') }}" % marker
+    refused = run_bounded(unet_train_cmd("distributed", "--hosts", "node1,node2", "--mode", "horovod",
+                                         "--key", f"/keys/{payload}", "--dry-run", "--run-name", "inj",
+                                         "--set", f"train.run_dir={tmp_path}"), 120, cwd=tmp_path)
+    assert refused.returncode != 0 and "cluster.ssh_key" in refused.stdout and "Traceback" not in refused.stdout
     result = run_bounded(unet_train_cmd("distributed", "--hosts", "node1,node2", "--mode", "horovod",
-                                        "--key", f"/keys/{payload}", "--dry-run", "--run-name", "inj",
+                                        "--key", "/keys/id", "--dry-run", "--run-name", "inj",
                                         "--set", f"train.run_dir={tmp_path}/{payload}"), 120, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:]
     text = result.stdout.split("# commands, in order")[0].split("\n", 1)[1]
     inventory = yaml.load(text, Loader=_InventoryLoader)
     strings = list(_strings(inventory))
-    assert sum("lookup(" in value for _, value in strings) >= 3  # stage, key, rsync -e, tensorboard logdir
+    assert sum("lookup(" in value for _, value in strings) >= 2  # stage, tensorboard logdir
     for key, value in strings:
         if "{{" in value or key in ("unet_stage", "unet_source", "unet_workdir", "unet_run", "unet_python",
                                     "unet_state", "unet_rsync_target", "ansible_host", "ansible_user",
@@ -496,7 +501,7 @@ def test_rsync_keeps_the_hosts_environment_and_marker(tmp_path):
                                         "--set", "cluster.python=envs/unet/bin/python",
                                         "--set", f"train.run_dir={tmp_path}"), 120, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:]
-    for kept in ("--exclude=/envs/", "--exclude=/.venv/", "--exclude=/.unet-train-workdir", "--exclude=/data/"):
+    for kept in ("--exclude=/envs/", "--exclude=/.venv ", "--exclude=/.unet-train-workdir", "--exclude=/data/"):
         assert kept in result.stdout
 
 
