@@ -401,6 +401,7 @@ def test_doctor_reports_every_host(ssh_hosts, tmp_path):
     for host in HOSTS:
         assert f"{host}: python 3.11" in result.stdout and "tensorflow 2.15.1" in result.stdout
     assert "every host passed" in result.stdout
+    assert "gRPC servers listen on ALL interfaces" in result.stdout  # ps mode: said plainly
 
 
 def test_known_hosts_file_means_strict_host_key_checking(tmp_path):
