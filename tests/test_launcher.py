@@ -426,7 +426,8 @@ def test_host_with_an_unlisted_key_is_refused(tmp_path):
         (tmp_path / "known_hosts").write_text(f"[{host}]:{sshd.port} {kind} {key}\n")
         result = run_bounded(unet_train_cmd(
             "doctor", "--hosts", host, "--port", sshd.port, "--key", sshd.key, "--set", "train.run_name=hk",
-            "--set", f"cluster.known_hosts_file={tmp_path / 'known_hosts'}", "--set", f"cluster.python={sys.executable}",
+            "--set", f"cluster.known_hosts_file={tmp_path / 'known_hosts'}",
+            "--set", f"cluster.python={sys.executable}",
             "--set", "cluster.connect_timeout_s=5", "--set", f"train.run_dir={tmp_path / 'runs'}"), 180, cwd=tmp_path)
         assert result.returncode != 0
         assert f"{host}: unreachable" in result.stdout and "Host key verification failed" in result.stdout, \

@@ -100,7 +100,8 @@ def test_tensorboard_off_loopback_is_warned(tmp_path, bind, warned):
     from launcher import distributed
     from trainer.config.settings import LoggingSettings, Settings, TrainSettings
 
-    settings = Settings(train=TrainSettings(run_dir=tmp_path, run_name="tb"), logging=LoggingSettings(tensorboard_host=bind))
+    settings = Settings(train=TrainSettings(run_dir=tmp_path, run_name="tb"),
+                        logging=LoggingSettings(tensorboard_host=bind))
     out = io.StringIO()
     assert distributed.Launcher(settings, distributed.LaunchRequest(hosts="node1"), out=out).dry_run() == 0
     text = out.getvalue()

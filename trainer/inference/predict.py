@@ -8,7 +8,8 @@ import numpy as np
 
 from trainer.config.settings import Settings
 from trainer.data.brats import discover_brats, read_brats_case
-from trainer.data.nifti import DEFAULT_MAX_VOXELS, Geometry, is_nifti_name, read_volume, strip_nifti_suffix, write_volume
+from trainer.data.nifti import (DEFAULT_MAX_VOXELS, Geometry, is_nifti_name, read_volume, strip_nifti_suffix,
+                                write_volume)
 from trainer.data.normalize import zscore_brain
 from trainer.errors import DataError
 from trainer.fsutil import atomic_file
