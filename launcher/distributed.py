@@ -21,10 +21,13 @@ from pathlib import Path
 from launcher.ansible import Ansible, PlaybookResult
 from launcher.hosts import parse_hosts
 from launcher.inventory import render, ssh_user, write_inventory, to_yaml
-from launcher.plan import HOROVOD_MODE, HostFacts, LaunchPlan, build_plan, horovod_rank_hosts, label_rank_line
+from launcher.plan import (HOROVOD_MODE, PS_MODE, TOKEN_FILE, HostFacts, LaunchPlan, build_plan, horovod_rank_hosts,
+                           label_rank_line)
 from trainer.config.settings import Settings, settings_to_yaml
 from trainer.errors import UserError
 from trainer.fsutil import write_json, write_text
+from trainer.network import check_private_network, is_loopback, is_private
+from trainer.runtime.ps.token import new_token, write_token
 
 log = logging.getLogger(__name__)
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +50,12 @@ class LaunchRequest:
 
 
 class Launcher:
+    # follow.yml polls every follow_delay_s for at most follow_window_s, then the launcher issues it
+    # again for the hosts still running: a run may last any time (a fixed 7-day bound used to end
+    # in "lost contact" and stop a healthy run).
+    follow_delay_s: float = 1.0
+    follow_window_s: float = 24 * 3600.0
+
     def __init__(self, settings: Settings, request: LaunchRequest, out=sys.stdout):
         self.settings, self.request, self.out = settings, request, out
         self.hosts = parse_hosts(request.hosts) if request.hosts else ()  # --stop needs none
@@ -78,13 +87,33 @@ class Launcher:
                        self.settings.cluster.connect_timeout_s,
                        self._cancel.is_set if cancellable else (lambda: False))
 
+    # ------------------------------------------------------------------ network exposure
+    def check_network(self, plan: LaunchPlan) -> None:
+        """Every host the run uses must be private, loopback or link-local (see trainer/network.py)."""
+        check_private_network(plan.hosts + plan.ps_hosts, self.settings.cluster.allow_public_network)
+        if self.settings.cluster.allow_public_network:
+            self.say("warning: cluster.allow_public_network is true: cluster addresses are not checked; the "
+                     "gRPC servers (ps mode) accept anyone who can reach their ports")
+        self.warn_tensorboard(plan)
+
+    def warn_tensorboard(self, plan: LaunchPlan) -> None:
+        bind = self.settings.logging.tensorboard_host
+        if plan.tensorboard and not is_loopback(bind):
+            self.say(f"warning: TensorBoard on {plan.tensorboard[0]} binds to {bind or 'every interface'} "
+                     f"(logging.tensorboard_host), not loopback: its image panels show patient MRI to anyone who "
+                     f"can reach port {plan.tensorboard[1]}; keep 127.0.0.1 and use the ssh -N -L tunnel")
+
     # ------------------------------------------------------------------ entry points
     def dry_run(self) -> int:
-        plan = self.plan()
+        plan = self.plan()  # no name lookups here: the network check runs at launch (and doctor)
+        self.warn_tensorboard(plan)
         self.say(f"# inventory ({self.inventory_path} when run for real)")
         self.say(to_yaml(render(plan, self.settings.cluster, SOURCE_ROOT, self.stage)))
         self.say("# commands, in order")
         self.say(f"preflight: ansible facts + versions on {', '.join(dict.fromkeys(plan.hosts + plan.ps_hosts))}")
+        self.say("network check (first, at launch): every host private, loopback or link-local"
+                 + (" -- off: cluster.allow_public_network is true" if self.settings.cluster.allow_public_network
+                    else ""))
         rsync = render(plan, self.settings.cluster, SOURCE_ROOT, self.stage)["all"]["vars"]["unet_rsync_argv"]
         for host in dict.fromkeys(plan.hosts + plan.ps_hosts):
             self.say(f"sync {host}: {shlex.join(rsync)} --delete -- {SOURCE_ROOT}/ {ssh_user(self.settings.cluster)}@{host}:"
@@ -99,6 +128,7 @@ class Launcher:
         running launch needs for ``--stop`` is never overwritten."""
         if standalone:
             self.inventory_path = self.inventory_path.with_name(f"{self.settings.train.run_name}.doctor.yml")
+        self.check_network(self.plan())  # before anything connects anywhere
         self.write_inventory(self.plan())
         result = self.ansible().run("preflight.yml")
         if self._cancel.is_set():
@@ -135,7 +165,8 @@ class Launcher:
             cores = _count(report["cores_per_socket"]) * _count(report["sockets"]) or _count(report["vcpus"]) or 1
             facts[host] = HostFacts(physical_cores=cores, numa_nodes=max(1, _count(report["numa_nodes"])),
                                     numactl=str(report["numactl"]).lower() == "true", versions=found,
-                                    mpi=report["mpi"], interfaces=tuple(report["interfaces"]))
+                                    mpi=report["mpi"], interfaces=tuple(report["interfaces"]),
+                                    addresses=tuple(report.get("addresses") or ()))
             self.say(f"{host}: python {found.get('python')}, tensorflow {tf_version}, horovod {found.get('horovod')}, "
                      f"{cores} cores / {report['sockets']} socket(s) / {facts[host].numa_nodes} NUMA node(s), "
                      f"MPI {'yes' if report['mpi'] else 'no'}, NICs {', '.join(facts[host].interfaces)}")
@@ -148,7 +179,21 @@ class Launcher:
                                         f"{versions[reference_host][key]}")
         if problems:
             raise LaunchError("preflight failed:\n  " + "\n  ".join(problems))
+        if self.request.mode != HOROVOD_MODE:
+            self.say_grpc_exposure(facts)
         return facts
+
+    def say_grpc_exposure(self, facts: dict[str, HostFacts]) -> None:
+        """Plainly: what parameter-server mode opens on every host, and where that is public."""
+        self.say("note: parameter-server mode: TensorFlow's gRPC servers listen on ALL interfaces of their hosts "
+                 "with no authentication (TensorFlow 2.15 has no bind-address option); anyone who reaches those "
+                 "ports can run ops as the training user. Use an isolated network or a firewall "
+                 "(README: Security model)")
+        for host, found in facts.items():
+            public = [a for a in found.addresses if not is_private(a)]
+            if public:
+                self.say(f"warning: {host} has public address(es) {', '.join(public)}: the gRPC ports are open "
+                         f"there too unless a firewall blocks them")
 
     def launch(self) -> int:
         """Preflight, sync, start, stream; stop everything on failure or Ctrl-C. Returns the exit code."""
@@ -162,6 +207,8 @@ class Launcher:
             self.say(plan.describe())
             self.write_inventory(plan)
             write_text(self.stage / "settings.yaml", settings_to_yaml(self.settings))
+            if plan.mode == PS_MODE:  # a fresh secret per run, 0600; sync.yml copies it with its mode
+                write_token(self.stage / TOKEN_FILE, new_token(), replace=True)
             self._check(self.ansible().run("sync.yml"), "sync")
             for phase in ("servers", "main", "tensorboard"):
                 self._check(self.ansible().run("start.yml", extravars={"unet_phase": phase}), f"start {phase}")
@@ -235,7 +282,11 @@ class Launcher:
         rank_hosts = (horovod_rank_hosts(self.hosts, self.request.slots_per_host)
                       if self.request.mode == HOROVOD_MODE else ())
 
+        window_over: set[str] = set()
+
         def on_event(kind: str, host: str, res: dict) -> None:
+            if kind == "runner_on_failed" and _follow_window_over(res):
+                window_over.add(host)
             for raw in str(res.get("stdout", "")).splitlines():
                 try:
                     item = json.loads(raw)
@@ -251,11 +302,20 @@ class Launcher:
                 elif item.get("exited"):
                     codes[item["role"]] = item["rc"]
 
-        result = self.ansible().run("follow.yml", on_event=on_event)
-        if self._cancel.is_set():
-            return codes
-        for host, msg in {**result.unreachable, **result.failed}.items():
-            raise LaunchError(f"lost contact with {host} while training: {msg}")
+        polls = {"unet_follow_delay": self.follow_delay_s,
+                 "unet_follow_retries": max(1, int(self.follow_window_s / self.follow_delay_s))}
+        hosts: str | None = None  # all
+        while True:
+            window_over.clear()
+            result = self.ansible().run("follow.yml", extravars=polls, limit=hosts, on_event=on_event)
+            if self._cancel.is_set():
+                return codes
+            for host, msg in {**result.unreachable, **result.failed}.items():
+                if host not in window_over:
+                    raise LaunchError(f"lost contact with {host} while training: {msg}")
+            if not window_over:
+                break
+            hosts = ",".join(sorted(window_over))  # roles still running there: follow them again
         if result.rc != 0:
             raise LaunchError(f"following the logs failed (ansible exit {result.rc}; see "
                               f"{self.run_dir / 'launcher' / 'ansible'})")
@@ -294,6 +354,14 @@ class Launcher:
     @staticmethod
     def _host_of(plan: LaunchPlan, role: str) -> str:
         return next((r.host for r in plan.roles if r.name == role), "?")
+
+
+def _follow_window_over(res: dict) -> bool:
+    """A follow task that failed only because its polls ran out: follow.py answered (rc 0) every
+    time, and its roles had not finished. Anything else (unreachable, a hung poll, follow.py
+    failing) is a real failure."""
+    lines = res.get("stdout_lines") or str(res.get("stdout", "")).splitlines()
+    return res.get("rc") == 0 and "attempts" in res and "__FINISHED__" not in lines
 
 
 def _count(value) -> int:

@@ -30,8 +30,13 @@ _Dumper.add_representer(Unsafe, lambda dumper, value: dumper.represent_scalar("!
 
 
 def ssh_options(cluster: ClusterSettings) -> list[str]:
-    """Keys only, and bounded waits: ServerAlive* drops a vanished host in ~15 s, not hours."""
-    options = ["-o", "StrictHostKeyChecking=accept-new", "-o", "BatchMode=yes",
+    """Keys only, and bounded waits: ServerAlive* drops a vanished host in ~15 s, not hours.
+
+    Host keys: with ``cluster.known_hosts_file`` only the keys listed there are accepted
+    (StrictHostKeyChecking=yes); without it, ssh's own file, and a new host is trusted on first
+    use (accept-new), then pinned."""
+    strict = "yes" if cluster.known_hosts_file else "accept-new"
+    options = ["-o", f"StrictHostKeyChecking={strict}", "-o", "BatchMode=yes",
                "-o", f"ConnectTimeout={cluster.connect_timeout_s}",
                "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
     if cluster.known_hosts_file:
@@ -59,10 +64,12 @@ def render(plan: LaunchPlan, cluster: ClusterSettings, source_root: Path, stage_
     if cluster.ssh_key:
         rsync_ssh += ["-i", str(cluster.ssh_key)]
     # Anchored (leading /): an unanchored "data/" would also drop the trainer/data package.
-    # Excluded paths are also safe from --delete: the hosts' own venv, data, runs and marker.
-    excludes = ["/.git/", "/.venv/", "/data/", "/runs/", "/.launch/", "/.pytest_cache/", "/.artifacts/",
+    # Excluded paths are also safe from --delete: the hosts' own venv (a folder or a symlink, so no
+    # trailing slash: a worktree's .venv symlink was synced), data, runs, marker, and every run/data
+    # path in settings that lies inside the workdir (plan.keep, launcher/protect.py).
+    excludes = ["/.git", "/.venv", "/data/", "/runs/", "/.launch/", "/.pytest_cache/", "/.artifacts/",
                 "/benchmarks/results/", "/inventory/*.yml", "/.unet-train-workdir", "__pycache__/", "*.egg-info/"]
-    excludes += [e for e in interpreter_excludes(cluster.python) if e not in excludes]
+    excludes += [e for e in interpreter_excludes(cluster.python) + list(plan.keep) if e not in excludes]
     # -s (--protect-args): paths travel to the remote rsync unsplit; playbooks add "--" before
     # source and target. --timeout: a stalled transfer fails instead of hanging.
     rsync_argv = ["rsync", "-a", "-s", "--timeout=120", *[f"--exclude={e}" for e in excludes],
@@ -72,7 +79,8 @@ def render(plan: LaunchPlan, cluster: ClusterSettings, source_root: Path, stage_
         "unet_state": Unsafe(plan.state_dir), "unet_source": Unsafe(source_root),
         "unet_stage": Unsafe(stage_dir),
         "unet_rsync_argv": [Unsafe(a) for a in rsync_argv],
-        "unet_follow_delay": follow_delay_s, "unet_follow_retries": int(7 * 24 * 3600 / follow_delay_s),
+        # defaults for a manual ansible-playbook run; the launcher passes its own and re-issues follow.yml
+        "unet_follow_delay": follow_delay_s, "unet_follow_retries": int(24 * 3600 / follow_delay_s),
         "unet_phase": "main",
     }
     groups: dict[str, dict] = {"ps": {"hosts": {}}, "workers": {"hosts": {}}, "chief": {"hosts": {}}}

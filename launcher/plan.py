@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from launcher.protect import mirror_excludes
 from trainer.config.settings import Settings
 from trainer.errors import UserError
 
 PS_MODE, HOROVOD_MODE = "ps", "horovod"
+TOKEN_FILE = "cluster.token"  # in the run's state folder on every host (PS mode)
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class HostFacts:
     versions: Mapping[str, str | None] = field(default_factory=dict)
     mpi: str = ""
     interfaces: tuple[str, ...] = ()
+    addresses: tuple[str, ...] = ()  # every IPv4/IPv6 address of the host's interfaces
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class LaunchPlan:
     roles: tuple[Role, ...]
     cpu: Mapping[str, CpuChoice]
     tensorboard: tuple[str, int] | None  # (host, port) on the chief
+    keep: tuple[str, ...] = ()  # rsync excludes for the settings' run/data paths inside the workdir
 
     @property
     def state_dir(self) -> str:
@@ -156,7 +160,9 @@ def build_plan(settings: Settings, hosts: tuple[str, ...], mode: str, ps_hosts: 
         layout = ("--set", "cluster.ps_hosts=[" + ",".join(f"{h}:{p}" for h, p in zip(ps_hosts, ps_ports)) + "]",
                   "--set", "cluster.worker_hosts=[" + ",".join(f"{h}:{p}" for h, p in zip(hosts, worker_ports)) + "]",
                   "--set", f"cluster.chief_host={hosts[0]}:{_port(cluster.chief_host)}",
-                  "--set", f"cluster.control_port={cluster.control_port}")
+                  "--set", f"cluster.control_port={cluster.control_port}",
+                  # the run's own control-channel secret, written by the launcher and synced 0600
+                  "--set", f"cluster.token_file={state_dir}/{TOKEN_FILE}")
         for host in dict.fromkeys(hosts + ps_hosts):
             # Every process that computes shares the host's cores: a PS (applies the averaged
             # update) and a worker (computes gradients). The chief on hosts[0] is left out: it
@@ -198,7 +204,8 @@ def build_plan(settings: Settings, hosts: tuple[str, ...], mode: str, ps_hosts: 
             "env", f"PYTHONPATH={workdir}", python, "-m", "tensorboard.main", "--logdir", logdir,
             "--host", settings.logging.tensorboard_host, "--port", str(port)), "tensorboard", follow=False))
         tensorboard = (hosts[0], port)
-    return LaunchPlan(run, mode, hosts, tuple(ps_hosts), workdir, python, tuple(roles), cpu, tensorboard)
+    keep = tuple(mirror_excludes(settings, workdir, source_root or Path.cwd()))
+    return LaunchPlan(run, mode, hosts, tuple(ps_hosts), workdir, python, tuple(roles), cpu, tensorboard, keep)
 
 
 _RANK_TAG = re.compile(r"\[(?:\d+,)?(\d+)\]<(?:stdout|stderr)>:")  # Gloo [r]; OpenMPI --tag-output [job,r]

@@ -59,6 +59,9 @@ def start_sshd_hosts(root: Path, hosts: tuple[str, ...] = HOSTS, timeout: float 
              "-o", "KbdInteractiveAuthentication=no", "-o", "PidFile=none", "-o", "MaxStartups=100",
              "-o", "MaxSessions=100"],
             stdout=subprocess.DEVNULL, stderr=open(root / f"sshd-{host}.log", "w"), start_new_session=True))
+    # The hosts' key, pinned: the launcher checks host keys strictly against cluster.known_hosts_file.
+    host_key = (root / "host_key.pub").read_text().split()
+    (root / "known_hosts").write_text("".join(f"[{host}]:{port} {host_key[0]} {host_key[1]}\n" for host in hosts))
     started = SshHosts(hosts, port, root / "client_key", root / "known_hosts", procs)
     deadline = time.monotonic() + timeout
     for host in hosts:

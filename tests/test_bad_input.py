@@ -425,6 +425,21 @@ def test_decathlon_dataset_json_value_of_wrong_type(decathlon_copy, key, value, 
         assert text in message, message
 
 
+@pytest.mark.parametrize("key", ["image", "label"])
+@pytest.mark.parametrize("value", ["../../../../etc/passwd", "/etc/hostname", "/", "./imagesTr/../../x.nii.gz", ".",
+                                   "./"])
+def test_decathlon_path_outside_the_dataset_folder(decathlon_copy, key, value):
+    _edit_dataset_json(decathlon_copy, lambda meta: meta["training"][1].update({key: value}))
+    message = _index_error(decathlon_copy)
+    assert f"training[1].{key}: {json.dumps(value)} is outside the dataset folder" in message
+
+
+def test_decathlon_test_path_outside_the_dataset_folder_through_the_cli(run_cli, decathlon_copy, tmp_path):
+    _edit_dataset_json(decathlon_copy, lambda meta: meta.__setitem__("test", ["/etc/hostname"]))
+    result, out_dir, cache, split = _prepare_decathlon(run_cli, decathlon_copy, tmp_path)
+    assert_clean_failure(result, out_dir, [split, cache], ["dataset.json", "test[0]", "outside the dataset folder"])
+
+
 def test_decathlon_duplicate_training_case(decathlon_copy):
     _edit_dataset_json(decathlon_copy, lambda meta: meta["training"].append(dict(meta["training"][0])))
     assert "more than once" in _index_error(decathlon_copy)
@@ -506,3 +521,64 @@ def test_read_volume_counts_non_finite_voxels(tmp_path, name):
     path = _small_volume(tmp_path, name, array, compress=name.endswith(".gz"))
     with pytest.raises(DataError, match=r"3 NaN/Inf voxel\(s\)"):
         read_volume(path)
+
+
+def _header_only_nifti(path: Path, dims: tuple[int, ...], datatype: int = 4, bitpix: int = 16) -> Path:
+    """A gzipped NIfTI-1 header (352 bytes) that claims ``dims`` voxels and carries no data."""
+    import struct
+
+    header = bytearray(352)
+    struct.pack_into("<i", header, 0, 348)
+    struct.pack_into("<8h", header, 40, len(dims), *dims, *([1] * (7 - len(dims))))
+    struct.pack_into("<2h", header, 70, datatype, bitpix)
+    struct.pack_into("<8f", header, 76, 1.0, *([1.0] * 7))  # pixdim
+    struct.pack_into("<f", header, 108, 352.0)
+    header[344:348] = b"n+1\0"
+    path.write_bytes(gzip.compress(bytes(header), mtime=0))
+    return path
+
+
+@pytest.mark.parametrize("dims", [(16384, 16384, 16), (16384, 16384, 8, 4)])
+def test_tiny_file_claiming_gigabytes_is_refused_from_its_header(tmp_path, monkeypatch, dims):
+    """An ~83-byte .nii.gz whose header claims 8-16 GiB: the gzip trailer (size mod 2**32) matches
+    the claim, so only the voxel cap stops SimpleITK from allocating it all."""
+    import time
+
+    import trainer.data.nifti as nifti
+    from trainer.errors import DataError
+
+    path = _header_only_nifti(tmp_path / "huge.nii.gz", dims)
+    assert path.stat().st_size < 120
+    monkeypatch.setattr(nifti.sitk, "ReadImage", lambda *a, **k: pytest.fail("SimpleITK was asked to read it"))
+    start = time.perf_counter()
+    with pytest.raises(DataError) as caught:
+        read_volume(path)
+    assert time.perf_counter() - start < 2.0
+    message = str(caught.value)
+    assert str(path) in message and "data.max_voxels" in message and " x ".join(map(str, dims)) in message
+
+
+def test_size_beyond_4_gib_is_counted_not_taken_from_the_gzip_trailer(tmp_path, monkeypatch):
+    """With the cap raised, a > 4 GiB claim is checked by decompressing: its trailer says nothing."""
+    import trainer.data.nifti as nifti
+    from trainer.errors import DataError
+
+    path = _header_only_nifti(tmp_path / "huge.nii.gz", (16384, 16384, 16))  # 8 GiB + 352 = 352 mod 2**32
+    monkeypatch.setattr(nifti.sitk, "ReadImage", lambda *a, **k: pytest.fail("SimpleITK was asked to read it"))
+    with pytest.raises(DataError, match=r"truncated NIfTI \(data block has 0 of 8589934592 bytes\)"):
+        read_volume(path, max_voxels=2 ** 40)
+
+
+def test_voxel_cap_is_the_setting(tmp_path):
+    from trainer.errors import DataError
+
+    path = _small_volume(tmp_path, "v.nii.gz", np.ones((9, 10, 11), np.int16))
+    assert read_volume(path, max_voxels=990).array.shape == (9, 10, 11)
+    with pytest.raises(DataError, match="9 x 10 x 11 = 990 voxels, more than data.max_voxels = 989"):
+        read_volume(path, max_voxels=989)
+
+
+def test_prepare_refuses_a_case_above_max_voxels(run_cli, decathlon_copy, tmp_path):
+    result, out_dir, cache, split = _prepare_decathlon(run_cli, decathlon_copy, tmp_path,
+                                                       "--set", "data.max_voxels=1000")
+    assert_clean_failure(result, out_dir, [split, cache], ["BRATS_001.nii.gz", "data.max_voxels = 1,000"])

@@ -114,17 +114,22 @@ def _strings(node, key=""):
 
 
 def test_inventory_marks_user_values_unsafe_and_ansible_never_templates_them(tmp_path):
-    """A Jinja payload in run_dir or --key must reach Ansible as !unsafe and never run."""
+    """A Jinja payload in run_dir must reach Ansible as !unsafe and never run; in --key it is refused
+    outright (cluster.ssh_key allows only plain path characters)."""
     marker = tmp_path / "pwned"
     payload = "{{ lookup('pipe','touch %s') }}" % marker
+    refused = run_bounded(unet_train_cmd("distributed", "--hosts", "node1,node2", "--mode", "horovod",
+                                         "--key", f"/keys/{payload}", "--dry-run", "--run-name", "inj",
+                                         "--set", f"train.run_dir={tmp_path}"), 120, cwd=tmp_path)
+    assert refused.returncode != 0 and "cluster.ssh_key" in refused.stdout and "Traceback" not in refused.stdout
     result = run_bounded(unet_train_cmd("distributed", "--hosts", "node1,node2", "--mode", "horovod",
-                                        "--key", f"/keys/{payload}", "--dry-run", "--run-name", "inj",
+                                        "--key", "/keys/id", "--dry-run", "--run-name", "inj",
                                         "--set", f"train.run_dir={tmp_path}/{payload}"), 120, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:]
     text = result.stdout.split("# commands, in order")[0].split("\n", 1)[1]
     inventory = yaml.load(text, Loader=_InventoryLoader)
     strings = list(_strings(inventory))
-    assert sum("lookup(" in value for _, value in strings) >= 3  # stage, key, rsync -e, tensorboard logdir
+    assert sum("lookup(" in value for _, value in strings) >= 2  # stage, tensorboard logdir
     for key, value in strings:
         if "{{" in value or key in ("unet_stage", "unet_source", "unet_workdir", "unet_run", "unet_python",
                                     "unet_state", "unet_rsync_target", "ansible_host", "ansible_user",
@@ -302,6 +307,59 @@ def test_stop_cannot_be_cancelled_and_sigterm_stops_the_launch(tmp_path, monkeyp
     assert "interrupted: stopping every process" in launcher.out.getvalue()
 
 
+def test_follow_is_reissued_when_its_window_ends(tmp_path, monkeypatch):
+    """A run longer than one follow window (7 days before; 1 s here) is followed again, not declared
+    lost. Real Ansible and follow.py, on this machine (local connection), with a role that runs ~6 s."""
+    import io
+
+    from launcher import distributed
+    from launcher.plan import Role
+    from trainer.config.settings import Settings, TrainSettings
+
+    state = tmp_path / "state"
+    started = subprocess.run(["sh", REPO_ROOT / "launcher" / "remote" / "run-role.sh", state / "chief.log",
+                              state / "chief.rc", state / "chief.pid", "sh", "-c", "echo begin; sleep 6; echo end"],
+                             capture_output=True, text=True, timeout=30)
+    assert started.returncode == 0, started.stderr
+    inventory = {"all": {"vars": {"unet_python": sys.executable, "unet_workdir": str(REPO_ROOT),
+                                  "unet_state": str(state), "unet_follow_delay": 0.3, "unet_follow_retries": 3},
+                         "children": {"chief": {"hosts": {"localhost": {
+                             "ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+                             "unet_roles": [{"name": "chief", "phase": "main", "follow": True, "argv": []}]}}}}}}
+    settings = Settings(train=TrainSettings(run_dir=tmp_path / "runs", run_name="long"))
+    out = io.StringIO()
+    launcher = distributed.Launcher(settings, distributed.LaunchRequest(hosts="localhost"), out=out)
+    launcher.inventory_path = tmp_path / "long.yml"
+    launcher.inventory_path.write_text(yaml.safe_dump(inventory))
+    launcher._followed = [Role("chief", "localhost", "chief", (), "main")]
+    launcher.follow_delay_s, launcher.follow_window_s = 0.3, 1.0
+    runs = []
+    real_run = distributed.Ansible.run
+
+    def counting_run(self, playbook, *args, **kwargs):
+        runs.append((playbook, kwargs.get("limit")))
+        return real_run(self, playbook, *args, **kwargs)
+
+    monkeypatch.setattr(distributed.Ansible, "run", counting_run)
+    try:
+        assert launcher.follow() == {"chief": 0}, out.getvalue()[-3000:]
+    finally:
+        subprocess.run(["sh", REPO_ROOT / "launcher" / "remote" / "stop-roles.sh", state, "chief"], timeout=60)
+    assert len(runs) >= 2 and runs[0] == ("follow.yml", None) and runs[1] == ("follow.yml", "localhost"), runs
+    assert "[localhost chief] begin" in out.getvalue() and "[localhost chief] end" in out.getvalue()
+
+
+def test_follow_window_over_only_when_polls_ran_out():
+    from launcher.distributed import _follow_window_over
+
+    running = '{"role": "chief", "exited": false, "rc": null}'
+    assert _follow_window_over({"rc": 0, "attempts": 4, "stdout": running})
+    assert not _follow_window_over({"rc": 0, "attempts": 4, "stdout": running + "\n__FINISHED__"})
+    assert not _follow_window_over({"rc": 1, "attempts": 4, "stdout": ""})       # follow.py failed
+    assert not _follow_window_over({"msg": "The command action failed to execute in the expected time frame"})
+    assert not _follow_window_over({"rc": 0, "stdout": running})                  # no retries: not a window
+
+
 def test_facts_na_and_forks(tmp_path):
     """Facts of "NA" mean unknown, not a traceback; forks cover every host (live follow beyond 5)."""
     from launcher.ansible import _host_count
@@ -343,6 +401,46 @@ def test_doctor_reports_every_host(ssh_hosts, tmp_path):
     for host in HOSTS:
         assert f"{host}: python 3.11" in result.stdout and "tensorflow 2.15.1" in result.stdout
     assert "every host passed" in result.stdout
+    assert "gRPC servers listen on ALL interfaces" in result.stdout  # ps mode: said plainly
+
+
+def test_known_hosts_file_means_strict_host_key_checking(tmp_path):
+    from launcher.inventory import ssh_options
+    from trainer.config.settings import ClusterSettings
+
+    assert "StrictHostKeyChecking=accept-new" in ssh_options(ClusterSettings())
+    strict = ssh_options(ClusterSettings(known_hosts_file="/etc/unet/known_hosts"))
+    assert "StrictHostKeyChecking=yes" in strict and "UserKnownHostsFile=/etc/unet/known_hosts" in strict
+    assert not any("accept-new" in option for option in strict)
+
+
+@needs_sshd
+def test_host_with_an_unlisted_key_is_refused(tmp_path):
+    """With cluster.known_hosts_file, a host whose key is not the one pinned there is not trusted.
+    Its own sshd on a fresh alias: Ansible's ControlPersist would reuse an earlier test's connection."""
+    host = "127.0.0.4"
+    sshd = start_sshd_hosts(tmp_path / "sshd", (host,))
+    try:
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other")], check=True)
+        kind, key = (tmp_path / "other.pub").read_text().split()[:2]
+        (tmp_path / "known_hosts").write_text(f"[{host}]:{sshd.port} {kind} {key}\n")
+        result = run_bounded(unet_train_cmd(
+            "doctor", "--hosts", host, "--port", sshd.port, "--key", sshd.key, "--set", "train.run_name=hk",
+            "--set", f"cluster.known_hosts_file={tmp_path / 'known_hosts'}",
+            "--set", f"cluster.python={sys.executable}",
+            "--set", "cluster.connect_timeout_s=5", "--set", f"train.run_dir={tmp_path / 'runs'}"), 180, cwd=tmp_path)
+        assert result.returncode != 0
+        assert f"{host}: unreachable" in result.stdout and "Host key verification failed" in result.stdout, \
+            result.stdout[-3000:]
+        assert (tmp_path / "known_hosts").read_text().count("\n") == 1  # nothing was added to the pinned file
+        # the same host with its real key pinned (the helper's known_hosts) passes
+        ok = run_bounded(unet_train_cmd(
+            "doctor", "--hosts", host, "--port", sshd.port, "--key", sshd.key, "--set", "train.run_name=hk2",
+            "--set", f"cluster.known_hosts_file={sshd.known_hosts}", "--set", f"cluster.python={sys.executable}",
+            "--set", "cluster.connect_timeout_s=5", "--set", f"train.run_dir={tmp_path / 'runs'}"), 180, cwd=tmp_path)
+        assert ok.returncode == 0, ok.stdout[-3000:]
+    finally:
+        sshd.stop()
 
 
 @needs_sshd
@@ -357,6 +455,45 @@ def test_sync_refuses_a_workdir_that_holds_something_else(ssh_hosts, tmp_path):
     assert sorted(p.name for p in workdir.iterdir()) == ["thesis.tex"]  # nothing deleted, nothing added
 
 
+def test_sync_keeps_run_and_data_paths_from_settings(tmp_path):
+    """A real rsync with the launcher's own argv and --delete: checkpoints under a custom run_dir
+    (relative, or absolute inside the workdir and nested in a folder the checkout lacks), a cache,
+    a split file and the token on the host survive; stale code is removed."""
+    from launcher.inventory import render
+    from launcher.plan import build_plan
+    from trainer.config.loader import load_settings
+
+    source = tmp_path / "checkout"
+    (source / "trainer").mkdir(parents=True)
+    (source / "trainer" / "cli.py").write_text("# code\n")
+    for number, (run_dir, checkpoint) in enumerate([("experiments", "experiments/exp1/checkpoints/last/epoch-3.index"),
+                                                    ("{remote}/results/deep", "results/deep/exp2/history.json")]):
+        remote = tmp_path / f"remote{number}"
+        kept = {checkpoint: "ckpt", "cache3d/BRATS_001.image.npy": "npy", "splits/decathlon.json": "{}",
+                ".unet-train-cluster.token": "secret"}
+        for name, text in {**kept, "trainer/stale.py": "old", "leftover.txt": "old"}.items():
+            (remote / name).parent.mkdir(parents=True, exist_ok=True)
+            (remote / name).write_text(text)
+        settings = load_settings(None, [f"train.run_dir={run_dir.format(remote=remote)}", "data.cache_dir=cache3d",
+                                        "data.decathlon_split=splits/decathlon.json", f"cluster.workdir={remote}"])
+        plan = build_plan(settings, ("node1",), "ps", source_root=source)
+        rsync = render(plan, settings.cluster, source, tmp_path / "stage")["all"]["vars"]["unet_rsync_argv"]
+        result = subprocess.run([*rsync, "--delete", "--", f"{source}/", f"{remote}/"], capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        for name, text in kept.items():
+            assert (remote / name).read_text() == text, (run_dir, name)
+        assert (remote / "trainer" / "cli.py").exists()
+        assert not (remote / "trainer" / "stale.py").exists() and not (remote / "leftover.txt").exists()
+
+
+def test_run_dir_that_is_the_workdir_is_refused(tmp_path):
+    result = run_bounded(unet_train_cmd("distributed", "--hosts", "node1", "--dry-run", "--workdir", "/srv/unet",
+                                        "--set", "train.run_dir=/srv/unet"), 120, cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stdout
+    assert "train.run_dir: /srv/unet is the workdir itself" in result.stdout, result.stdout[-2000:]
+
+
 def test_rsync_keeps_the_hosts_environment_and_marker(tmp_path):
     from launcher.inventory import interpreter_excludes
 
@@ -366,7 +503,7 @@ def test_rsync_keeps_the_hosts_environment_and_marker(tmp_path):
                                         "--set", "cluster.python=envs/unet/bin/python",
                                         "--set", f"train.run_dir={tmp_path}"), 120, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:]
-    for kept in ("--exclude=/envs/", "--exclude=/.venv/", "--exclude=/.unet-train-workdir", "--exclude=/data/"):
+    for kept in ("--exclude=/envs/", "--exclude=/.venv ", "--exclude=/.unet-train-workdir", "--exclude=/data/"):
         assert kept in result.stdout
 
 

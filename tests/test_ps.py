@@ -161,6 +161,41 @@ def test_missing_worker_is_named_at_startup(cluster, prepared_brats, tmp_path):
     assert codes["ps0"] == 1 and codes["worker0"] == 1  # told to stop: the job failed
 
 
+def test_spoofed_control_messages_neither_register_nor_stop_anything(cluster, prepared_brats, tmp_path):
+    """Seen: `HELLO worker N` lines from anyone satisfied the start-up wait, and `HELLO ps 0` plus a
+    disconnect made the chief report PS 0 lost and kill the job. Now both are refused (no token)."""
+    import threading
+
+    c = cluster(startup_timeout=8)
+    c.start_servers(workers=1)  # worker 1 never starts: only a spoofer claims to be it
+    chief = c.chief("--run-name", "spoof", "--epochs", "1", *data_flags(prepared_brats))
+    control = int(next(f for f in c.flags if f.startswith("cluster.control_port=")).split("=", 1)[1])
+    done = threading.Event()
+
+    def spoof() -> None:
+        while not done.is_set() and chief.poll() is None:
+            for line in (b"HELLO worker 1\n", b"HELLO ps 0\n"):
+                try:
+                    with socket.create_connection(("127.0.0.1", control), timeout=1) as conn:
+                        conn.sendall(line)
+                except OSError:
+                    pass
+            time.sleep(0.2)
+
+    spoofer = threading.Thread(target=spoof, daemon=True)
+    spoofer.start()
+    try:
+        codes = c.wait_all(timeout=180)
+    finally:
+        done.set()
+        spoofer.join(10)
+    log = c.log("chief")
+    assert codes["chief"] not in (0, None), log[-3000:]
+    assert f"worker 1 (127.0.0.1:{c.worker_ports[1]})" in log and "within 8 s" in log, log[-3000:]
+    assert "connection(s) refused" in log and "lost ps 0" not in log, log[-3000:]
+    assert codes["ps0"] == 1 and codes["worker0"] == 1  # the real roles were registered and told to stop
+
+
 def test_ps_loss_stops_chief_and_rerun_resumes(cluster, prepared_brats, tmp_path):
     flags = ["--run-name", "r", "--epochs", "4", "--batch-size", "2", *data_flags(prepared_brats),
              "--set", "model.base_filters_2d=4", "--set", "train.steps_per_epoch=2",

@@ -164,6 +164,41 @@ def test_split_fractions_that_fit_are_accepted():
     assert settings.data.split.val_fraction == 0.4
 
 
+@pytest.mark.parametrize("value", ["/k;touch /tmp/PWNED;#", "/keys/id rsa", "/keys/$(id)", "keys/id", "~/.ssh/id",
+                                   "/keys/`id`", "/keys/'q'"])
+def test_ssh_key_must_be_a_plain_absolute_path(value):
+    """horovodrun pastes `-i KEY` unquoted into a /bin/sh command: only known_hosts_file's path characters."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, [f"cluster.ssh_key={value}"])
+    assert "cluster.ssh_key:" in str(info.value) and "absolute path" in str(info.value)
+
+
+def test_plain_ssh_key_paths_are_accepted():
+    settings = load_settings(None, ["cluster.ssh_key=/home/alice/.ssh/id_ed25519"])
+    assert settings.cluster.ssh_key == Path("/home/alice/.ssh/id_ed25519")
+    assert load_settings(None, ["cluster.ssh_key=null"]).cluster.ssh_key is None
+
+
+@pytest.mark.parametrize("value", ["../../etc/cron.d/x", "/tmp/train.log", "logs/train.log", "..", ".", "a b.log"])
+def test_log_file_must_be_a_file_name(value):
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, [f"logging.log_file={value}"])
+    assert "logging.log_file:" in str(info.value) and "file name" in str(info.value)
+
+
+def test_host_name_duplicates_found_in_linear_time():
+    """50 000 hosts: list.count made this quadratic (seconds); a Counter takes milliseconds."""
+    import time
+
+    from trainer.config.settings import check_host_names
+
+    hosts = tuple(f"node{i}" for i in range(50_000)) + ("node7",)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="'node7' is listed twice"):
+        check_host_names(hosts)
+    assert time.perf_counter() - start < 2.0
+
+
 def test_config_error_is_a_user_error():
     assert issubclass(ConfigError, UserError)
     assert ConfigError.exit_code == 2

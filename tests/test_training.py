@@ -245,6 +245,21 @@ def test_export_parity(trained_2d):
     assert np.abs(exported - model(sample, training=False).numpy()).max() <= 1e-5
 
 
+def test_export_refuses_an_existing_output_unless_overwrite(trained_2d, tmp_path):
+    run, flags, work = trained_2d
+    out = tmp_path / "models"
+    out.mkdir()
+    (out / "notes.txt").write_text("someone's work\n")
+    refused = run_cli("export", *flags, "--out", out, cwd=work, timeout=300)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    lines = [line for line in refused.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and str(out) in lines[0] and "--overwrite" in lines[0], refused.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # untouched
+    replaced = run_cli("export", *flags, "--out", out, "--overwrite", cwd=work, timeout=300)
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert (out / "saved_model.pb").exists() and not (out / "notes.txt").exists()
+
+
 def test_missing_prepared_data_is_a_clear_error(tmp_path):
     result = run_cli("train", "--set", f"data.slices_h5={tmp_path / 'nope.h5'}", "--run-dir", tmp_path, "--quiet",
                      cwd=tmp_path, timeout=300)

@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = _command(sub, "export", "export the best checkpoint as a SavedModel (+ parity check)", _cmd_export)
     _add_run_flags(export)
     export.add_argument("--out", type=Path, default=None, help="default runs/<run>/export/saved_model")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     bench = _command(sub, "benchmark", "time the real training step (single or under horovodrun), inference "
                      "and the input pipeline", _cmd_benchmark)
@@ -136,7 +137,9 @@ CLUSTER_FLAGS = {"user": "cluster.ssh_user", "key": "cluster.ssh_key", "port": "
 def _launcher(args: argparse.Namespace, hosts_required: bool = True):
     from launcher.distributed import Launcher, LaunchRequest
 
-    flags = {key: (str(getattr(args, attr)) if attr == "key" and getattr(args, attr) else getattr(args, attr))
+    # --key is made absolute here: horovodrun uses it on the first host, from another folder
+    flags = {key: (os.path.abspath(os.path.expanduser(getattr(args, attr))) if attr == "key" and getattr(args, attr)
+                   else getattr(args, attr))
              for attr, key in CLUSTER_FLAGS.items() if hasattr(args, attr)}
     settings = load_cli_settings(args, flags)
     # --hosts/--mode win over cluster.hosts/cluster.mode in settings.yaml
@@ -237,7 +240,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
         request = PrepareRequest(src=args.src or settings.data.brats_dir, out=args.out or settings.data.slices_h5,
                                  image_size=settings.data.image_size, split=settings.data.split,
-                                 workers=args.workers, overwrite=args.overwrite)
+                                 workers=args.workers, overwrite=args.overwrite,
+                                 max_voxels=settings.data.max_voxels)
         counts = prepare_brats(request, progress=not args.quiet)
         print(f"wrote {request.out} (slices: " + ", ".join(f"{k} {v}" for k, v in counts.items())
               + f"); split: {split_path_for(request.out)}")
@@ -248,7 +252,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         cache = args.out or settings.data.cache_dir
         split_file = settings.data.decathlon_split
         split = prepare_decathlon(src, cache, settings.data.split, split_file, progress=not args.quiet,
-                                  overwrite=args.overwrite)
+                                  overwrite=args.overwrite, max_voxels=settings.data.max_voxels)
         print(f"checked {sum(len(v) for v in split.values())} case(s) in {src}; cache: {cache}; "
               f"split: {split_file}")
     return 0
@@ -419,7 +423,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     settings = _start_inference(args)
     from trainer.inference.export import export
 
-    report = export(settings, args.out)
+    report = export(settings, args.out, overwrite=args.overwrite)
     print(f"SavedModel: {report['saved_model']} (max |export - keras| = {report['max_abs_diff']:.2e})")
     return 0
 

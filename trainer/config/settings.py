@@ -8,6 +8,7 @@ pydantic with the offending key's dotted path.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -25,10 +26,15 @@ def check_host_names(hosts: tuple[str, ...]) -> tuple[str, ...]:
         if not HOST_NAME.fullmatch(host):
             raise ValueError(f"invalid host {host!r}: only letters, digits, '.' and '-' are allowed "
                              f"(no spaces, quotes or shell characters)")
-    duplicates = sorted({host for host in hosts if hosts.count(host) > 1})
+    duplicates = sorted(host for host, seen in Counter(hosts).items() if seen > 1)
     if duplicates:
         raise ValueError(f"host {duplicates[0]!r} is listed twice")
     return hosts
+
+
+# An absolute path the launcher may hand to ssh, rsync and horovodrun: horovodrun pastes
+# `-i KEY` unquoted into a /bin/sh command line, so no spaces, quotes or shell characters.
+ABSOLUTE_PATH = r"(/[A-Za-z0-9_.-]+)+"
 
 
 def _check_host_port(address: str) -> str:
@@ -77,6 +83,9 @@ class DataSettings(_Section):
     shuffle_buffer: int = Field(2048, ge=1)
     parallel_calls: int = Field(0, ge=0, description="0 = tf.data AUTOTUNE")
     prefetch: int = Field(0, ge=0, description="0 = tf.data AUTOTUNE")
+    # Checked on the NIfTI header before anything is allocated: an 83-byte file can claim
+    # 16384 x 16384 x 16 voxels. 2**28 is 7.5x a 240 x 240 x 155 x 4 BraTS/Decathlon case.
+    max_voxels: int = Field(2 ** 28, ge=1, description="largest NIfTI volume read (voxels, all channels)")
 
     @field_validator("crop_size")
     @classmethod
@@ -183,16 +192,30 @@ class ClusterSettings(_Section):
     ssh_user: str = Field("", pattern=r"^(?:[A-Za-z0-9._][A-Za-z0-9._-]*)?$")
     ssh_key: Optional[Path] = None
     ssh_port: int = Field(22, ge=1, le=65535)
-    known_hosts_file: str = Field("", pattern=r"^(/[A-Za-z0-9_.-]+)*$",
-                                  description="'' = ssh's default; StrictHostKeyChecking=accept-new either way")
+    known_hosts_file: str = Field("", pattern=rf"^({ABSOLUTE_PATH})?$",
+                                  description="'' = ssh's default file with StrictHostKeyChecking=accept-new; "
+                                              "a file = StrictHostKeyChecking=yes against it")
     connect_timeout_s: int = Field(10, ge=1, le=300)
     workdir: str = Field("", pattern=r"^((/[A-Za-z0-9_.-]+)+/?)?$",
                          description="absolute path on every host; '' = the same path as this checkout")
     python: str = Field(".venv/bin/python", pattern=r"^[A-Za-z0-9_./-]+$",
                         description="interpreter on the hosts; relative paths are inside workdir")
     tensorboard: bool = True
+    # TensorFlow's gRPC servers listen on every interface, unauthenticated: refuse public addresses.
+    allow_public_network: bool = Field(False, description="true = allow cluster addresses that are not "
+                                                          "private, loopback or link-local")
+    token_file: str = Field(".unet-train-cluster.token", pattern=r"^[A-Za-z0-9_./-]+$",
+                            description="shared secret of the chief's control channel (0600; created if absent)")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("ssh_key")
+    @classmethod
+    def _safe_key_path(cls, value: Optional[Path]) -> Optional[Path]:
+        if value is not None and not re.fullmatch(ABSOLUTE_PATH, str(value)):
+            raise ValueError("expected an absolute path of letters, digits, '_', '.' and '-' (no spaces, "
+                             "quotes or shell characters: horovodrun passes it through /bin/sh)")
+        return value
 
     @field_validator("ps_hosts", "worker_hosts")
     @classmethod
@@ -216,7 +239,15 @@ class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     tensorboard_host: str = "127.0.0.1"
     tensorboard_port: int = Field(6006, ge=1, le=65535)
-    log_file: str = "training.log"
+    log_file: str = Field("training.log", description="a file name inside runs/<run_name>/")
+
+    @field_validator("log_file")
+    @classmethod
+    def _file_name_only(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", value) or set(value) == {"."}:
+            raise ValueError("expected a file name (letters, digits, '_', '.', '-'; no '/'): "
+                             "the log is written inside runs/<run_name>/")
+        return value
 
 
 class Settings(_Section):

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from trainer.config.settings import MODALITIES
-from trainer.data.nifti import Volume, is_nifti_name, read_volume, strip_nifti_suffix
+from trainer.data.nifti import DEFAULT_MAX_VOXELS, Volume, is_nifti_name, read_volume, strip_nifti_suffix
 from trainer.errors import DataError
 
 BRATS_LABEL_SET = frozenset({0, 1, 2, 4})
@@ -51,7 +52,7 @@ def discover_brats(root: Path, require_seg: bool = True) -> list[BratsCase]:
                         f"*_flair/_t1/_t1ce/_t2[/_seg].nii[.gz])")
     ids = [case.case_id for case in cases]
     if len(set(ids)) != len(ids):
-        dup = sorted({i for i in ids if ids.count(i) > 1})[0]
+        dup = sorted(i for i, seen in Counter(ids).items() if seen > 1)[0]
         raise DataError(f"{root}: case id {dup!r} appears in more than one folder")
     return sorted(cases, key=lambda case: case.case_id)
 
@@ -68,9 +69,10 @@ def _make_case(folder: Path, found: dict[str, Path], require_seg: bool) -> Brats
                      images={m: found[m] for m in MODALITIES}, seg=found.get("seg"))
 
 
-def read_brats_case(case: BratsCase, modalities=MODALITIES) -> tuple[np.ndarray, np.ndarray | None, Volume]:
+def read_brats_case(case: BratsCase, modalities=MODALITIES, max_voxels: int = DEFAULT_MAX_VOXELS
+                    ) -> tuple[np.ndarray, np.ndarray | None, Volume]:
     """(x, y, z, c) float32 image, (x, y, z) uint8 labels (or None), and the first volume (geometry)."""
-    volumes = [read_volume(case.images[m], np.float32) for m in modalities]
+    volumes = [read_volume(case.images[m], np.float32, max_voxels) for m in modalities]
     first = volumes[0]
     for volume in volumes[1:]:
         if volume.array.shape != first.array.shape:
@@ -79,7 +81,7 @@ def read_brats_case(case: BratsCase, modalities=MODALITIES) -> tuple[np.ndarray,
     image = np.stack([v.array for v in volumes], axis=-1)
     labels = None
     if case.seg is not None:
-        seg = read_volume(case.seg)
+        seg = read_volume(case.seg, max_voxels=max_voxels)
         if seg.array.shape != first.array.shape:
             raise DataError(f"{case.seg}: seg shape {seg.array.shape} differs from image shape "
                             f"{first.array.shape}")

@@ -9,15 +9,16 @@ import json
 import logging
 import os
 import shutil
+from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from tqdm import tqdm
 
 from trainer.config.settings import MODALITIES, SplitSettings
 from trainer.data.brats import check_labels
-from trainer.data.nifti import Geometry, read_volume
+from trainer.data.nifti import DEFAULT_MAX_VOXELS, Geometry, read_volume
 from trainer.data.normalize import zscore_brain
 from trainer.data.split import load_split, save_split, split_cases
 from trainer.errors import DataError, UserError
@@ -47,9 +48,10 @@ class DecathlonIndex:
     training: tuple[DecathlonCase, ...]
     test: tuple[DecathlonCase, ...]
     label_set: frozenset[int]
+    max_voxels: int = DEFAULT_MAX_VOXELS  # data.max_voxels: every read of these cases is capped by it
 
 
-def read_index(root: Path) -> DecathlonIndex:
+def read_index(root: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> DecathlonIndex:
     """Parse and check ``dataset.json``; every referenced file must exist (.nii or .nii.gz)."""
     root = Path(root)
     path = root / "dataset.json"
@@ -89,7 +91,7 @@ def read_index(root: Path) -> DecathlonIndex:
         training.append(DecathlonCase(_case_id(entry["image"]), image, label))
     ids = [case.case_id for case in training]
     if len(set(ids)) != len(ids):
-        duplicate = sorted({i for i in ids if ids.count(i) > 1})[0]
+        duplicate = sorted(i for i, seen in Counter(ids).items() if seen > 1)[0]
         raise DataError(f"{path}: case {duplicate} is listed more than once in 'training'")
     test_entries = meta.get("test", [])
     if not isinstance(test_entries, list):
@@ -98,7 +100,8 @@ def read_index(root: Path) -> DecathlonIndex:
     for number, item in enumerate(test_entries):
         image = _resolve(root, item, path, f"test[{number}]")  # type-checks item before _case_id
         test.append(DecathlonCase(_case_id(item), image, None))
-    return DecathlonIndex(root, tuple(sorted(training, key=lambda c: c.case_id)), tuple(test), label_set)
+    return DecathlonIndex(root, tuple(sorted(training, key=lambda c: c.case_id)), tuple(test), label_set,
+                          max_voxels)
 
 
 def _case_id(relative: str) -> str:
@@ -113,9 +116,16 @@ def _kind(value) -> str:
 
 
 def _resolve(root: Path, relative: str, source: Path, key: str) -> Path:
-    """``./imagesTr/X.nii.gz`` relative to the dataset root; accept the .nii variant on disk."""
+    """``./imagesTr/X.nii.gz`` relative to the dataset root; accept the .nii variant on disk.
+
+    Confined to the dataset folder by the path's own text: no absolute path, no ``..``. (A
+    symlink the dataset's owner placed inside the folder is still followed.)"""
     if not isinstance(relative, str) or not relative:
         raise DataError(f"{source}: {key}: expected a relative file path, got {json.dumps(relative)}")
+    parts = PurePosixPath(relative).parts
+    if PurePosixPath(relative).is_absolute() or ".." in parts or not [p for p in parts if p != "."]:
+        raise DataError(f"{source}: {key}: {json.dumps(relative)} is outside the dataset folder; expected a "
+                        f"path inside {root} such as ./imagesTr/BRATS_001.nii.gz")
     path = (root / relative).resolve()
     if path.is_file():
         return path
@@ -129,17 +139,17 @@ def channel_indices(channels: tuple[str, ...]) -> list[int]:
     return [DECATHLON_CHANNELS.index(c) for c in channels]
 
 
-def load_case(case: DecathlonCase, label_set: frozenset[int] = DEFAULT_LABEL_SET
-              ) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
+def load_case(case: DecathlonCase, label_set: frozenset[int] = DEFAULT_LABEL_SET,
+              max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
     """Normalised (x, y, z, 4) float32 image, canonical labels (x, y, z) uint8 (or None), geometry."""
-    volume = read_volume(case.image, np.float32)
+    volume = read_volume(case.image, np.float32, max_voxels)
     if volume.array.ndim != 4 or volume.array.shape[-1] != len(DECATHLON_CHANNELS):
         raise DataError(f"{case.image}: expected a 4D image (x, y, z, {len(DECATHLON_CHANNELS)}), "
                         f"got shape {volume.array.shape}")
     image = zscore_brain(volume.array)
     mask = None
     if case.label is not None:
-        labels = read_volume(case.label)
+        labels = read_volume(case.label, max_voxels=max_voxels)
         if labels.array.shape != image.shape[:3]:
             raise DataError(f"{case.label}: label shape {labels.array.shape} differs from image shape "
                             f"{image.shape[:3]}")
@@ -154,11 +164,12 @@ class CaseArrays:
     case: DecathlonCase
     image_file: Path | None = None
     labels_file: Path | None = None
+    max_voxels: int = DEFAULT_MAX_VOXELS
 
     def load(self, label_set: frozenset[int] = DEFAULT_LABEL_SET) -> tuple[np.ndarray, np.ndarray]:
         if self.image_file is not None:
             return np.load(self.image_file, mmap_mode="r"), np.load(self.labels_file, mmap_mode="r")
-        image, mask, _ = load_case(self.case, label_set)
+        image, mask, _ = load_case(self.case, label_set, self.max_voxels)
         return image, mask
 
 
@@ -180,7 +191,7 @@ def build_cache(index: DecathlonIndex, cache_dir: Path, progress: bool = True,
             source = _source_stamp(case)
             if previous is not None and _reuse_cached(previous, tmp, names, source):
                 continue
-            image, mask, _ = load_case(case, index.label_set)
+            image, mask, _ = load_case(case, index.label_set, index.max_voxels)
             np.save(tmp / names[0], image)
             np.save(tmp / names[1], mask)
             (tmp / names[2]).write_text(json.dumps(source))
@@ -216,7 +227,7 @@ def case_arrays(index: DecathlonIndex, cache_dir: Path | None) -> dict[str, Case
                 image_file, mask_file = image_name, labels_name
             elif image_name.exists() or stamp_name.exists():
                 stale.append(case.case_id)
-        result[case.case_id] = CaseArrays(case, image_file, mask_file)
+        result[case.case_id] = CaseArrays(case, image_file, mask_file, index.max_voxels)
     if stale:
         log.warning("%s: cache of %d case(s) (%s) is older than its NIfTI source or than this unet-train's cache "
                     "format; reading the source "
@@ -238,14 +249,15 @@ def _stamp_matches(stamp: Path, source: dict) -> bool:
 
 
 def prepare_decathlon(root: Path, cache_dir: Path | None, split: SplitSettings, split_file: Path,
-                      progress: bool = True, overwrite: bool = False) -> dict[str, list[str]]:
+                      progress: bool = True, overwrite: bool = False,
+                      max_voxels: int = DEFAULT_MAX_VOXELS) -> dict[str, list[str]]:
     """Validate every training case (by loading it), optionally cache it, save the split.
 
     An existing split file that would change is kept unless ``overwrite`` (a silently
     reshuffled split would leak test cases into training); an identical one is accepted.
     An existing cache folder is refused unless ``overwrite`` (checked before any work).
     """
-    index = read_index(root)
+    index = read_index(root, max_voxels)
     cases = split_cases([c.case_id for c in index.training], split.val_fraction,
                         split.test_fraction, split.seed)
     if Path(split_file).exists() and not overwrite and load_split(split_file) != cases:
@@ -255,7 +267,7 @@ def prepare_decathlon(root: Path, cache_dir: Path | None, split: SplitSettings, 
         build_cache(index, cache_dir, progress, overwrite)
     else:
         for case in tqdm(index.training, desc="check decathlon", unit="case", disable=not progress):
-            load_case(case, index.label_set)
+            load_case(case, index.label_set, index.max_voxels)
     save_split(split_file, cases, split.seed, root)
     return cases
 

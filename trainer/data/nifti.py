@@ -8,6 +8,7 @@ like nibabel and the datasets' documentation (240 x 240 x 155). SimpleITK's arra
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import tempfile
@@ -88,10 +89,18 @@ def check_header(path: Path) -> bytes:
     raise DataError(f"{path}: not a NIfTI file (no NIfTI-1/2 header; {len(head)} header bytes read)")
 
 
-def read_volume(path: Path, dtype: np.dtype | type | None = None) -> Volume:
-    """Read a 3D or 4D NIfTI; reject corrupt/truncated files and NaN/Inf voxels."""
+# data.max_voxels' default, for callers without settings (tests, notebooks).
+DEFAULT_MAX_VOXELS = 2 ** 28
+
+
+def read_volume(path: Path, dtype: np.dtype | type | None = None, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
+    """Read a 3D or 4D NIfTI; reject oversized, corrupt or truncated files and NaN/Inf voxels.
+
+    The size comes from the header and is capped before anything is decompressed or allocated."""
     path = Path(path)
-    _check_data(path, check_header(path))
+    head = check_header(path)
+    _check_size(path, head, max_voxels)
+    _check_data(path, head)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -111,29 +120,68 @@ _FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes FLOAT32, FLOAT64
 _CHUNK = 1 << 24
 
 
+@dataclass(frozen=True)
+class _Header:
+    """The fields of a NIfTI-1/2 header that size the data block."""
+
+    endian: str
+    dims: tuple[int, ...]  # dim[0..7]
+    datatype: int
+    bitpix: int
+    offset: int            # vox_offset: where the data starts in a single-file (.nii) image
+    single_file: bool      # n+1/n+2: data follows the header; ni1/ni2: it lives in a separate .img
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        """(x, y, z, ...) or None when dim[0] is outside 1..7 (left to SimpleITK to judge)."""
+        if not 1 <= self.dims[0] <= 7:
+            return None
+        return tuple(max(int(d), 1) for d in self.dims[1:self.dims[0] + 1])
+
+
+def _parse_header(head: bytes) -> _Header | None:
+    for endian in "<>":
+        if struct.unpack(endian + "i", head[:4])[0] == 348 and head[344:347] in (b"n+1", b"ni1"):
+            dims = struct.unpack(endian + "8h", head[40:56])
+            datatype, bitpix = struct.unpack(endian + "2h", head[70:74])
+            vox_offset = struct.unpack(endian + "f", head[108:112])[0]
+            offset = max(int(vox_offset) if np.isfinite(vox_offset) else 0, 352)
+            return _Header(endian, dims, datatype, bitpix, offset, head[344:347] == b"n+1")
+        if struct.unpack(endian + "i", head[:4])[0] == 540 and head[4:7] in (b"n+2", b"ni2"):
+            datatype, bitpix = struct.unpack(endian + "2h", head[12:16])
+            dims = struct.unpack(endian + "8q", head[16:80])
+            offset = max(int(struct.unpack(endian + "q", head[168:176])[0]), 544)
+            return _Header(endian, dims, datatype, bitpix, offset, head[4:7] == b"n+2")
+    return None
+
+
+def _check_size(path: Path, head: bytes, max_voxels: int) -> None:
+    """Refuse a volume larger than ``max_voxels`` from its header alone: a few bytes of gzip can
+    claim gigabytes, and SimpleITK would allocate them all before noticing the data is missing."""
+    header = _parse_header(head)
+    shape = header.shape if header else None
+    if shape is None:
+        return
+    voxels = math.prod(shape)
+    if voxels > max_voxels:
+        raise DataError(f"{path}: header claims {' x '.join(map(str, shape))} = {voxels:,} voxels, more than "
+                        f"data.max_voxels = {max_voxels:,}; refusing to read it (raise data.max_voxels if "
+                        f"the volume is real)")
+
+
 def _check_data(path: Path, head: bytes) -> None:
     """Reject a truncated data block and NaN/Inf floats on the raw bytes.
 
     SimpleITK's NIfTI reader (niftilib) silently zero-fills a short or cut-off data block and
     replaces NaN/Inf voxels by 0, so neither can be detected in the array it returns.
     """
-    for endian in "<>":
-        if struct.unpack(endian + "i", head[:4])[0] == 348 and head[344:347] == b"n+1":
-            dims = struct.unpack(endian + "8h", head[40:56])
-            datatype, bitpix = struct.unpack(endian + "2h", head[70:74])
-            vox_offset = struct.unpack(endian + "f", head[108:112])[0]
-            offset = max(int(vox_offset) if np.isfinite(vox_offset) else 0, 352)
-            break
-        if struct.unpack(endian + "i", head[:4])[0] == 540 and head[4:7] == b"n+2":
-            datatype, bitpix = struct.unpack(endian + "2h", head[12:16])
-            dims = struct.unpack(endian + "8q", head[16:80])
-            offset = max(int(struct.unpack(endian + "q", head[168:176])[0]), 544)
-            break
-    else:
+    header = _parse_header(head)
+    if header is None or not header.single_file:
         return  # header/image pair (ni1/ni2): the data is not in this file
-    if not 1 <= dims[0] <= 7 or bitpix <= 0:
+    shape, datatype, bitpix, offset, endian = header.shape, header.datatype, header.bitpix, header.offset, header.endian
+    if shape is None or bitpix <= 0:
         return  # leave odd headers to SimpleITK
-    nbytes = (int(np.prod([max(int(d), 1) for d in dims[1:dims[0] + 1]])) * bitpix + 7) // 8
+    nbytes = (math.prod(shape) * bitpix + 7) // 8
     float_dtype = _FLOAT_TYPES.get(datatype)
     with open(path, "rb") as raw:
         gzipped = raw.read(2) == b"\x1f\x8b"
@@ -143,10 +191,13 @@ def _check_data(path: Path, head: bytes) -> None:
                 raise DataError(f"{path}: truncated NIfTI ({os.path.getsize(path)} bytes, header "
                                 f"needs {offset + nbytes})")
             return
-        with open(path, "rb") as raw:  # gzip trailer: uncompressed size mod 2**32 (cheap check)
-            raw.seek(-4, os.SEEK_END)
-            if struct.unpack("<I", raw.read(4))[0] == (offset + nbytes) % 2 ** 32:
-                return
+        # gzip trailer: the uncompressed size mod 2**32. A cheap check only while that is the
+        # size itself; beyond 4 GiB a forged trailer could match, so decompress and count.
+        if offset + nbytes < 2 ** 32:
+            with open(path, "rb") as raw:
+                raw.seek(-4, os.SEEK_END)
+                if struct.unpack("<I", raw.read(4))[0] == offset + nbytes:
+                    return
     dtype = np.dtype(endian + float_dtype) if float_dtype else None
     done = bad = 0
     try:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from trainer.config.settings import MODALITIES, SplitSettings
 from trainer.data.brats import BratsCase, discover_brats, read_brats_case
+from trainer.data.nifti import DEFAULT_MAX_VOXELS
 from trainer.data.normalize import zscore_brain
 from trainer.data.split import SPLITS, save_split, split_cases, split_path_for
 from trainer.fsutil import atomic_file, refuse_existing
@@ -45,6 +46,7 @@ class PrepareRequest:
     split: SplitSettings = SplitSettings()
     workers: int = 0
     overwrite: bool = False
+    max_voxels: int = DEFAULT_MAX_VOXELS
 
 
 def resize_slices(volume: np.ndarray, size: int) -> np.ndarray:
@@ -75,9 +77,9 @@ def _resize(image: np.ndarray, size: int, interpolation: int) -> np.ndarray:
     return resized.reshape(size, size, image.shape[-1])
 
 
-def _convert_case(args: tuple[BratsCase, int]) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
-    case, size = args
-    image, labels, _ = read_brats_case(case, MODALITIES)
+def _convert_case(args: tuple[BratsCase, int, int]) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    case, size, max_voxels = args
+    image, labels, _ = read_brats_case(case, MODALITIES, max_voxels)
     keep = brain_slices(image)
     normalised = zscore_brain(image)[:, :, keep]
     canonical = BRATS.canonical(labels)[:, :, keep]
@@ -101,7 +103,7 @@ def prepare_brats(request: PrepareRequest, progress: bool = True) -> dict[str, i
                         source=str(request.src), split_seed=request.split.seed)
         groups = {name: _create_group(h5, name, size, split[name]) for name in SPLITS}
         index_of = {name: {cid: i for i, cid in enumerate(split[name])} for name in SPLITS}
-        jobs = [(case, size) for case in cases]
+        jobs = [(case, size, request.max_voxels) for case in cases]
         bar = tqdm(total=len(jobs), desc="prepare brats", unit="case", disable=not progress)
         with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else _Serial() as pool:
             for case_id, images, labels, z in pool.imap(_convert_case, jobs):

@@ -210,7 +210,7 @@ def _most_tumour_per_case(case_of: np.ndarray, tumour: np.ndarray, count: int) -
 
 def _crop_streams(settings: Settings, shard: Shard, global_batch: int, regions: RegionSet) -> Streams:
     data, train = settings.data, settings.train
-    index = read_index(data.decathlon_dir)
+    index = read_index(data.decathlon_dir, data.max_voxels)
     split = load_split(data.decathlon_split)
     arrays = case_arrays(index, data.cache_dir)
     missing = [c for c in split["train"] + split["val"] if c not in arrays]

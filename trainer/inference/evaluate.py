@@ -48,10 +48,10 @@ def iter_cases(settings: Settings, split_name: str, limit: int | None) -> tuple[
 
         def read_2d():
             for case_id in ids:
-                image, labels, first = read_brats_case(by_id[case_id])
+                image, labels, first = read_brats_case(by_id[case_id], max_voxels=data.max_voxels)
                 yield LabelledCase(case_id, zscore_brain(image), whole_tumour(labels), first.geometry)
         return len(ids), read_2d()
-    index = read_index(data.decathlon_dir)
+    index = read_index(data.decathlon_dir, data.max_voxels)
     ids = load_split(data.decathlon_split)[split_name]
     by_id = {c.case_id: c for c in index.training}
     missing = [i for i in ids if i not in by_id]
@@ -62,7 +62,7 @@ def iter_cases(settings: Settings, split_name: str, limit: int | None) -> tuple[
 
     def read_3d():
         for case_id in ids:
-            image, mask, geometry = load_case(by_id[case_id], index.label_set)
+            image, mask, geometry = load_case(by_id[case_id], index.label_set, index.max_voxels)
             yield LabelledCase(case_id, image, mask, geometry)
     return len(ids), read_3d()
 

@@ -8,14 +8,16 @@ import tensorflow as tf
 
 from trainer.config.settings import Settings
 from trainer.errors import TrainingError
-from trainer.fsutil import atomic_dir, write_json
+from trainer.fsutil import atomic_dir, refuse_existing, write_json
 from trainer.inference.predictor import Predictor
 
 PARITY_TOLERANCE = 1e-5
 
 
-def export(settings: Settings, out: Path | None = None, overwrite: bool = True, seed: int = 0) -> dict:
+def export(settings: Settings, out: Path | None = None, overwrite: bool = False, seed: int = 0) -> dict:
+    """An existing ``out`` is refused unless ``overwrite`` (checked before the model is loaded)."""
     out = Path(out or settings.run_path / "export" / "saved_model")
+    refuse_existing(out, overwrite)
     predictor, checkpoint = Predictor.from_run(settings)
     model = predictor.model
     sample = np.random.default_rng(seed).normal(size=(2, *model.input_shape[1:])).astype(np.float32)

@@ -2,75 +2,218 @@
 
 TensorFlow's gRPC servers have no "training is over" signal, which is why a classic PS
 blocks forever in ``server.join()``. Here every role process keeps one TCP connection to
-the chief: a line ``HELLO <job> <index>`` when its server is up, then it waits for
-``STOP <code>`` and exits with that code. If the chief dies, the connection drops and the
-role exits non-zero; if a role dies, the chief sees its connection drop and can name it.
-Plain text on a configured address; it carries no data and no secrets.
+the chief: it registers once its server is up, then waits for STOP and exits with the code
+the chief sends. If the chief dies, the connection drops and the role exits non-zero; if a
+role dies, the chief sees its connection drop and can name it.
+
+Every message is authenticated (HMAC-SHA256 keyed by the per-run token, see ``token.py``)
+and bound to both sides' fresh nonces, so a recorded message cannot be replayed:
+
+    chief -> role   CHALLENGE <chief nonce>
+    role  -> chief  HELLO <job> <index> <role nonce> <mac>
+    chief -> role   WELCOME <mac>            (the chief knows the token too)
+    chief -> role   STOP <code> <mac>        (when training ends)
+
+Seen before this: ``printf 'HELLO ps 0\\n' | nc chief 2226`` and a disconnect made the chief
+report PS 0 lost (and stop the job); 400 idle connections made 400 threads; a 64 MiB line
+without a newline grew the chief by 65 MiB. So: a bounded line (4 KiB), a handshake timeout,
+a cap on unauthenticated connections, and a live task's registration is never replaced.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import re
+import secrets
 import socket
 import threading
 import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
+from trainer.config.settings import ClusterSettings
 from trainer.errors import TrainingError, UserError
+from trainer.network import is_loopback
 
 log = logging.getLogger(__name__)
 Task = tuple[str, int]
+MAX_LINE = 4096
+NONCE = re.compile(r"[0-9a-f]{32}")
+JOBS = ("ps", "worker")
+
+
+def _mac(token: bytes, *fields) -> str:
+    return hmac.new(token, " ".join(str(f) for f in fields).encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def _valid(token: bytes, mac: str, *fields) -> bool:
+    return hmac.compare_digest(_mac(token, *fields).encode("ascii"), mac.encode("ascii", "replace"))
+
+
+def _read_line(reader) -> str | None:
+    """One line of at most MAX_LINE bytes, or None (EOF, timeout, or an over-long line)."""
+    try:
+        line = reader.readline(MAX_LINE + 1)
+    except (OSError, ValueError):
+        return None
+    if not line.endswith(b"\n") or len(line) > MAX_LINE:
+        return None
+    return line.decode("ascii", errors="replace")
+
+
+@dataclass
+class _Registration:
+    conn: socket.socket
+    chief_nonce: str
+    role_nonce: str
+
+
+def bind_address(chief_host: str, other_hosts: list[str]) -> str:
+    """The address the control channel listens on: the configured chief host's.
+
+    Debian's /etc/hosts maps a machine's own name to 127.0.1.1, so a chief named by host name
+    may resolve to loopback on itself while the other hosts reach it over the network. Then
+    (and only then) it listens on every interface; every message is authenticated either way."""
+    try:
+        infos = socket.getaddrinfo(chief_host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UserError(f"cluster.chief_host: {chief_host} does not resolve on the chief ({exc})") from None
+    address = infos[0][4][0]
+    if is_loopback(address) and not all(is_loopback(host) for host in other_hosts):
+        log.warning("chief host %s resolves to %s on itself, but other tasks are on other hosts: the control "
+                    "channel listens on every interface (messages are authenticated)", chief_host, address)
+        return ""
+    return address
 
 
 class ControlServer:
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str, port: int, token: bytes, *, bind: str | None = None,
+                 handshake_timeout_s: float = 10.0, max_pending: int = 32):
         self.address = (host, port)
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._token = token
+        self._handshake_timeout_s = handshake_timeout_s
+        bind = host if bind is None else bind
         try:
-            # All interfaces, like TensorFlow's gRPC servers: a host's own name may resolve to 127.0.1.1.
-            self._sock.bind(("", port))
+            family, _, _, _, sockaddr = socket.getaddrinfo(bind or None, port, type=socket.SOCK_STREAM,
+                                                           flags=socket.AI_PASSIVE)[0]
+            self._sock = socket.socket(family, socket.SOCK_STREAM)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._sock.bind(sockaddr)
         except OSError as exc:
-            raise UserError(f"cluster.control_port: cannot listen on {host}:{port} ({exc.strerror})") from None
+            raise UserError(f"cluster.control_port: cannot listen on {bind or '*'}:{port} "
+                            f"({exc.strerror or exc})") from None
         self._sock.listen(64)
+        self.address = (host, self._sock.getsockname()[1])  # the real port when asked for port 0
         self._lock = threading.Lock()
-        self._connections: dict[Task, socket.socket] = {}
+        self._registered: dict[Task, _Registration] = {}
+        self._pending = threading.BoundedSemaphore(max_pending)  # handshakes in progress
+        self.refused = 0
+        self._refusals: deque[str] = deque(maxlen=5)
         self.lost: list[Task] = []
         self.on_lost: Callable[[Task], None] | None = None
         self._closing = False
         threading.Thread(target=self._accept, name="control-accept", daemon=True).start()
 
+    @classmethod
+    def for_cluster(cls, cluster: ClusterSettings) -> "ControlServer":
+        """The chief's channel: network checked, token loaded (or created), bound to the chief's address."""
+        from trainer.network import check_private_network
+        from trainer.runtime.ps.cluster import ClusterLayout
+        from trainer.runtime.ps.token import load_or_create_token
+
+        layout = ClusterLayout.from_settings(cluster)
+        check_private_network(layout.ps + layout.workers + (layout.chief,), cluster.allow_public_network)
+        token = load_or_create_token(Path(cluster.token_file))
+        host, port = layout.control_address
+        others = [address.rsplit(":", 1)[0] for address in layout.ps + layout.workers]
+        return cls(host, port, token, bind=bind_address(host, others))
+
     def _accept(self) -> None:
         while not self._closing:
             try:
-                conn, _ = self._sock.accept()
+                conn, peer = self._sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True).start()
+            if not self._pending.acquire(blocking=False):
+                conn.close()  # at the cap: no thread, no buffer for it
+                self._refuse(peer, "too many connections in handshake")
+                continue
+            threading.Thread(target=self._serve, args=(conn, peer), name="control-conn", daemon=True).start()
 
-    def _serve(self, conn: socket.socket) -> None:
-        reader = conn.makefile("r", encoding="ascii", errors="replace")
-        try:
-            parts = reader.readline().split()
-        except OSError:
-            conn.close()
-            return
-        if len(parts) != 3 or parts[0] != "HELLO" or not parts[2].isdigit():
-            conn.close()
-            return
-        task = (parts[1], int(parts[2]))
+    def _refuse(self, peer, reason: str) -> None:
         with self._lock:
-            self._connections[task] = conn
-        log.info("%s %d registered", *task)
+            self.refused += 1
+            self._refusals.append(f"{peer[0]}: {reason}")
+            count = self.refused
+        if count <= 10:  # an attacker must not be able to flood the log
+            log.warning("control channel: refused a connection from %s: %s", peer[0], reason)
+
+    def _handshake(self, conn: socket.socket, peer) -> tuple[Task, _Registration] | None:
+        conn.settimeout(self._handshake_timeout_s)
+        with conn.makefile("rb") as reader:
+            return self._check_hello(conn, reader, peer)
+
+    def _check_hello(self, conn: socket.socket, reader, peer) -> tuple[Task, _Registration] | None:
+        chief_nonce = secrets.token_hex(16)
         try:
-            while reader.readline():  # roles send nothing more; EOF means the role is gone
+            conn.sendall(f"CHALLENGE {chief_nonce}\n".encode("ascii"))
+        except OSError:
+            return None
+        line = _read_line(reader)
+        if line is None:
+            self._refuse(peer, f"no HELLO line within {self._handshake_timeout_s:g} s and {MAX_LINE} bytes")
+            return None
+        parts = line.split()
+        if (len(parts) != 5 or parts[0] != "HELLO" or parts[1] not in JOBS or not parts[2].isdigit()
+                or not NONCE.fullmatch(parts[3])):
+            self._refuse(peer, "malformed HELLO")
+            return None
+        _, job, index, role_nonce, mac = parts
+        if not _valid(self._token, mac, "HELLO", job, index, chief_nonce, role_nonce):
+            self._refuse(peer, f"HELLO {job} {index} with a wrong token (is cluster.token_file the same secret "
+                               f"on every host?)")
+            return None
+        task = (job, int(index))
+        registration = _Registration(conn, chief_nonce, role_nonce)
+        with self._lock:
+            taken = task in self._registered or self._closing
+            if not taken:
+                self._registered[task] = registration
+        if taken:  # a live task keeps its registration; the newcomer is turned away
+            self._refuse(peer, f"{job} {index} is already registered by a live connection")
+            return None
+        try:
+            conn.sendall(f"WELCOME {_mac(self._token, 'WELCOME', job, index, chief_nonce, role_nonce)}\n"
+                         .encode("ascii"))
+        except OSError:
+            pass  # gone already: the loop in _serve sees EOF and reports it lost
+        return task, registration
+
+    def _serve(self, conn: socket.socket, peer) -> None:
+        try:
+            registered = self._handshake(conn, peer)
+        finally:
+            self._pending.release()
+        if registered is None:
+            conn.close()
+            return
+        task, registration = registered
+        log.info("%s %d registered", *task)
+        conn.settimeout(None)
+        _keepalive(conn)
+        try:
+            while conn.recv(MAX_LINE):  # roles send nothing more; EOF means the role is gone
                 pass
         except OSError:
             pass
         if not self._closing:
             with self._lock:
-                if self._connections.get(task) is not conn:  # a stale connection; a newer one registered
+                if self._registered.get(task) is not registration:
                     return
-                self._connections.pop(task, None)
+                self._registered.pop(task, None)
                 self.lost.append(task)
             log.warning("lost %s %d (its process exited or its host is unreachable)", *task)
             if self.on_lost:
@@ -80,64 +223,96 @@ class ControlServer:
         deadline = time.monotonic() + timeout_s
         while True:
             with self._lock:
-                missing = [task for task in tasks if task not in self._connections]
+                missing = [task for task in tasks if task not in self._registered]
+                refused, last = self.refused, list(self._refusals)[-1:]
             if not missing:
                 return
             if time.monotonic() > deadline:
                 names = ", ".join(f"{job} {index} ({describe((job, index))})" for job, index in missing)
+                note = f"; {refused} connection(s) refused (last: {last[0]})" if refused else ""
                 raise TrainingError(f"cluster start-up: no answer within {timeout_s:g} s from {names}; "
-                                    f"start it with 'unet-train {missing[0][0]} --index {missing[0][1]}'")
+                                    f"start it with 'unet-train {missing[0][0]} --index {missing[0][1]}'{note}")
             time.sleep(0.05)
+
+    def registered(self) -> list[Task]:
+        with self._lock:
+            return sorted(self._registered)
 
     def stop_all(self, code: int) -> None:
         """Tell every registered role to exit with ``code``; close the channel."""
-        self._closing = True
         with self._lock:
-            connections = list(self._connections.items())
-            self._connections.clear()
-        for task, conn in connections:
+            self._closing = True
+            registrations = list(self._registered.items())
+            self._registered.clear()
+        for (job, index), reg in registrations:
+            mac = _mac(self._token, "STOP", code, job, index, reg.chief_nonce, reg.role_nonce)
             try:
-                conn.sendall(f"STOP {code}\n".encode("ascii"))
-                conn.shutdown(socket.SHUT_WR)
+                reg.conn.sendall(f"STOP {code} {mac}\n".encode("ascii"))
+                reg.conn.shutdown(socket.SHUT_WR)
             except OSError:
-                log.debug("%s %d already gone", *task)
+                log.debug("%s %d already gone", job, index)
             finally:
-                conn.close()
+                reg.conn.close()
         self._sock.close()
+
+
+class _HandshakeFailed(Exception):
+    pass
 
 
 class ControlClient:
     """A role's side: register with the chief, then block until told to stop."""
 
-    def __init__(self, conn: socket.socket):
-        self._conn = conn
+    def __init__(self, conn: socket.socket, reader, token: bytes, task: Task, chief_nonce: str, role_nonce: str):
+        self._conn, self._reader, self._token = conn, reader, token
+        self._task, self._nonces = task, (chief_nonce, role_nonce)
 
     @classmethod
-    def connect(cls, address: tuple[str, int], job: str, index: int, timeout_s: float) -> "ControlClient":
+    def connect(cls, address: tuple[str, int], job: str, index: int, timeout_s: float,
+                token: bytes) -> "ControlClient":
         deadline = time.monotonic() + timeout_s
         while True:
+            conn = None
             try:
                 conn = socket.create_connection(address, timeout=5)
-                conn.settimeout(None)
-                _keepalive(conn)  # notice a vanished chief host within about a minute
-                conn.sendall(f"HELLO {job} {index}\n".encode("ascii"))
-                return cls(conn)
-            except OSError as exc:
+                return cls._handshake(conn, job, index, token)
+            except (OSError, _HandshakeFailed) as exc:
+                if conn is not None:
+                    conn.close()
                 if time.monotonic() > deadline:
-                    raise TrainingError(f"{job} {index}: chief control channel {address[0]}:{address[1]} not "
-                                        f"reachable within {timeout_s:g} s ({exc.strerror or exc})") from None
+                    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                    raise TrainingError(f"{job} {index}: chief control channel {address[0]}:{address[1]}: no "
+                                        f"registration within {timeout_s:g} s ({reason})") from None
                 time.sleep(0.2)
 
+    @classmethod
+    def _handshake(cls, conn: socket.socket, job: str, index: int, token: bytes) -> "ControlClient":
+        reader = conn.makefile("rb")
+        parts = (_read_line(reader) or "").split()
+        if len(parts) != 2 or parts[0] != "CHALLENGE" or not NONCE.fullmatch(parts[1]):
+            raise _HandshakeFailed("no challenge from the chief (busy, or not the chief)")
+        chief_nonce, role_nonce = parts[1], secrets.token_hex(16)
+        mac = _mac(token, "HELLO", job, index, chief_nonce, role_nonce)
+        conn.sendall(f"HELLO {job} {index} {role_nonce} {mac}\n".encode("ascii"))
+        parts = (_read_line(reader) or "").split()
+        if len(parts) != 2 or parts[0] != "WELCOME" or not _valid(token, parts[1], "WELCOME", job, index,
+                                                                    chief_nonce, role_nonce):
+            raise _HandshakeFailed("the chief refused the registration (a different cluster.token_file, or "
+                                   f"{job} {index} is already registered)")
+        conn.settimeout(None)
+        _keepalive(conn)  # notice a vanished chief host within about a minute
+        return cls(conn, reader, token, (job, index), chief_nonce, role_nonce)
+
     def wait_for_stop(self) -> int | None:
-        """The exit code the chief asked for, or None if the chief went away without asking."""
-        reader = self._conn.makefile("r", encoding="ascii", errors="replace")
-        try:
-            for line in reader:
-                parts = line.split()
-                if len(parts) == 2 and parts[0] == "STOP" and parts[1].lstrip("-").isdigit():
-                    return int(parts[1])
-        except OSError:
-            pass
+        """The exit code the chief asked for, or None if the chief went away without asking.
+        A STOP without the chief's MAC for this connection is ignored."""
+        job, index = self._task
+        while (line := _read_line(self._reader)) is not None:
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "STOP" and re.fullmatch(r"-?[0-9]{1,3}", parts[1]) and _valid(
+                    self._token, parts[2], "STOP", parts[1], job, index, *self._nonces):
+                return int(parts[1])
+            log.warning("%s %d: ignored an unauthenticated message on the control channel", job, index)
         return None
 
 

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from trainer.config.settings import Settings
 from trainer.errors import UserError
+from trainer.network import check_private_network
 from trainer.runtime.cpu import apply_cpu_environment, configure_threads
 from trainer.runtime.ps.cluster import ClusterLayout, export_tf_config
 from trainer.runtime.ps.control import ControlClient
+from trainer.runtime.ps.token import load_or_create_token
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +19,9 @@ def serve(settings: Settings, job: str, index: int) -> int:
     """Start this task's server, register with the chief, return the exit code it asks for."""
     layout = ClusterLayout.from_settings(settings.cluster)
     address = layout.address(job, index)
+    # Before the server opens its port: it listens on every interface and authenticates no one.
+    check_private_network(layout.ps + layout.workers + (layout.chief,), settings.cluster.allow_public_network)
+    token = load_or_create_token(Path(settings.cluster.token_file))
     export_tf_config(layout, job, index)
     plan = apply_cpu_environment(settings.cpu, layout.local_processes(job, index), cluster_task=True)
     import tensorflow as tf
@@ -30,7 +36,7 @@ def serve(settings: Settings, job: str, index: int) -> int:
                         f"(port in use or address not local?): {str(exc).splitlines()[0][:200]}") from None
     log.info("%s %d serving on %s (%s); waiting for the chief at %s:%d", job, index, address, plan.describe(),
              *layout.control_address)
-    client = ControlClient.connect(layout.control_address, job, index, settings.cluster.startup_timeout_s)
+    client = ControlClient.connect(layout.control_address, job, index, settings.cluster.startup_timeout_s, token)
     code = client.wait_for_stop()
     del server  # kept alive until the chief says stop
     if code is None:

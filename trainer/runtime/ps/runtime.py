@@ -75,7 +75,7 @@ class PsRuntime:
         """Wait for every PS and worker to register, then connect the coordinator to them."""
         layout = ClusterLayout.from_settings(settings.cluster)
         export_tf_config(layout, "chief", 0)
-        control = ControlServer(*layout.control_address)
+        control = ControlServer.for_cluster(settings.cluster)
         try:
             control.wait_for(layout.server_tasks(), settings.cluster.startup_timeout_s,
                              lambda task: layout.address(*task))

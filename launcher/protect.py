@@ -1,0 +1,64 @@
+"""What the code mirror (rsync --delete into the workdir) must never touch: every path in settings.
+
+The sync makes each host's workdir a mirror of this checkout, and rsync --delete removes what
+the checkout lacks. Seen: with ``train.run_dir=experiments`` the old fixed list (``/runs/``,
+``/data/``) let a sync delete ``experiments/exp1/checkpoints``, and the next launch restarted
+at epoch 0. So every run and data path in settings that lies inside the workdir (relative
+paths do: the roles run there) becomes an anchored rsync exclude, which also protects it from
+--delete; one that cannot be expressed safely as a rule is refused.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath
+
+from trainer.config.settings import Settings
+from trainer.data.split import split_path_for
+from trainer.errors import UserError
+
+RSYNC_WILDCARDS = set("*?[\\")
+
+
+def settings_paths(settings: Settings) -> list[tuple[str, Path, bool]]:
+    """(setting, path, is_folder) for every file or folder a run reads or writes on the hosts."""
+    data = settings.data
+    paths = [("train.run_dir", settings.train.run_dir, True), ("data.slices_h5", data.slices_h5, False),
+             ("data.slices_h5 (its split file)", split_path_for(data.slices_h5), False),
+             ("data.brats_dir", data.brats_dir, True), ("data.decathlon_dir", data.decathlon_dir, True),
+             ("data.decathlon_split", data.decathlon_split, False),
+             ("cluster.token_file", Path(settings.cluster.token_file), False)]
+    if data.cache_dir is not None:
+        paths.append(("data.cache_dir", data.cache_dir, True))
+    return paths
+
+
+def mirror_excludes(settings: Settings, workdir: str, source_root: Path) -> list[str]:
+    """Anchored rsync excludes (``/experiments/``, ``/data2/brats.h5``) for the settings' paths
+    inside the workdir (on the hosts) or inside this checkout (the mirror's source)."""
+    excludes: list[str] = []
+    for key, path, folder in settings_paths(settings):
+        for base in (workdir, str(source_root)):
+            relative = _inside(path, base)
+            if relative is None:
+                continue
+            if relative == ".":
+                raise UserError(f"{key}: {path} is the workdir itself ({base}); the code sync mirrors that folder "
+                                f"with rsync --delete. Use a folder inside it (e.g. runs) or outside it")
+            if RSYNC_WILDCARDS & set(relative) or "\n" in relative:
+                raise UserError(f"{key}: {path} contains one of * ? [ \\ or a newline, which rsync reads as a "
+                                f"pattern, so the code sync cannot protect it; rename it")
+            rule = "/" + relative + ("/" if folder else "")
+            if rule not in excludes:
+                excludes.append(rule)
+    return excludes
+
+
+def _inside(path: Path, base: str) -> str | None:
+    """``path`` relative to ``base`` when it lies inside it (lexically), else None."""
+    text = os.path.normpath(str(path))
+    if not PurePosixPath(text).is_absolute():
+        return None if text == ".." or text.startswith("../") else text
+    base = os.path.normpath(base)
+    if text == base:
+        return "."
+    return text[len(base) + 1:] if text.startswith(base.rstrip("/") + "/") else None

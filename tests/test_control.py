@@ -1,0 +1,215 @@
+"""The chief's control channel on 127.0.0.1: authentication, replay, bounds. No TensorFlow,
+no processes: a ControlServer and clients (real or hand-made) in this process, over real TCP."""
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import threading
+import time
+import tracemalloc
+
+import pytest
+
+from trainer.errors import TrainingError, UserError
+from trainer.runtime.ps import control
+from trainer.runtime.ps.control import ControlClient, ControlServer
+from trainer.runtime.ps.token import load_or_create_token, new_token, read_token
+
+TOKEN = new_token().encode("ascii")
+
+
+@pytest.fixture
+def server():
+    made = []
+
+    def make(**kwargs) -> ControlServer:
+        made.append(ControlServer("127.0.0.1", 0, kwargs.pop("token", TOKEN), **kwargs))
+        made[-1].lost_calls = []
+        made[-1].on_lost = made[-1].lost_calls.append
+        return made[-1]
+    yield make
+    for s in made:
+        s.stop_all(1)
+
+
+def raw(srv: ControlServer, host: str = "127.0.0.1") -> tuple[socket.socket, str]:
+    """A hand-made client: connected, challenge read."""
+    conn = socket.create_connection((host, srv.address[1]), timeout=5)
+    line = conn.makefile("rb").readline(control.MAX_LINE)
+    assert line.startswith(b"CHALLENGE "), line
+    return conn, line.split()[1].decode()
+
+
+def settle(condition, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_spoofed_hello_and_disconnect_neither_registers_nor_loses_a_task(server):
+    """Seen: `printf 'HELLO ps 0\\n' | nc chief 2226` and a disconnect made the chief stop the job."""
+    srv = server()
+    for line in (b"HELLO ps 0\n", b"HELLO worker 1\n", b"HELLO ps 0 " + b"0" * 32 + b" " + b"f" * 64 + b"\n"):
+        conn, _ = raw(srv)
+        conn.sendall(line)
+        conn.close()
+    assert settle(lambda: srv.refused == 3)
+    assert srv.registered() == [] and srv.lost == [] and srv.lost_calls == []
+    with pytest.raises(TrainingError, match=r"worker 1 .*3 connection\(s\) refused"):
+        srv.wait_for([("worker", 1)], 0.3, lambda task: "127.0.0.1:1")  # fake HELLOs satisfy nothing
+    real = ControlClient.connect(srv.address, "ps", 0, 5, TOKEN)
+    srv.wait_for([("ps", 0)], 5, str)
+    conn, _ = raw(srv)  # while the real PS 0 is registered: spoof it, then drop
+    conn.sendall(b"HELLO ps 0\n")
+    conn.close()
+    assert settle(lambda: srv.refused == 4)
+    assert srv.registered() == [("ps", 0)] and srv.lost == [] and srv.lost_calls == []
+    srv.stop_all(0)
+    assert real.wait_for_stop() == 0
+
+
+def test_recorded_hello_cannot_be_replayed(server):
+    srv = server()
+    first, challenge = raw(srv)
+    nonce = "ab" * 16
+    hello = f"HELLO worker 0 {nonce} {control._mac(TOKEN, 'HELLO', 'worker', 0, challenge, nonce)}\n".encode()
+    first.sendall(hello)
+    assert first.makefile("rb").readline(control.MAX_LINE).startswith(b"WELCOME ")
+    first.close()  # the role goes away: lost, as it should be
+    assert settle(lambda: srv.lost == [("worker", 0)])
+    second, _ = raw(srv)  # a new challenge: the recorded HELLO's MAC no longer fits
+    second.sendall(hello)
+    assert second.makefile("rb").readline(control.MAX_LINE) == b""  # closed, no WELCOME
+    second.close()
+    assert settle(lambda: srv.refused == 1) and srv.registered() == []
+
+
+def test_newcomer_cannot_replace_a_live_registration(server):
+    srv = server()
+    live = ControlClient.connect(srv.address, "ps", 0, 5, TOKEN)
+    with pytest.raises(TrainingError, match="already registered"):
+        ControlClient.connect(srv.address, "ps", 0, 0.5, TOKEN)  # same token, same task
+    assert srv.registered() == [("ps", 0)] and srv.lost == [] and srv.lost_calls == []
+    srv.stop_all(7)
+    assert live.wait_for_stop() == 7
+
+
+def test_wrong_token_is_refused_both_ways(server):
+    srv = server()
+    with pytest.raises(TrainingError, match="refused the registration"):
+        ControlClient.connect(srv.address, "worker", 0, 0.5, new_token().encode())
+    assert srv.registered() == [] and srv.refused >= 1
+
+
+def test_oversized_line_is_cut_off_without_memory_growth(server):
+    """Seen: a 64 MiB line without a newline grew the chief by 65 MiB."""
+    srv = server()
+    conn, _ = raw(srv)
+    chunk, sent = b"x" * 65536, 0
+    hung_up = False
+    tracemalloc.start()
+    try:
+        while sent < 64 << 20:
+            try:
+                conn.sendall(chunk)
+            except OSError:  # the chief hung up after 4 KiB: connection reset / broken pipe
+                hung_up = True
+                break
+            sent += len(chunk)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        conn.close()
+    assert hung_up and sent < 64 << 20, f"the chief accepted {sent} bytes of one line"
+    assert peak < 4 << 20, peak
+    assert settle(lambda: srv.refused == 1)
+
+
+def test_unauthenticated_connections_are_capped_and_time_out(server):
+    """Seen: 400 idle connections made 400 threads. At most max_pending handshakes, each bounded."""
+    srv = server(max_pending=4, handshake_timeout_s=1.5)
+    conns = [socket.create_connection(srv.address, timeout=3) for _ in range(10)]
+    first_lines = [c.makefile("rb").readline(control.MAX_LINE) for c in conns]
+    assert sum(line.startswith(b"CHALLENGE") for line in first_lines) == 4
+    assert first_lines.count(b"") == 6  # closed at once, no thread
+    assert sum(t.name == "control-conn" for t in threading.enumerate()) <= 4
+    start = time.monotonic()
+    for conn, line in zip(conns, first_lines):
+        if line:
+            assert conn.recv(1) == b""  # the idle handshake is dropped after handshake_timeout_s
+    assert time.monotonic() - start < 5
+    for conn in conns:
+        conn.close()
+    client = ControlClient.connect(srv.address, "worker", 0, 5, TOKEN)  # slots are free again
+    assert srv.registered() == [("worker", 0)]
+    srv.stop_all(0)
+    assert client.wait_for_stop() == 0
+
+
+def test_listens_on_the_chief_address_only(server):
+    srv = server()
+    socket.create_connection(("127.0.0.1", srv.address[1]), timeout=2).close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.2", srv.address[1]), timeout=2)
+
+
+def test_bind_address_is_the_chief_hosts_unless_it_is_loopback_on_a_multi_host_cluster():
+    assert control.bind_address("127.0.0.1", ["127.0.0.1", "127.0.0.3"]) == "127.0.0.1"
+    assert control.bind_address("127.0.0.2", []) == "127.0.0.2"
+    # the chief's own name resolving to loopback (Debian: 127.0.1.1) while workers are elsewhere
+    assert control.bind_address("127.0.1.1", ["10.0.0.7"]) == ""
+    with pytest.raises(UserError, match="cluster.chief_host"):
+        control.bind_address("no-such-host.invalid", [])
+
+
+def test_forged_stop_is_ignored(tmp_path):
+    """A fake chief that knows the token can register the role; a STOP without this connection's
+    MAC is still ignored, the genuine one is obeyed."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def fake_chief():
+        conn, _ = listener.accept()
+        conn.sendall(b"CHALLENGE " + b"c" * 32 + b"\n")
+        _, job, index, nonce, _ = conn.makefile("rb").readline(4096).decode().split()
+        conn.sendall(f"WELCOME {control._mac(TOKEN, 'WELCOME', job, index, 'c' * 32, nonce)}\n".encode())
+        conn.sendall(b"STOP 0 " + b"0" * 64 + b"\n")  # forged
+        conn.sendall(f"STOP 3 {control._mac(TOKEN, 'STOP', 3, job, index, 'c' * 32, nonce)}\n".encode())
+        conn.close()
+
+    thread = threading.Thread(target=fake_chief, daemon=True)
+    thread.start()
+    client = ControlClient.connect(listener.getsockname(), "worker", 2, 5, TOKEN)
+    assert client.wait_for_stop() == 3
+    thread.join(5)
+    listener.close()
+
+
+def test_token_file_is_created_once_0600_and_shared(tmp_path):
+    path = tmp_path / "sub" / "cluster.token"
+    tokens = []
+    threads = [threading.Thread(target=lambda: tokens.append(load_or_create_token(path))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(tokens) == 8 and len(set(tokens)) == 1 and len(tokens[0]) == 64
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["cluster.token"]  # no temp files left
+
+
+def test_token_file_others_can_read_is_refused(tmp_path):
+    path = tmp_path / "cluster.token"
+    path.write_text(new_token() + "\n")
+    path.chmod(0o644)
+    with pytest.raises(UserError, match="readable by others .*0644.*chmod 600"):
+        read_token(path)
+    path.chmod(0o600)
+    path.write_text("short\n")
+    with pytest.raises(UserError, match="expected 64 hex digits"):
+        read_token(path)

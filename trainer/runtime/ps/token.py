@@ -1,0 +1,76 @@
+"""The control channel's shared secret: a random token in a file only its owner may read.
+
+``unet-train distributed`` writes a fresh token per run and syncs it (mode 0600) to every host.
+Roles started by hand share ``cluster.token_file``: whichever role starts first creates it,
+atomically (a complete file appears under the name, or nothing), and the others read it; on
+several hosts, copy it (``scp -p``) or keep it on a shared home.
+"""
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import stat
+import tempfile
+from pathlib import Path
+
+from trainer.errors import UserError
+
+TOKEN_HEX_CHARS = 64  # 256 bits
+
+
+def new_token() -> str:
+    return secrets.token_hex(TOKEN_HEX_CHARS // 2)
+
+
+def write_token(path: Path, token: str, replace: bool) -> bool:
+    """Write ``token`` to ``path`` with mode 0600 from the first byte on.
+
+    ``replace``: overwrite any existing file (the launcher, once per run). Otherwise create the
+    file only if it is absent (``os.link`` fails on an existing name, so two roles starting at
+    once agree on one token). Returns whether this call wrote the file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mkstemp: O_EXCL, mode 0600
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(token + "\n")
+        if replace:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def read_token(path: Path) -> bytes:
+    """The token as HMAC key bytes; refuses a file others can read, or someone else's file."""
+    path = Path(path)
+    try:
+        info = os.stat(path)
+        text = path.read_text(encoding="ascii", errors="replace").strip()
+    except FileNotFoundError:
+        raise UserError(f"cluster.token_file {path}: not found") from None
+    except OSError as exc:
+        raise UserError(f"cluster.token_file {path}: cannot read it ({exc.strerror})") from None
+    if info.st_mode & 0o077:
+        raise UserError(f"cluster.token_file {path}: readable by others (mode {stat.S_IMODE(info.st_mode):04o}); "
+                        f"it is the cluster's secret: chmod 600 {path}")
+    if info.st_uid != os.getuid():
+        raise UserError(f"cluster.token_file {path}: owned by uid {info.st_uid}, not this user ({os.getuid()})")
+    if not re.fullmatch(f"[0-9a-f]{{{TOKEN_HEX_CHARS}}}", text):
+        raise UserError(f"cluster.token_file {path}: expected {TOKEN_HEX_CHARS} hex digits (delete it and a role "
+                        f"will write a new one)")
+    return text.encode("ascii")
+
+
+def load_or_create_token(path: Path) -> bytes:
+    """Read ``path``, creating it with a fresh token first if it does not exist yet."""
+    if not Path(path).exists():
+        write_token(Path(path), new_token(), replace=False)
+    return read_token(Path(path))
