@@ -135,7 +135,7 @@ def test_evaluate_writes_metrics_and_nifti_in_source_geometry(trained_2d, brats_
     summary = json.loads((run / "evaluation" / "summary.json").read_text())
     assert summary["cases"] >= 1
     for metric in ("dice", "hd95", "sensitivity", "specificity", "precision"):
-        assert set(summary[metric]) == {"mean", "median", "std", "n", "undefined_cases"}
+        assert set(summary[metric]) == {"mean", "median", "std", "min", "max", "n", "undefined_cases"}
         assert summary[metric]["n"] + summary[metric]["undefined_cases"] == summary["cases"]
     rows = (run / "evaluation" / "per_case.csv").read_text().splitlines()
     assert rows[0] == "case,dice,hd95,sensitivity,specificity,precision" and len(rows) == summary["cases"] + 1
