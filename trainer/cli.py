@@ -88,6 +88,22 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--mode", choices=["ps", "horovod"], default=None,
                         help="check for this launch mode (default: cluster.mode)")
 
+    manifests = _command(sub, "manifests", "write Kubernetes YAML: an MPIJob (Horovod) or a TFJob (PS mode) for the "
+                                           "Kubeflow operators, with the settings as a ConfigMap and a PVC", _cmd_manifests)
+    manifests.add_argument("--target", choices=["kubeflow"], required=True)
+    manifests.add_argument("--mode", choices=["ps", "horovod"], default=None, help="default: cluster.mode")
+    manifests.add_argument("--out", type=Path, default=None, help="YAML file (default runs/<run>/kubeflow-<mode>.yaml)")
+    manifests.add_argument("--run-name", default=None)
+    manifests.add_argument("--model", choices=["2d", "3d"], default=None)
+    manifests.add_argument("--epochs", type=_positive_int, default=None)
+    manifests.add_argument("--image", default=None, help="container image (default: cluster.kubeflow.image)")
+    manifests.add_argument("--namespace", default=None)
+    manifests.add_argument("--workers", type=_positive_int, default=None, help="Horovod ranks / TFJob workers")
+    manifests.add_argument("--ps", type=_positive_int, default=None, help="TFJob parameter servers")
+    manifests.add_argument("--threads", type=_positive_int, default=None, help="CPU request = threads per rank/role")
+    manifests.add_argument("--gpus-per-worker", type=_non_negative_int, default=None,
+                           help="nvidia.com/gpu per MPIJob worker (one rank per GPU)")
+
     task = _command(sub, "slurm-task", "inside a Slurm job step (srun): map this task to its Horovod rank or "
                                        "PS/worker/chief role and run it (started by distributed --scheduler slurm)",
                     _cmd_slurm_task)
@@ -211,6 +227,25 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         return 0
     _launcher(args, settings).doctor(standalone=True)
     print("doctor: every host passed")
+    return 0
+
+
+KUBEFLOW_FLAGS = {"run_name": "train.run_name", "model": "train.model", "epochs": "train.epochs",
+                  "image": "cluster.kubeflow.image", "namespace": "cluster.kubeflow.namespace",
+                  "workers": "cluster.kubeflow.workers", "ps": "cluster.kubeflow.ps",
+                  "threads": "cluster.kubeflow.threads", "gpus_per_worker": "cluster.kubeflow.gpus_per_worker"}
+
+
+def _cmd_manifests(args: argparse.Namespace) -> int:
+    settings = load_cli_settings(args, {key: getattr(args, attr) for attr, key in KUBEFLOW_FLAGS.items()})
+    from launcher.kubeflow import write_manifests
+
+    mode = args.mode or settings.cluster.mode
+    out = args.out or settings.run_path / f"kubeflow-{mode}.yaml"
+    write_manifests(settings, mode, out)
+    kind = "MPIJob (mpi-operator)" if mode == "horovod" else "TFJob (training-operator)"
+    print(f"wrote {out}: ConfigMap (settings), PersistentVolumeClaim (data/, runs/), {kind}; "
+          f"apply with: kubectl apply -f {out}")
     return 0
 
 
