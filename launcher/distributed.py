@@ -13,13 +13,14 @@ import logging
 import shlex
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.ansible import Ansible, PlaybookResult
+from launcher.console import Console
 from launcher.hosts import parse_hosts
+from launcher.interrupts import Interrupts, signals_ignored
 from launcher.inventory import render, ssh_user, write_inventory, to_yaml
 from launcher.plan import (HOROVOD_MODE, PS_MODE, TOKEN_FILE, HostFacts, LaunchPlan, build_plan, horovod_rank_hosts,
                            label_rank_line)
@@ -32,7 +33,6 @@ from trainer.runtime.ps.token import new_token, write_token
 log = logging.getLogger(__name__)
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
 INVENTORY_DIR = SOURCE_ROOT / "inventory"
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class LaunchError(UserError):
@@ -64,10 +64,9 @@ class Launcher:
         self.run_dir = (settings.train.run_dir / run).resolve()
         self.stage = self.run_dir / "launcher" / "stage"
         self.inventory_path = INVENTORY_DIR / f"{run}.yml"
-        self._cancel = threading.Event()
-        self._signal = signal.SIGINT  # the one that interrupted the launch: exit code 128 + it
-        self._log_file = None
-        self._print_lock = threading.Lock()
+        self._interrupts = Interrupts()
+        self._cancel = self._interrupts.event
+        self.console = Console(out)
         self.first_output_s: float | None = None
         self.first_training_s: float | None = None  # the chief's "... global batch ..." line: training starts
         self._started = time.monotonic()
@@ -197,9 +196,14 @@ class Launcher:
 
     def launch(self) -> int:
         """Preflight, sync, start, stream; stop everything on failure or Ctrl-C. Returns the exit code."""
-        previous = {signum: signal.signal(signum, self._on_interrupt) for signum in STOP_SIGNALS}
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._log_file = open(self.run_dir / "training.log", "a", buffering=1)
+        self.console.open_log(self.run_dir / "training.log")
+        try:
+            with self._interrupts.installed():
+                return self._launch()
+        finally:
+            self.console.close_log()
+
+    def _launch(self) -> int:
         plan = None
         try:
             facts = self.doctor()
@@ -240,19 +244,14 @@ class Launcher:
             return 0
         except KeyboardInterrupt:
             self.say(f"interrupted: stopping every process the launcher started ... "
-                     f"({signal.Signals(self._signal).name})")
+                     f"({signal.Signals(self._interrupts.signum).name})")
             if self.inventory_path.exists():  # else nothing was started yet
                 self.stop(plan)
-            return 128 + self._signal
+            return self._interrupts.exit_code
         except BaseException:
             if plan is not None:
                 self.stop(plan)
             raise
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-            if self._log_file:
-                self._log_file.close()
 
     def stop(self, plan: LaunchPlan | None = None) -> PlaybookResult:
         """Stop every role of this run on every host (uses the run's rendered inventory).
@@ -262,14 +261,8 @@ class Launcher:
         if not self.inventory_path.exists():
             raise LaunchError(f"{self.inventory_path}: no inventory for run '{self.settings.train.run_name}' "
                               f"(nothing was launched under this run name)")
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
-        try:
+        with signals_ignored():
             result = self.ansible(cancellable=False).run("stop.yml", on_event=self._print_stop)
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
         for host, msg in {**result.unreachable, **result.failed}.items():
             self.say(f"[{host}] could not stop: {msg}")
         return result
@@ -325,23 +318,11 @@ class Launcher:
         return codes
 
     def say(self, text: str) -> None:
-        with self._print_lock:
-            try:
-                print(text, file=self.out, flush=True)
-            except OSError:
-                pass  # the terminal went away (SIGHUP): keep logging, keep stopping
-            if self._log_file:
-                self._log_file.write(text + "\n")
+        self.console.say(text)
 
     def _print_stop(self, kind: str, host: str, res: dict) -> None:
         for line in str(res.get("stdout", "")).splitlines():
             self.say(f"[{host}] {line}")
-
-    def _on_interrupt(self, signum, frame) -> None:
-        """SIGINT, SIGTERM, SIGHUP: cancel the running playbook; launch() then stops everything."""
-        if not self._cancel.is_set():
-            self._signal = signum
-        self._cancel.set()
 
     def _check(self, result: PlaybookResult, step: str) -> None:
         if self._cancel.is_set():

@@ -108,7 +108,9 @@ def _check_ports(roles_ports: list[tuple[str, str, int]]) -> None:
         seen[(host, port)] = name
 
 
-def _cpu_choice(settings: Settings, facts: HostFacts | None, processes: int, derive: bool) -> CpuChoice:
+def cpu_choice(settings: Settings, facts: HostFacts | None, processes: int, derive: bool) -> CpuChoice:
+    """Threads and numactl prefix for one process: cpu.intra_op_threads when set, else the cores
+    ``facts`` report divided by the processes sharing them (None: the trainer derives it)."""
     cpu = settings.cpu
     numactl: tuple[str, ...] = ()
     if cpu.knl_mcdram:
@@ -169,7 +171,7 @@ def build_plan(settings: Settings, hosts: tuple[str, ...], mode: str, ps_hosts: 
             # only coordinates (reads the next global batch, schedules closures, then waits), so
             # counting it would halve worker0's threads for a process that is mostly idle.
             processes = int(host in ps_hosts) + int(host in hosts)
-            cpu[host] = _cpu_choice(settings, facts.get(host), max(1, processes), derive=True)
+            cpu[host] = cpu_choice(settings, facts.get(host), max(1, processes), derive=True)
         for index, host in enumerate(ps_hosts):
             roles.append(Role(f"ps{index}", host, "ps", trainer_argv(
                 cpu[host], "ps", "--index", str(index), extra=layout + _log_file(f"ps{index}")), "servers"))
@@ -180,7 +182,7 @@ def build_plan(settings: Settings, hosts: tuple[str, ...], mode: str, ps_hosts: 
             cpu[hosts[0]], "chief", extra=layout + _log_file("chief")), "main"))
     elif mode == HOROVOD_MODE:
         for host in hosts:
-            cpu[host] = _cpu_choice(settings, facts.get(host), slots_per_host, derive=False)
+            cpu[host] = cpu_choice(settings, facts.get(host), slots_per_host, derive=False)
         horovodrun = str(Path(python).parent / "horovodrun")
         argv = [horovodrun, "-np", str(len(hosts) * slots_per_host),
                 "-H", ",".join(f"{h}:{slots_per_host}" for h in hosts), "-p", str(cluster.ssh_port),

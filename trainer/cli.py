@@ -68,9 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     chief.add_argument("--batch-size", type=_positive_int, default=None, help="per worker")
     chief.add_argument("--learning-rate", type=float, default=None)
 
-    dist = _command(sub, "distributed", "launch PS/worker/chief or horovodrun on SSH hosts via Ansible",
-                    _cmd_distributed)
+    dist = _command(sub, "distributed", "launch PS/worker/chief or Horovod ranks: on SSH hosts (Ansible) or as "
+                                        "a Slurm job", _cmd_distributed)
     _add_cluster_flags(dist)
+    _add_slurm_flags(dist)
     dist.add_argument("--mode", choices=["ps", "horovod"], default=None, help="default: cluster.mode (ps)")
     dist.add_argument("--ps-hosts", default=None, help="parameter-server hosts (default: the first host)")
     dist.add_argument("--slots-per-host", type=_positive_int, default=1, help="horovod: ranks per host")
@@ -79,12 +80,35 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--model", choices=["2d", "3d"], default=None)
     dist.add_argument("--epochs", type=_positive_int, default=None)
     dist.add_argument("--dry-run", action="store_true", help="print the inventory and every command, then stop")
-    dist.add_argument("--stop", action="store_true", help="stop every process a previous launch of --run-name started")
-    doctor = _command(sub, "doctor", "preflight: SSH, versions, MPI, cores/sockets/NUMA and NICs on every host",
-                      _cmd_doctor)
+    dist.add_argument("--stop", action="store_true", help="stop every process a previous launch of --run-name started "
+                                                          "(Slurm: scancel its job)")
+    doctor = _command(sub, "doctor", "preflight: SSH, versions, MPI, cores/sockets/NUMA and NICs on every host; "
+                                     "with --scheduler slurm: sinfo, the partition and its limits", _cmd_doctor)
     _add_cluster_flags(doctor)
+    _add_slurm_flags(doctor)
     doctor.add_argument("--mode", choices=["ps", "horovod"], default=None,
                         help="check for this launch mode (default: cluster.mode)")
+
+    manifests = _command(sub, "manifests", "write Kubernetes YAML: an MPIJob (Horovod) or a TFJob (PS mode) for the "
+                                           "Kubeflow operators, with the settings as a ConfigMap and a PVC", _cmd_manifests)
+    manifests.add_argument("--target", choices=["kubeflow"], required=True)
+    manifests.add_argument("--mode", choices=["ps", "horovod"], default=None, help="default: cluster.mode")
+    manifests.add_argument("--out", type=Path, default=None, help="YAML file (default runs/<run>/kubeflow-<mode>.yaml)")
+    manifests.add_argument("--run-name", default=None)
+    manifests.add_argument("--model", choices=["2d", "3d"], default=None)
+    manifests.add_argument("--epochs", type=_positive_int, default=None)
+    manifests.add_argument("--image", default=None, help="container image (default: cluster.kubeflow.image)")
+    manifests.add_argument("--namespace", default=None)
+    manifests.add_argument("--workers", type=_positive_int, default=None, help="Horovod ranks / TFJob workers")
+    manifests.add_argument("--ps", type=_positive_int, default=None, help="TFJob parameter servers")
+    manifests.add_argument("--threads", type=_positive_int, default=None, help="CPU request = threads per rank/role")
+    manifests.add_argument("--gpus-per-worker", type=_non_negative_int, default=None,
+                           help="nvidia.com/gpu per MPIJob worker (one rank per GPU)")
+
+    task = _command(sub, "slurm-task", "inside a Slurm job step (srun): map this task to its Horovod rank or "
+                                       "PS/worker/chief role and run it (started by distributed --scheduler slurm)",
+                    _cmd_slurm_task)
+    task.add_argument("--mode", choices=["ps", "horovod"], required=True)
 
     evaluate = _command(sub, "evaluate", "per-case metrics on a held-out split; predictions as NIfTI", _cmd_evaluate)
     _add_run_flags(evaluate)
@@ -129,19 +153,51 @@ def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default=None, help="absolute path on every host (default: same as here)")
 
 
+def _add_slurm_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scheduler", choices=["ssh", "slurm"], default=None,
+                        help="ssh: hosts over SSH via Ansible; slurm: one batch job (default: cluster.scheduler)")
+    slurm = parser.add_argument_group("Slurm (--scheduler slurm; defaults: cluster.slurm.*)")
+    slurm.add_argument("--nodes", type=_positive_int, default=None)
+    slurm.add_argument("--ntasks-per-node", type=_positive_int, default=None, help="ranks / PS-mode roles per node")
+    slurm.add_argument("--cpus-per-task", type=_positive_int, default=None, help="threads per rank/role")
+    slurm.add_argument("--partition", default=None)
+    slurm.add_argument("--time", default=None, help="time limit, e.g. 2:00:00 or 1-00:00")
+    slurm.add_argument("--account", default=None)
+    slurm.add_argument("--constraint", default=None, help="node features, e.g. KNL modes quad,flat")
+
+
+SLURM_FLAGS = {"scheduler": "cluster.scheduler", "nodes": "cluster.slurm.nodes",
+               "ntasks_per_node": "cluster.slurm.ntasks_per_node", "cpus_per_task": "cluster.slurm.cpus_per_task",
+               "partition": "cluster.slurm.partition", "time": "cluster.slurm.time",
+               "account": "cluster.slurm.account", "constraint": "cluster.slurm.constraint"}
 CLUSTER_FLAGS = {"user": "cluster.ssh_user", "key": "cluster.ssh_key", "port": "cluster.ssh_port",
                  "workdir": "cluster.workdir", "run_name": "train.run_name", "model": "train.model",
                  "epochs": "train.epochs"}
 
 
-def _launcher(args: argparse.Namespace, hosts_required: bool = True):
-    from launcher.distributed import Launcher, LaunchRequest
-
+def _cluster_settings(args: argparse.Namespace):
     # --key is made absolute here: horovodrun uses it on the first host, from another folder
     flags = {key: (os.path.abspath(os.path.expanduser(getattr(args, attr))) if attr == "key" and getattr(args, attr)
                    else getattr(args, attr))
-             for attr, key in CLUSTER_FLAGS.items() if hasattr(args, attr)}
-    settings = load_cli_settings(args, flags)
+             for attr, key in {**CLUSTER_FLAGS, **SLURM_FLAGS}.items() if hasattr(args, attr)}
+    return load_cli_settings(args, flags)
+
+
+def _slurm_launcher(args: argparse.Namespace, settings):
+    """The Slurm path, or None for the SSH one. ``--stop`` finds a Slurm run by its job record."""
+    from launcher.slurm.launch import SlurmLauncher, has_job_record
+
+    stop = getattr(args, "stop", False)
+    if settings.cluster.scheduler != "slurm" and not (stop and args.scheduler is None and has_job_record(settings)):
+        return None
+    if args.hosts:
+        raise UserError("--hosts: not used with --scheduler slurm (Slurm picks the nodes; see --nodes, --partition)")
+    return SlurmLauncher(settings, args.mode or settings.cluster.mode)
+
+
+def _launcher(args: argparse.Namespace, settings, hosts_required: bool = True):
+    from launcher.distributed import Launcher, LaunchRequest
+
     # --hosts/--mode win over cluster.hosts/cluster.mode in settings.yaml
     hosts = args.hosts if args.hosts is not None else ",".join(settings.cluster.hosts)
     if hosts_required and not hosts:
@@ -155,18 +211,62 @@ def _launcher(args: argparse.Namespace, hosts_required: bool = True):
 
 
 def _cmd_distributed(args: argparse.Namespace) -> int:
+    settings = _cluster_settings(args)
+    slurm = _slurm_launcher(args, settings)
+    if slurm is not None:
+        if args.stop:
+            return slurm.stop()
+        return slurm.dry_run() if args.dry_run else slurm.launch()
     if args.stop:
-        launcher = _launcher(args, hosts_required=False)
+        launcher = _launcher(args, settings, hosts_required=False)
         result = launcher.stop()
         return 0 if result.succeeded else 1
-    launcher = _launcher(args)
+    launcher = _launcher(args, settings)
     return launcher.dry_run() if args.dry_run else launcher.launch()
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    _launcher(args).doctor(standalone=True)
+    settings = _cluster_settings(args)
+    slurm = _slurm_launcher(args, settings)
+    if slurm is not None:
+        slurm.doctor()
+        print("doctor: the Slurm cluster can run this job")
+        return 0
+    _launcher(args, settings).doctor(standalone=True)
     print("doctor: every host passed")
     return 0
+
+
+KUBEFLOW_FLAGS = {"run_name": "train.run_name", "model": "train.model", "epochs": "train.epochs",
+                  "image": "cluster.kubeflow.image", "namespace": "cluster.kubeflow.namespace",
+                  "workers": "cluster.kubeflow.workers", "ps": "cluster.kubeflow.ps",
+                  "threads": "cluster.kubeflow.threads", "gpus_per_worker": "cluster.kubeflow.gpus_per_worker"}
+
+
+def _cmd_manifests(args: argparse.Namespace) -> int:
+    settings = load_cli_settings(args, {key: getattr(args, attr) for attr, key in KUBEFLOW_FLAGS.items()})
+    from launcher.kubeflow import write_manifests
+
+    mode = args.mode or settings.cluster.mode
+    out = args.out or settings.run_path / f"kubeflow-{mode}.yaml"
+    write_manifests(settings, mode, out)
+    kind = "MPIJob (mpi-operator)" if mode == "horovod" else "TFJob (training-operator)"
+    print(f"wrote {out}: ConfigMap (settings), PersistentVolumeClaim (data/, runs/), {kind}; "
+          f"apply with: kubectl apply -f {out}")
+    return 0
+
+
+def _cmd_slurm_task(args: argparse.Namespace) -> int:
+    if args.settings is None:
+        raise UserError("--settings: required (the run's merged settings, written by distributed --scheduler slurm)")
+    settings = load_cli_settings(args)
+    from launcher.slurm.task import task_command
+
+    command = task_command(settings, args.mode, str(args.settings.resolve()), os.environ)
+    print(command.announcement(), flush=True)
+    argv = command.exec_argv()
+    os.execvp(argv[0], argv)  # the role replaces this process: srun and Slurm see it directly
+    return 1  # not reached
 
 
 def _add_window_flags(parser: argparse.ArgumentParser) -> None:

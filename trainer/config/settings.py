@@ -178,6 +178,66 @@ class CpuSettings(_Section):
     knl_mcdram: bool = False
 
 
+# Values that land in a #SBATCH line or a Kubernetes manifest: no spaces, quotes, newlines or
+# shell characters, so nothing a user writes can add a directive or a command.
+SLURM_NAME = r"^[A-Za-z0-9_.-]*$"
+# Slurm time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or UNLIMITED/INFINITE.
+SLURM_TIME = r"^(|[0-9]+|[0-9]+:[0-9]{2}|[0-9]+:[0-9]{2}:[0-9]{2}|[0-9]+-[0-9]+(:[0-9]{2}(:[0-9]{2})?)?|UNLIMITED|INFINITE)$"
+# One extra sbatch option, e.g. --mem=8G, --exclusive, --qos=long, --gres=gpu:2, --mail-user=a@b.org
+SBATCH_OPTION = re.compile(r"--[a-z][a-z0-9-]*(=[A-Za-z0-9_.,:@%+/=*-]+)?")
+# Options the launcher sets itself (or that would change what it reads back): never from settings.
+SBATCH_RESERVED = ("job-name", "output", "error", "chdir", "parsable", "wrap", "nodes", "ntasks",
+                   "ntasks-per-node", "cpus-per-task", "partition", "time", "account", "constraint",
+                   "array", "open-mode", "input", "export", "hold", "test-only")
+
+
+class SlurmSettings(_Section):
+    """``unet-train distributed --scheduler slurm``: one batch job, one task per rank/role."""
+
+    nodes: int = Field(1, ge=1, le=100000)
+    ntasks_per_node: int = Field(4, ge=1, le=1024, description="PS mode default: chief + 1 PS + 2 workers")
+    cpus_per_task: int = Field(1, ge=1, le=4096, description="threads per rank/role (intra-op, OMP)")
+    partition: str = Field("", pattern=SLURM_NAME, description="'' = the cluster's default partition")
+    time: str = Field("", pattern=SLURM_TIME, description="'' = the partition's default limit")
+    account: str = Field("", pattern=SLURM_NAME)
+    constraint: str = Field("", pattern=r"^[A-Za-z0-9_.,&|:*()\[\]!-]*$",
+                            description="node features, e.g. KNL modes 'quad,flat' or 'quad&cache'")
+    extra_sbatch: tuple[str, ...] = Field((), description="more #SBATCH options, each '--key=value' or '--flag'")
+    ps_tasks: int = Field(1, ge=1, description="PS mode: tasks that are parameter servers (one task is the chief)")
+    port_base: int = Field(8888, ge=1024, le=65000, description="PS mode: first gRPC port per node")
+    srun_mpi: str = Field("pmix", pattern=r"^[a-z0-9_]+$", description="srun --mpi plugin for Horovod ranks")
+    poll_s: float = Field(1.0, gt=0.0, le=60.0, description="how often the launcher reads the job's output")
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _safe_sbatch_options(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for option in value:
+            if not SBATCH_OPTION.fullmatch(option):
+                raise ValueError(f"invalid sbatch option {option!r}: expected '--key=value' or '--flag' "
+                                 f"(letters, digits and _.,:@%+/=*- only; no spaces, quotes or newlines)")
+            name = option[2:].split("=", 1)[0]
+            if name in SBATCH_RESERVED:
+                raise ValueError(f"sbatch option {option!r}: --{name} is set by the launcher "
+                                 f"(use cluster.slurm.{name.replace('-', '_')} or its flag where there is one)")
+        return value
+
+
+class KubeflowSettings(_Section):
+    """``unet-train manifests --target kubeflow``: what the rendered MPIJob/TFJob carry."""
+
+    image: str = Field("unet-train:latest", pattern=r"^[A-Za-z0-9][A-Za-z0-9_./:@-]*$")
+    namespace: str = Field("default", pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+    workers: int = Field(2, ge=1, description="MPIJob workers (one rank each) / TFJob workers")
+    ps: int = Field(1, ge=1, description="TFJob parameter servers")
+    threads: int = Field(4, ge=1, le=1024, description="CPU request per rank/role = intra-op threads")
+    memory: str = Field("8Gi", pattern=r"^[0-9]+(Ki|Mi|Gi|Ti)?$")
+    gpus_per_worker: int = Field(0, ge=0, le=16, description="nvidia.com/gpu per worker (0 = CPU)")
+    pvc_size: str = Field("100Gi", pattern=r"^[0-9]+(Mi|Gi|Ti)$")
+    storage_class: str = Field("", pattern=r"^([a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?)?$",
+                               description="'' = the cluster's default StorageClass")
+    port: int = Field(2222, ge=1, le=65535, description="TFJob: gRPC port of every task")
+
+
 class ClusterSettings(_Section):
     hosts: tuple[str, ...] = Field((), description="launcher hosts when --hosts is not given")
     mode: Literal["ps", "horovod"] = Field("ps", description="launcher mode when --mode is not given")
@@ -206,6 +266,9 @@ class ClusterSettings(_Section):
                                                           "private, loopback or link-local")
     token_file: str = Field(".unet-train-cluster.token", pattern=r"^[A-Za-z0-9_./-]+$",
                             description="shared secret of the chief's control channel (0600; created if absent)")
+    scheduler: Literal["ssh", "slurm"] = Field("ssh", description="launcher: SSH hosts via Ansible, or a Slurm job")
+    slurm: SlurmSettings = SlurmSettings()
+    kubeflow: KubeflowSettings = KubeflowSettings()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -1,0 +1,140 @@
+"""The batch script of a Slurm run (``runs/<run>/job.sbatch``), as pure text from settings.
+
+``#SBATCH`` lines are read by sbatch, not by a shell, but a newline or a space in a value would
+add a directive or split one: every value there is either held to a strict pattern by the
+settings schema or checked here (paths). Every value in the shell part is ``shlex.quote``d.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.config.settings import ClusterSettings, SlurmSettings
+from trainer.errors import UserError
+
+PS_MODE, HOROVOD_MODE = "ps", "horovod"
+# A path in an #SBATCH line: no whitespace, quotes or '%' (sbatch expands %j, %u, ... in --output).
+_SBATCH_PATH = re.compile(r"/[A-Za-z0-9_./+@,:=-]*")
+
+
+@dataclass(frozen=True)
+class JobFiles:
+    """Where a Slurm run keeps its files: all inside runs/<run>/, on the filesystem every node sees."""
+
+    run_dir: Path
+
+    @property
+    def script(self) -> Path:
+        return self.run_dir / "job.sbatch"
+
+    @property
+    def slurm_dir(self) -> Path:
+        return self.run_dir / "slurm"
+
+    @property
+    def settings(self) -> Path:
+        return self.slurm_dir / "settings.yaml"
+
+    @property
+    def record(self) -> Path:
+        """job.json: the submitted job's id and name, for ``--stop`` and for the log's reader."""
+        return self.slurm_dir / "job.json"
+
+    @property
+    def output_pattern(self) -> Path:
+        return self.slurm_dir / "job-%j.out"
+
+    def output(self, job_id: str) -> Path:
+        return self.slurm_dir / f"job-{job_id}.out"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    run: str
+    mode: str
+    python: str        # absolute interpreter path, the same on every node
+    code_dir: str      # this checkout (PYTHONPATH), on the shared filesystem
+    submit_dir: str    # the job's working folder: relative settings paths mean what they mean here
+    files: JobFiles
+
+    @property
+    def name(self) -> str:
+        return job_name(self.run)
+
+
+def job_name(run: str) -> str:
+    return f"unet-train-{run}"
+
+
+def task_count(slurm: SlurmSettings) -> int:
+    return slurm.nodes * slurm.ntasks_per_node
+
+
+def check_layout(cluster: ClusterSettings, mode: str) -> None:
+    """Refuse a job whose tasks cannot form the requested cluster, before anything is submitted."""
+    slurm = cluster.slurm
+    tasks = task_count(slurm)
+    if mode == PS_MODE:
+        if tasks < slurm.ps_tasks + 2:
+            raise UserError(f"--nodes {slurm.nodes} x --ntasks-per-node {slurm.ntasks_per_node} = {tasks} task(s): "
+                            f"PS mode needs cluster.slurm.ps_tasks ({slurm.ps_tasks}) + 1 chief + at least 1 worker")
+        last = slurm.port_base + slurm.ntasks_per_node - 1
+        if slurm.port_base <= cluster.control_port <= last:
+            raise UserError(f"cluster.control_port {cluster.control_port} lies in the gRPC ports "
+                            f"{slurm.port_base}..{last} (cluster.slurm.port_base + tasks per node): pick another")
+    elif mode != HOROVOD_MODE:
+        raise UserError(f"--mode: expected 'ps' or 'horovod', got {mode!r}")
+
+
+def sbatch_path(path: Path | str, what: str) -> str:
+    text = str(path)
+    if not _SBATCH_PATH.fullmatch(text):
+        raise UserError(f"{what} {text!r}: a path in the batch script must be absolute and hold only letters, "
+                        f"digits and _./+@,:=- (no spaces, quotes, '%' or newlines)")
+    return text
+
+
+def directives(slurm: SlurmSettings, spec: JobSpec) -> list[str]:
+    options = [f"--job-name={spec.name}", f"--nodes={slurm.nodes}", f"--ntasks-per-node={slurm.ntasks_per_node}",
+               f"--cpus-per-task={slurm.cpus_per_task}"]
+    for key in ("partition", "time", "account", "constraint"):
+        value = getattr(slurm, key)
+        if value:  # schema patterns: no spaces, quotes or newlines
+            options.append(f"--{key}={value}")
+    options += [f"--output={sbatch_path(spec.files.slurm_dir, 'train.run_dir')}/{spec.files.output_pattern.name}",
+                f"--chdir={sbatch_path(spec.submit_dir, 'the working folder')}"]
+    options += list(slurm.extra_sbatch)  # schema: '--key=value' from a strict character set, none reserved
+    return [f"#SBATCH {option}" for option in options]
+
+
+def srun_argv(slurm: SlurmSettings, spec: JobSpec) -> list[str]:
+    """One task per Horovod rank or PS-mode role. --distribution=block: tasks 0..k-1 on the first
+    node, and so on, the order SlurmClusterResolver assumes when it maps SLURM_PROCID to a role.
+    --cpus-per-task is repeated because srun 22.05 no longer inherits it from the batch job."""
+    argv = ["srun", "--label", "--distribution=block", f"--cpus-per-task={slurm.cpus_per_task}"]
+    if spec.mode == HOROVOD_MODE:
+        # a dead rank ends the job at once (allreduce would hang), like horovodrun
+        argv += [f"--mpi={slurm.srun_mpi}", "--kill-on-bad-exit=1"]
+    else:
+        # a dead worker is survived: the chief re-runs its closures on another worker
+        argv += ["--mpi=none", "--kill-on-bad-exit=0"]
+    return argv + [spec.python, "-m", "trainer.cli", "slurm-task", "--mode", spec.mode,
+                   "--settings", str(spec.files.settings)]
+
+
+def render_script(cluster: ClusterSettings, spec: JobSpec) -> str:
+    slurm = cluster.slurm
+    check_layout(cluster, spec.mode)
+    lines = ["#!/bin/sh",
+             f"# Rendered by `unet-train distributed --scheduler slurm` (run {spec.run}, mode {spec.mode}).",
+             "# Do not edit: rerun the command (or --dry-run to see it). Values below are validated/quoted.",
+             *directives(slurm, spec),
+             "set -eu",
+             'echo "unet-train: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST: $SLURM_NTASKS task(s),'
+             ' $SLURM_CPUS_PER_TASK CPU(s) each"',
+             f"export PYTHONPATH={shlex.quote(spec.code_dir)}",
+             "exec " + shlex.join(srun_argv(slurm, spec)),
+             ""]
+    return "\n".join(lines)
