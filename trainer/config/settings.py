@@ -130,7 +130,7 @@ class LossSettings(_Section):
 
 
 class ScheduleSettings(_Section):
-    name: Literal["constant", "step", "cosine", "poly", "plateau"] = "constant"
+    name: Literal["constant", "step", "cosine", "poly", "plateau"] = "cosine"
     step_epochs: int = Field(10, ge=1)
     gamma: float = Field(0.5, gt=0.0, le=1.0)
     min_lr: float = Field(1e-6, ge=0.0)

@@ -1,0 +1,112 @@
+"""Connected-component post-processing, applied per region only where validation says it helps.
+
+nnU-Net's rule: for each region, try removing every connected component but the largest
+(and, here, removing components smaller than a few sizes); keep the action that raises
+the mean validation Dice, else do nothing. The decision is stored in the run
+(``postprocessing.json``, tied to the checkpoint it was decided for) and applied by
+``evaluate`` and ``predict``, so a model's reported figures and its written label maps
+always come from the same procedure.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from trainer.errors import TrainingError
+from trainer.fsutil import write_json
+
+log = logging.getLogger(__name__)
+# Candidate actions, tried on the validation split: "largest" keeps one component; "min_mm3:V"
+# removes components smaller than V cubic millimetres (small distant false positives).
+CANDIDATES = ("none", "largest", "min_mm3:100", "min_mm3:1000")
+FILE_NAME = "postprocessing.json"
+
+
+@dataclass(frozen=True)
+class RegionDecision:
+    region: str
+    action: str
+    val_dice_before: float
+    val_dice_after: float
+    cases: int
+
+
+def apply_action(mask: np.ndarray, action: str, spacing: Sequence[float]) -> np.ndarray:
+    """One region's binary (x, y, z) mask after ``action`` (face-connected components)."""
+    if action == "none" or not mask.any():
+        return mask
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.transpose(mask).astype(np.uint8))
+    components = sitk.ConnectedComponent(image, False)
+    if action == "largest":
+        relabelled = sitk.RelabelComponent(components, sortByObjectSize=True)
+        return np.transpose(sitk.GetArrayFromImage(relabelled)) == 1
+    if action.startswith("min_mm3:"):
+        voxel_mm3 = float(np.prod(spacing))
+        minimum = max(1, int(np.ceil(float(action.split(":", 1)[1]) / voxel_mm3)))
+        relabelled = sitk.RelabelComponent(components, minimumObjectSize=minimum)
+        return np.transpose(sitk.GetArrayFromImage(relabelled)) > 0
+    raise ValueError(f"unknown post-processing action {action!r}")
+
+
+def apply_decisions(masks: np.ndarray, regions: Sequence[str], decisions: dict[str, str],
+                    spacing: Sequence[float]) -> np.ndarray:
+    """Region masks (x, y, z, R) with each region's stored action applied."""
+    out = np.array(masks, dtype=bool, copy=True)
+    for index, region in enumerate(regions):
+        out[..., index] = apply_action(out[..., index], decisions.get(region, "none"), spacing)
+    return out
+
+
+def _dice(truth: np.ndarray, prediction: np.ndarray) -> float:
+    denominator = truth.sum() + prediction.sum()
+    return 1.0 if denominator == 0 else float(2.0 * np.logical_and(truth, prediction).sum() / denominator)
+
+
+def decide(cases: Sequence[tuple[np.ndarray, np.ndarray, Sequence[float]]], regions: Sequence[str],
+           candidates: Sequence[str] = CANDIDATES) -> list[RegionDecision]:
+    """Per region, the candidate with the highest mean Dice over ``cases`` (truth masks, predicted
+    masks, spacing); "none" unless another is strictly better."""
+    decisions = []
+    for index, region in enumerate(regions):
+        scores = {}
+        for action in candidates:
+            scores[action] = float(np.mean([_dice(truth[..., index] > 0,
+                                                  apply_action(prediction[..., index] > 0, action, spacing))
+                                            for truth, prediction, spacing in cases]))
+        best = max(candidates, key=lambda a: (scores[a] > scores["none"], scores[a]))
+        if scores[best] <= scores["none"]:
+            best = "none"
+        decisions.append(RegionDecision(region, best, scores["none"], scores[best], len(cases)))
+        log.info("post-processing %s: %s (validation Dice %.4f -> %.4f over %d case(s); tried %s)", region, best,
+                 scores["none"], scores[best], len(cases),
+                 ", ".join(f"{a} {scores[a]:.4f}" for a in candidates))
+    return decisions
+
+
+def save(run_path: Path, checkpoint: str, decisions: Sequence[RegionDecision]) -> Path:
+    path = Path(run_path) / FILE_NAME
+    write_json(path, {"checkpoint": checkpoint, "split": "val", "candidates": list(CANDIDATES),
+                      "regions": {d.region: asdict(d) for d in decisions}})
+    return path
+
+
+def load(run_path: Path, checkpoint: str) -> dict[str, str] | None:
+    """region -> action decided for ``checkpoint``; None when there is no decision for it yet."""
+    import json
+
+    path = Path(run_path) / FILE_NAME
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if data.get("checkpoint") != checkpoint:
+            return None  # decided for another checkpoint: decide again
+        return {region: entry["action"] for region, entry in data["regions"].items()}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TrainingError(f"{path}: malformed post-processing decision ({exc}); delete it to decide again") from None
