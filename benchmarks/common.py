@@ -20,8 +20,23 @@ def env(**extra: str) -> dict[str, str]:
     return out
 
 
+# A machine shared with other heavy jobs: UNET_BENCH_LOCK=/path/to/lockfile makes every timed
+# command wait for that flock(1) lock, so no two heavy jobs overlap (the wait is not timed).
+LOCK = os.environ.get("UNET_BENCH_LOCK")
+
+
 def timed(cmd: list, log: Path | None = None, **extra_env: str) -> float:
-    """Run a command to completion (raising on failure); return wall seconds."""
+    """Run a command to completion (raising on failure); return wall seconds (lock wait excluded)."""
+    if LOCK:
+        import fcntl
+
+        with open(LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return _timed(cmd, log, **extra_env)
+    return _timed(cmd, log, **extra_env)
+
+
+def _timed(cmd: list, log: Path | None, **extra_env: str) -> float:
     start = time.perf_counter()
     with open(log or os.devnull, "a") as handle:
         subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env(**extra_env), check=True,
@@ -54,6 +69,16 @@ def free_ports(n: int) -> list[int]:
 
 def ps_job(chief_args: list, extra: list, log: Path, workers: int = 2, **extra_env: str) -> float:
     """1 PS + ``workers`` workers + the chief on 127.0.0.1 (free ports); wall seconds of the job."""
+    if LOCK:
+        import fcntl
+
+        with open(LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return _ps_job(chief_args, extra, log, workers, **extra_env)
+    return _ps_job(chief_args, extra, log, workers, **extra_env)
+
+
+def _ps_job(chief_args: list, extra: list, log: Path, workers: int, **extra_env: str) -> float:
     ports = free_ports(workers + 3)
     ps, worker_ports, (chief, control) = ports[0], ports[1:1 + workers], ports[1 + workers:]
     cluster = ["--set", f"cluster.ps_hosts=[127.0.0.1:{ps}]",

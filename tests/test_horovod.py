@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI
 # Plain synchronous SGD on a fixed data order: no dropout, BN, augmentation or shuffling,
 # and no LR scaling, so N ranks x batch b must equal one process x batch N*b.
 SGD_EXACT = ["--set", "train.optimizer=sgd", "--set", "train.learning_rate=0.5", "--set", "model.dropout=0",
-             "--set", "model.batch_norm_2d=false", "--set", "data.augment=false", "--set", "data.shuffle=false",
+             "--set", "model.norm_2d=none", "--set", "data.augment=false", "--set", "data.shuffle=false",
              "--set", "train.scale_lr=false", "--set", "train.warmup_epochs=0", "--set", "train.steps_per_epoch=3",
              "--set", "train.validation_steps=1", "--set", "model.base_filters_2d=4",
              "--set", "train.image_every_epochs=0", "--set", "train.loss.name=dice", "--quiet"]

@@ -33,7 +33,7 @@ def test_unet2d_default_size_and_levels():
 
 
 def test_unet2d_options_change_structure():
-    plain = UNet2D(ModelSettings(base_filters_2d=8, upsampling="upsample", batch_norm_2d=True, dropout=0.0), 4)
+    plain = UNet2D(ModelSettings(base_filters_2d=8, upsampling="upsample", norm_2d="batch", dropout=0.0), 4)
     names = [l.name for l in plain.layers]
     assert any("bn" in n for n in names) and not any("dropout" in n for n in names)
     assert not any(type(l).__name__ == "Conv2DTranspose" for l in plain.layers)

@@ -11,21 +11,40 @@ from trainer.errors import TrainingError
 log = logging.getLogger(__name__)
 
 
+# Where a checkpoint stands in the run: the loop's own counters, read without restoring.
+PROGRESS_KEYS = ("state/epoch/.ATTRIBUTES/VARIABLE_VALUE", "state/step_in_epoch/.ATTRIBUTES/VARIABLE_VALUE")
+
+
 class CheckpointStore:
-    """Last-k checkpoints (one per epoch) plus the best by validation Dice."""
+    """Last-k epoch checkpoints, last-k step checkpoints (mid-epoch), and the best by validation Dice.
+
+    TensorFlow writes a checkpoint's files first and then, atomically, the small state file
+    that lists the complete ones; a process killed while saving leaves at most orphan files
+    that no state file names. Resuming takes the most advanced listed checkpoint whose files
+    read back, falling back to an older one (with a warning) when the newest is unreadable.
+    """
 
     def __init__(self, run_path: Path, model: tf.keras.Model, optimizer, state: tf.Module, keep: int):
         self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, state=state)
         root = Path(run_path) / "checkpoints"
         self.last = tf.train.CheckpointManager(self.checkpoint, str(root / "last"), max_to_keep=keep,
                                                checkpoint_name="epoch")
+        self.steps = tf.train.CheckpointManager(self.checkpoint, str(root / "steps"), max_to_keep=keep,
+                                                checkpoint_name="step")
         self.best = tf.train.CheckpointManager(self.checkpoint, str(root / "best"), max_to_keep=1,
                                                checkpoint_name="best")
 
     def restore_latest(self) -> str | None:
-        path = self.last.latest_checkpoint
-        if path is None:
+        candidates = []
+        for path in {*self.last.checkpoints, *self.steps.checkpoints}:
+            progress = _progress(path)
+            if progress is None:
+                log.warning("%s: checkpoint files unreadable (interrupted write or damaged disk); skipped", path)
+                continue
+            candidates.append((progress, path))
+        if not candidates:
             return None
+        path = max(candidates)[1]
         try:
             self.checkpoint.restore(path).assert_existing_objects_matched()
         except (AssertionError, ValueError, tf.errors.OpError) as exc:
@@ -37,6 +56,18 @@ class CheckpointStore:
         self.last.save(checkpoint_number=epoch)
         if is_best:
             self.best.save(checkpoint_number=epoch)
+
+    def save_step(self, global_step: int) -> str:
+        return self.steps.save(checkpoint_number=global_step)
+
+
+def _progress(path: str) -> tuple[int, int] | None:
+    """(completed epochs, steps into the next epoch) of a checkpoint, or None if it cannot be read."""
+    try:
+        reader = tf.train.load_checkpoint(path)
+        return tuple(int(reader.get_tensor(key)) if reader.has_tensor(key) else 0 for key in PROGRESS_KEYS)
+    except (tf.errors.OpError, ValueError):
+        return None
 
 
 def restore_weights(model: tf.keras.Model, run_path: Path, which: str = "best") -> str:

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=_positive_int, default=None)
     train.add_argument("--batch-size", type=_positive_int, default=None, help="per worker/rank")
     train.add_argument("--learning-rate", type=float, default=None)
+    train.add_argument("--elastic", action="store_const", const=True, default=None,
+                       help="horovod: Horovod Elastic (under horovodrun --min-np/--max-np --host-discovery-script)")
 
     for role in ("ps", "worker"):
         server = _command(sub, role, f"parameter-server mode: run {role} task --index i of settings' cluster",
@@ -282,7 +284,7 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
 
 RUN_FLAGS = {"model": "train.model", "run_name": "train.run_name", "run_dir": "train.run_dir",
              "dist": "train.dist", "epochs": "train.epochs", "batch_size": "train.batch_size",
-             "learning_rate": "train.learning_rate"}
+             "learning_rate": "train.learning_rate", "elastic": "train.elastic"}
 
 
 def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -367,7 +369,7 @@ def _start_runtime(settings, log_to_run: bool = True):
     if settings.train.dist == "horovod":
         from trainer.runtime.horovod import HorovodRuntime
 
-        runtime = HorovodRuntime.start()
+        runtime = HorovodRuntime.start(settings.train.elastic, settings.train.elastic_commit_steps)
     elif settings.train.dist == "ps":
         raise UserError("train.dist=ps: the parameter-server chief is 'unet-train chief' (with "
                         "'unet-train ps --index i' and 'unet-train worker --index i' running; see README)")

@@ -108,11 +108,23 @@ class ModelSettings(_Section):
     base_filters_3d: int = Field(16, ge=1, le=128)
     upsampling: Literal["transposed", "upsample"] = "transposed"
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
-    batch_norm_2d: bool = False
+    # "instance" normalises each sample on its own (nnU-Net's choice): its numbers do not depend on
+    # the batch, so N workers x b compute exactly what one process computes at N*b, and a small
+    # 3D batch is no problem. "batch" keeps moving statistics (see batch_norm_momentum).
+    norm_2d: Literal["none", "batch", "instance"] = "instance"
+    norm_3d: Literal["batch", "instance"] = "instance"
     # Keras' default 0.99 keeps ~74% of the initial statistics after 30 steps: inference-mode
     # validation of a short run at batch 1-2 (the 3D model) is then garbage. 0.9 tracks in ~20 steps.
     batch_norm_momentum: float = Field(0.9, gt=0.0, lt=1.0)
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, values):
+        if isinstance(values, dict) and "batch_norm_2d" in values:
+            raise ValueError("batch_norm_2d was replaced by norm_2d: none | batch | instance "
+                             "(batch_norm_2d: true -> norm_2d: batch)")
+        return values
 
     @field_validator("regions")
     @classmethod
@@ -155,6 +167,11 @@ class TrainSettings(_Section):
     schedule: ScheduleSettings = ScheduleSettings()
     early_stopping_patience: int = Field(0, ge=0, description="0 = off")
     keep_checkpoints: int = Field(3, ge=1)
+    checkpoint_every_steps: int = Field(0, ge=0, description="mid-epoch checkpoint every N steps (0 = off)")
+    checkpoint_every_minutes: float = Field(10.0, ge=0.0, description="mid-epoch checkpoint every M minutes (0 = off)")
+    max_steps: int = Field(0, ge=0, description="stop once the global step reaches this (0 = no limit)")
+    elastic: bool = Field(False, description="Horovod Elastic: survive lost/added ranks (horovodrun --min-np ...)")
+    elastic_commit_steps: int = Field(10, ge=1, description="elastic: commit the in-memory state every N steps")
     image_every_epochs: int = Field(1, ge=0, description="0 = no TensorBoard image panels")
     mixed_precision: bool = False
     seed: int = Field(1234, ge=0)

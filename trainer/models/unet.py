@@ -1,7 +1,7 @@
 """2D and 3D UNets: one encoder-decoder definition, parameterised by dimensionality.
 
 Four pooling levels; each level two (3x3 | 3x3x3) convolutions with ReLU, he_uniform
-initialisation; optional batch norm (always on in 3D); spatial dropout on the two
+initialisation; instance (default) or batch normalisation (optional in 2D); spatial dropout on the two
 deepest levels; transposed-convolution or upsampling decoder; a 1x1 sigmoid output with one
 channel per tumour region (``model.regions``: WT, or WT/TC/ET), kept in float32 so that
 mixed precision never changes the output dtype.
@@ -35,7 +35,14 @@ _OPS = {
 }
 
 
-def _unet(input_shape: tuple[int, ...], base_filters: int, batch_norm: bool, dropout: float,
+def _norm(kind: str, name: str, bn_momentum: float):
+    if kind == "batch":
+        return tf.keras.layers.BatchNormalization(momentum=bn_momentum, name=name)
+    # Instance norm: per sample and channel over the spatial axes (a group per channel).
+    return tf.keras.layers.GroupNormalization(groups=-1, epsilon=1e-5, name=name)
+
+
+def _unet(input_shape: tuple[int, ...], base_filters: int, norm: str, dropout: float,
           upsampling: str, name: str, bn_momentum: float = 0.9, outputs: int = 1) -> tf.keras.Model:
     dims = len(input_shape) - 1
     ops = _OPS[dims]
@@ -45,10 +52,10 @@ def _unet(input_shape: tuple[int, ...], base_filters: int, batch_norm: bool, dro
 
     def block(x, filters, prefix, drop):
         for i in (1, 2):
-            x = ops.conv(filters, ops.kernel, padding="same", use_bias=not batch_norm,
+            x = ops.conv(filters, ops.kernel, padding="same", use_bias=norm == "none",
                          kernel_initializer="he_uniform", name=f"{prefix}_conv{i}")(x)
-            if batch_norm:
-                x = tf.keras.layers.BatchNormalization(momentum=bn_momentum, name=f"{prefix}_bn{i}")(x)
+            if norm != "none":
+                x = _norm(norm, f"{prefix}_{'bn' if norm == 'batch' else 'in'}{i}", bn_momentum)(x)
             x = tf.keras.layers.Activation("relu", name=f"{prefix}_relu{i}")(x)
         if drop and dropout > 0:
             x = ops.dropout(dropout, name=f"{prefix}_dropout")(x)
@@ -77,15 +84,15 @@ def _unet(input_shape: tuple[int, ...], base_filters: int, batch_norm: bool, dro
 
 def UNet2D(settings: ModelSettings, channels: int, image_size: int = 128) -> tf.keras.Model:
     """2D UNet for (image_size, image_size, channels) slices -> (.., .., regions) probabilities."""
-    return _unet((image_size, image_size, channels), settings.base_filters_2d, settings.batch_norm_2d,
+    return _unet((image_size, image_size, channels), settings.base_filters_2d, settings.norm_2d,
                  settings.dropout, settings.upsampling, "unet2d", settings.batch_norm_momentum,
                  len(settings.regions))
 
 
 def UNet3D(settings: ModelSettings, channels: int, crop: tuple[int, int, int] | None = None) -> tf.keras.Model:
-    """3D UNet (always batch norm); ``crop=None`` accepts any size divisible by 16 at run time."""
+    """3D UNet (always normalised); ``crop=None`` accepts any size divisible by 16 at run time."""
     spatial = tuple(crop) if crop is not None else (None, None, None)
-    return _unet((*spatial, channels), settings.base_filters_3d, True, settings.dropout,
+    return _unet((*spatial, channels), settings.base_filters_3d, settings.norm_3d, settings.dropout,
                  settings.upsampling, "unet3d", settings.batch_norm_momentum, len(settings.regions))
 
 

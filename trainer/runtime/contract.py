@@ -8,13 +8,15 @@ protocols; the loop never asks which mode it runs in.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import tensorflow as tf
 
 from trainer.config.settings import Settings
 from trainer.data.pipeline import Shard
+
+T = TypeVar("T")
 
 
 @runtime_checkable
@@ -75,6 +77,11 @@ class Runtime(Protocol):
 
     def make_stepper(self, model: tf.keras.Model, optimizer, settings: Settings) -> Stepper:
         """The step implementation for this mode."""
+
+    def run(self, loop: Callable[[], T], variables: list, step: Callable[[], int]) -> T:
+        """Run the training loop. An elastic runtime commits ``variables`` in memory as it goes
+        and, when workers are lost or added, rolls back to the last commit and re-enters
+        ``loop`` with the new set of workers; ``step`` names the global step in its log."""
 
     def guard(self) -> AbstractContextManager:
         """Wraps the whole run: this mode's infrastructure failures leave it as InfrastructureError."""

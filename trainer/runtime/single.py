@@ -49,6 +49,9 @@ class SingleRuntime:
     def make_stepper(self, model, optimizer, settings):
         return KerasStepper(model, settings)
 
+    def run(self, loop, variables, step):
+        return loop()
+
     def guard(self):
         return contextlib.nullcontext()
 

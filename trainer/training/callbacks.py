@@ -21,23 +21,48 @@ MONITOR = "val_dice"
 
 
 class Throughput(tf.keras.callbacks.Callback):
-    """images/s over the whole epoch (all workers), added to the epoch logs."""
+    """images/s over the epoch's training steps (all workers), added to the epoch logs."""
 
-    def __init__(self, global_batch: int, steps_per_epoch: int):
+    def __init__(self, global_batch: int):
         super().__init__()
-        self.global_batch, self.steps = global_batch, steps_per_epoch
-        self._start = 0.0
+        self.global_batch = global_batch
+        self._start = self._train_end = 0.0
+        self._steps = 0
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
+        self._start = self._train_end = time.perf_counter()
+        self._steps = 0
 
     def on_train_batch_end(self, batch, logs=None):
         self._train_end = time.perf_counter()
+        self._steps += 1  # a resumed epoch runs only its remaining steps
 
     def on_epoch_end(self, epoch, logs=None):
-        seconds = getattr(self, "_train_end", time.perf_counter()) - self._start
-        logs["images_per_sec"] = self.global_batch * self.steps / max(seconds, 1e-9)
+        logs["images_per_sec"] = self.global_batch * self._steps / max(self._train_end - self._start, 1e-9)
         logs["epoch_seconds"] = time.perf_counter() - self._start
+
+
+class StepCheckpoint(tf.keras.callbacks.Callback):
+    """Mid-epoch checkpoints every N steps and/or M minutes (chief only), so a crash in a long
+    epoch loses at most one interval. The checkpoint records the step reached within the epoch;
+    the data streams are a function of (epoch, step), so a resumed run reads the same batches next.
+    """
+
+    def __init__(self, store: CheckpointStore, state: TrainingState, optimizer, every_steps: int,
+                 every_minutes: float, clock=time.monotonic):
+        super().__init__()
+        self.store, self.state, self.optimizer = store, state, optimizer
+        self.every_steps, self.every_seconds, self.clock = every_steps, every_minutes * 60.0, clock
+        self._last = clock()
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.optimizer.iterations.numpy())
+        due = (self.every_steps and step % self.every_steps == 0) or (
+            self.every_seconds and self.clock() - self._last >= self.every_seconds)
+        if due:
+            self.state.step_in_epoch.assign(batch + 1)
+            self.store.save_step(step)
+            self._last = self.clock()
 
 
 class LearningRateController(tf.keras.callbacks.Callback):
@@ -112,6 +137,7 @@ class EpochCheckpoint(tf.keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.state.epoch.assign(epoch + 1)
+        self.state.step_in_epoch.assign(0)
         score = logs.get(MONITOR)
         is_best = score is not None and score > float(self.state.best_dice.numpy())
         if is_best:

@@ -24,7 +24,7 @@ from trainer.data.streams import Streams, build_streams
 from trainer.fsutil import write_json, write_text
 from trainer.runtime.contract import Runtime, Stepper
 from trainer.training.callbacks import (EpochCheckpoint, EpochLine, JsonHistory, LearningRateController,
-                                        TensorBoard, Throughput)
+                                        StepCheckpoint, TensorBoard, Throughput)
 from trainer.training.session import Session, open_session
 from trainer.training.validation import CaseValidator
 
@@ -47,16 +47,12 @@ def train(settings: Settings, runtime: Runtime, progress: bool = True) -> TrainR
     ``progress``: a per-step progress bar on the chief (one line per epoch is printed anyway)."""
     with runtime.guard():
         session = open_session(settings, runtime)
-        if session.initial_epoch >= settings.train.epochs:
-            log.info("run %s already finished %d/%d epochs; nothing to do", settings.run_path,
-                     session.initial_epoch, settings.train.epochs)
+        if _finished(settings, session):
             return _result(settings, session, 0)
-        streams = build_streams(settings, runtime.data_shard, settings.train.batch_size * runtime.size)
-        runtime.agree("steps per epoch / validation batches", (streams.steps_per_epoch, streams.validation_steps))
-        if runtime.is_chief:
-            _announce(settings, runtime, session, streams)
         stepper = runtime.make_stepper(session.model, session.optimizer, settings)
-        epochs_run = _run_epochs(settings, runtime, session, streams, stepper, progress and runtime.is_chief)
+        variables = session.model.variables + list(session.optimizer.variables) + session.state.all_variables()
+        epochs_run = runtime.run(lambda: _run_epochs(settings, runtime, session, stepper, progress),
+                                 variables, lambda: session.step)
         return _finish(settings, runtime, session, epochs_run)
 
 
@@ -67,31 +63,59 @@ def lr_scale(settings: Settings, runtime: Runtime) -> int:
     return runtime.size if settings.train.scale_lr and runtime.synchronous else 1
 
 
-def _run_epochs(settings: Settings, runtime: Runtime, session: Session, streams: Streams, stepper: Stepper,
-                show: bool) -> int:
+def _finished(settings: Settings, session: Session) -> bool:
+    max_steps = settings.train.max_steps
+    if session.initial_epoch >= settings.train.epochs or (max_steps and session.step >= max_steps):
+        log.info("run %s already finished (epoch %d/%d, step %d%s); nothing to do", settings.run_path,
+                 session.initial_epoch, settings.train.epochs, session.step,
+                 f"/{max_steps}" if max_steps else "")
+        return True
+    return False
+
+
+def _run_epochs(settings: Settings, runtime: Runtime, session: Session, stepper: Stepper, progress: bool) -> int:
+    """From the state's (epoch, step in epoch) to the end. Re-entered after an elastic membership
+    change: the streams, LR scaling and callbacks are rebuilt for the new set of workers."""
+    streams = build_streams(settings, runtime.data_shard, settings.train.batch_size * runtime.size)
+    runtime.agree("steps per epoch / validation batches", (streams.steps_per_epoch, streams.validation_steps))
+    if runtime.is_chief:
+        _announce(settings, runtime, session, streams)
     callbacks = tf.keras.callbacks.CallbackList(_callbacks(settings, runtime, session, streams), model=session.model)
     callbacks.set_params({"epochs": settings.train.epochs, "steps": streams.steps_per_epoch, "verbose": 0})
     validator = CaseValidator(streams, stepper, runtime)
+    show = progress and runtime.is_chief
+    max_steps, state = settings.train.max_steps, session.state
+    first_epoch, first_step = session.initial_epoch, int(state.step_in_epoch.numpy())
+    if first_step:
+        log.info("resuming epoch %d at step %d/%d", first_epoch + 1, first_step, streams.steps_per_epoch)
     epochs_run = 0
     callbacks.on_train_begin()
-    for epoch in range(session.initial_epoch, settings.train.epochs):
+    for epoch in range(first_epoch, settings.train.epochs):
+        start = first_step if epoch == first_epoch else 0
         logs: dict = {}
         callbacks.on_epoch_begin(epoch, logs)
         stepper.reset()
         bar = tf.keras.utils.Progbar(streams.steps_per_epoch, verbose=1 if sys.stdout.isatty() else 2,
                                      unit_name="step") if show else None
         waited = computed = 0.0
-        batches = iter(streams.train(epoch))
-        for step in range(streams.steps_per_epoch):
+        batches = iter(streams.train(epoch, start))
+        for step in range(start, streams.steps_per_epoch):
             started = time.perf_counter()
             images, masks = next(batches)
             fetched = time.perf_counter()
             callbacks.on_train_batch_begin(step)
             loss = stepper.train_step(images, masks)
+            state.step_in_epoch.assign(step + 1)
             callbacks.on_train_batch_end(step, {"loss": loss})
             waited, computed = waited + fetched - started, computed + time.perf_counter() - fetched
             if bar is not None:
                 bar.update(step + 1, [("loss", loss)])
+            if max_steps and session.step >= max_steps:
+                if runtime.is_chief:
+                    log.info("train.max_steps=%d reached in epoch %d: checkpoint %s", max_steps, epoch + 1,
+                             session.store.save_step(session.step))
+                callbacks.on_train_end()
+                return epochs_run
         logs.update(stepper.train_logs())
         logs["input_wait_share"] = waited / max(waited + computed, 1e-9)
         logs.update(validator.run())
@@ -107,7 +131,7 @@ def _callbacks(settings: Settings, runtime: Runtime, session: Session, streams: 
     """Every run's callbacks, in order: runtime first (metric averaging), chief-only writers last."""
     train_cfg, run_path = settings.train, settings.run_path
     callbacks = runtime.callbacks() + [
-        Throughput(streams.global_batch, streams.steps_per_epoch),
+        Throughput(streams.global_batch),
         LearningRateController(train_cfg.learning_rate, lr_scale(settings, runtime), train_cfg.warmup_epochs,
                                streams.steps_per_epoch, train_cfg.epochs, train_cfg.schedule, session.state),
         EpochCheckpoint(session.store if runtime.is_chief else None, session.state,
@@ -115,6 +139,9 @@ def _callbacks(settings: Settings, runtime: Runtime, session: Session, streams: 
     ]
     if runtime.is_chief:
         panels = streams.panel_samples() if train_cfg.image_every_epochs else None
+        if train_cfg.checkpoint_every_steps or train_cfg.checkpoint_every_minutes:
+            callbacks.append(StepCheckpoint(session.store, session.state, session.optimizer,
+                                            train_cfg.checkpoint_every_steps, train_cfg.checkpoint_every_minutes))
         callbacks += [
             tf.keras.callbacks.CSVLogger(str(run_path / "history.csv"), append=True),
             JsonHistory(run_path / "history.json", {"dist": runtime.name, "workers": runtime.size}),

@@ -13,7 +13,9 @@ import tensorflow as tf
 class TrainingState(tf.Module):
     def __init__(self):
         super().__init__(name="training_state")
-        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")  # completed epochs
+        # steps of the next epoch already applied (a mid-epoch checkpoint resumes right after them)
+        self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_in_epoch")
         self.best_dice = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_dice")
         self.best_epoch = tf.Variable(-1, dtype=tf.int64, trainable=False, name="best_epoch")
         self.lr_factor = tf.Variable(1.0, dtype=tf.float64, trainable=False, name="lr_factor")
@@ -21,4 +23,5 @@ class TrainingState(tf.Module):
         self.early_wait = tf.Variable(0, dtype=tf.int64, trainable=False, name="early_wait")
 
     def all_variables(self) -> list[tf.Variable]:
-        return [self.epoch, self.best_dice, self.best_epoch, self.lr_factor, self.plateau_wait, self.early_wait]
+        return [self.epoch, self.step_in_epoch, self.best_dice, self.best_epoch, self.lr_factor, self.plateau_wait,
+                self.early_wait]
