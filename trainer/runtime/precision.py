@@ -3,7 +3,10 @@
 ``auto`` takes the fast path the hardware really has: mixed float16 on GPUs, mixed bfloat16 on
 CPUs whose bf16 arithmetic oneDNN can use, float32 elsewhere. Explicit requests that the
 hardware would only emulate are refused (seen on an AVX2-only EPYC: mixed_bfloat16 ~18x slower
-than float32, mixed_float16 slower still). Variables and gradients stay float32 in every policy.
+than float32, mixed_float16 slower still; and on a bf16 CPU under ONEDNN_MAX_CPU_ISA=AVX2, TF 2.15's
+mixed_bfloat16 step fails outright: "could not create a primitive descriptor for a convolution
+forward propagation primitive", because TF checks CPUID, not oneDNN's cap). Variables and
+gradients stay float32 in every policy.
 """
 from __future__ import annotations
 
@@ -64,8 +67,8 @@ def choose_precision(requested: str, hardware: Hardware, key: str = "train.preci
     if requested == "bf16":
         if bf16.native:
             return PrecisionChoice("bf16", f"requested, {bf16.reason}")
-        raise ConfigError(f"{key}=bf16 refused: {bf16.reason}; bfloat16 would be emulated here "
-                          f"(~18x slower than fp32). Use {key}=auto or fp32")
+        raise ConfigError(f"{key}=bf16 refused: {bf16.reason}; bfloat16 would be emulated (~18x slower "
+                          f"than fp32) or fail in oneDNN's convolutions. Use {key}=auto or fp32")
     if requested == "fp16":
         raise ConfigError(f"{key}=fp16 refused: no GPU; CPUs emulate float16 (slower than fp32). "
                           f"Use {key}=auto, bf16 or fp32")
@@ -73,14 +76,15 @@ def choose_precision(requested: str, hardware: Hardware, key: str = "train.preci
 
 
 def resolve_precision(requested: str, onednn: bool, key: str = "train.precision",
-                      hardware: Hardware | None = None) -> PrecisionChoice:
-    """``choose_precision`` on this machine, with the decision (or the refusal) logged."""
+                      hardware: Hardware | None = None, label: str | None = None) -> PrecisionChoice:
+    """``choose_precision`` on this machine, with the decision (or the refusal) logged: as the
+    Keras policy for training, as ``label: name (reason)`` for engines that are not Keras."""
     try:
         choice = choose_precision(requested, hardware or Hardware.probe(onednn), key)
     except ConfigError as exc:
         log.error("precision: %s", exc)
         raise
-    log.info("%s", choice.describe())
+    log.info("%s", choice.describe() if label is None else f"{label}: {choice.name} ({choice.reason})")
     return choice
 
 
