@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--regions", default="wt")
     parser.add_argument("--tag", default=None, help="result name (default quality_<model>)")
     parser.add_argument("--set", dest="set_flags", action="append", default=[],
-                        help="extra --set KEY=VALUE for every run (e.g. train.mixed_precision=true)")
+                        help="extra --set KEY=VALUE for every run (e.g. train.precision=bf16)")
     args = parser.parse_args()
     args.tag = args.tag or args.model
     args.regions = args.regions.split(",")

@@ -179,7 +179,8 @@ def test_evaluate_3d_geometry_and_undefined_hd95_with_a_stub_model(decathlon_dat
         return np.zeros(image.shape[:3], np.float32) if len(calls) == 1 else (image[..., 0] != 0).astype(np.float32)
 
     monkeypatch.setattr(evaluation, "Predictor", SimpleNamespace(
-        from_run=lambda settings, **options: (SimpleNamespace(predict=predict), "stub-checkpoint")))
+        from_run=lambda settings, **options: (SimpleNamespace(
+            predict=predict, engine=SimpleNamespace(name="stub", precision="fp32", source="stub")), "stub-checkpoint")))
     ids = ["BRATS_001", "BRATS_002", "BRATS_003"]
     summary = evaluation.evaluate(_evaluation_settings_3d(decathlon_dataset, tmp_path, ids), "test", progress=False)
     assert summary["cases"] == 3

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -173,8 +173,20 @@ class TrainSettings(_Section):
     elastic: bool = Field(False, description="Horovod Elastic: survive lost/added ranks (horovodrun --min-np ...)")
     elastic_commit_steps: int = Field(10, ge=1, description="elastic: commit the in-memory state every N steps")
     image_every_epochs: int = Field(1, ge=0, description="0 = no TensorBoard image panels")
-    mixed_precision: bool = False
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "fp32", description="auto = bf16 on CPUs with native bf16, fp16 on GPUs, else fp32")
+    # The old boolean key could not say "auto"; it stays in the schema only to point old files
+    # at the new key (excluded from dumps, so `config show` and run settings never carry it).
+    mixed_precision: Any = Field(None, exclude=True)
     seed: int = Field(1234, ge=0)
+
+    @field_validator("mixed_precision")
+    @classmethod
+    def _renamed_to_precision(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError("replaced by train.precision: auto | fp32 | bf16 | fp16 "
+                             "(mixed_precision: false -> precision: fp32; true -> precision: auto)")
+        return None
 
     @field_validator("run_name")
     @classmethod

@@ -19,6 +19,7 @@ from trainer.data.normalize import whole_tumour, zscore_brain
 from trainer.data.split import load_split, split_path_for
 from trainer.errors import DataError
 from trainer.fsutil import atomic_file, write_json
+from trainer.inference.engines import describe
 from trainer.inference.predictor import Predictor
 from trainer.metrics import case_metrics
 
@@ -82,7 +83,7 @@ def evaluate(settings: Settings, split_name: str = "test", limit: int | None = N
         if save_predictions:
             mask = (probability > settings.model.threshold).astype(np.uint8)
             write_volume(out / "predictions" / f"{case.case_id}_pred.nii.gz", mask, case.geometry)
-    summary = {"checkpoint": checkpoint, "split": split_name, "cases": len(rows), "model": settings.train.model,
+    summary = {"checkpoint": checkpoint, "engine": describe(predictor.engine), "split": split_name, "cases": len(rows), "model": settings.train.model,
                **{name: _stats([row[name] for row in rows]) for name in METRICS}}
     if summary["hd95"]["undefined_cases"]:
         log.warning("HD95 is undefined for %d of %d case(s) (exactly one of truth/prediction empty); "

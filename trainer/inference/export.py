@@ -1,25 +1,45 @@
-"""Export a trained model as a SavedModel and prove the export computes the same function."""
+"""Export a trained model (SavedModel or OpenVINO IR) and prove the export computes the same function.
+
+The parity check runs the export on held-out inputs (validation slices or a tumour-centred crop
+when the prepared data is there, random normal input otherwise) and compares it with the Keras
+model in float32. An export that breaks a bound is discarded, never left half-trusted.
+"""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
 
-from trainer.config.settings import Settings
-from trainer.errors import TrainingError
+from trainer.config.settings import MODALITIES, Settings
+from trainer.errors import DataError, TrainingError
 from trainer.fsutil import atomic_dir, refuse_existing, write_json
-from trainer.inference.predictor import Predictor
+from trainer.inference.engines import (OpenVinoEngine, build_run_model, convert_keras, expected_input_shape,
+                                       import_openvino, read_ir)
+from trainer.runtime.cpu import cpu_flags, local_ranks_from_environment, native_bf16_support, plan_threads
 
-PARITY_TOLERANCE = 1e-5
+log = logging.getLogger(__name__)
+
+FORMATS = ("savedmodel", "openvino")
+PARITY_TOLERANCE = 1e-5  # SavedModel: the same TensorFlow kernels, so only float noise
+OPENVINO_F32_TOLERANCE = 1e-3  # OpenVINO f32: other kernels, fused differently
+OPENVINO_BF16_MIN_DICE = 0.99  # OpenVINO bf16: probabilities move (~1e-2), masks must not
+PARITY_SAMPLES = 8
 
 
-def export(settings: Settings, out: Path | None = None, overwrite: bool = False, seed: int = 0) -> dict:
-    """An existing ``out`` is refused unless ``overwrite`` (checked before the model is loaded)."""
+def export(settings: Settings, fmt: str = "savedmodel", out: Path | None = None, overwrite: bool = False,
+           seed: int = 0) -> dict:
+    if fmt == "openvino":
+        return export_openvino(settings, out, overwrite, seed)
+    return export_savedmodel(settings, out, overwrite, seed)
+
+
+def export_savedmodel(settings: Settings, out: Path | None = None, overwrite: bool = False, seed: int = 0) -> dict:
+    import tensorflow as tf
+
     out = Path(out or settings.run_path / "export" / "saved_model")
-    refuse_existing(out, overwrite)
-    predictor, checkpoint = Predictor.from_run(settings)
-    model = predictor.model
+    refuse_existing(out, overwrite)  # before the model is built: an existing export is never touched
+    model, checkpoint = build_run_model(settings)
     sample = np.random.default_rng(seed).normal(size=(2, *model.input_shape[1:])).astype(np.float32)
     expected = model(sample, training=False).numpy()
     with atomic_dir(out, overwrite) as tmp:
@@ -34,3 +54,104 @@ def export(settings: Settings, out: Path | None = None, overwrite: bool = False,
               "tolerance": PARITY_TOLERANCE, "sample_shape": list(sample.shape)}
     write_json(out.parent / "export.json", report)
     return report
+
+
+def export_openvino(settings: Settings, out: Path | None = None, overwrite: bool = False, seed: int = 0) -> dict:
+    """``out``/model.xml + model.bin (float32 weights; the precision is chosen when compiled) and
+    ``out``/export.json with the parity of f32 and, where the CPU has native bf16, bf16 inference."""
+    ov = import_openvino()  # fail before building anything when OpenVINO is missing
+    out = Path(out or settings.run_path / "export" / "openvino")
+    refuse_existing(out, overwrite)
+    model, checkpoint = build_run_model(settings)
+    sample, inputs = parity_inputs(settings, PARITY_SAMPLES, seed)
+    expected = model(sample, training=False).numpy()
+    threads = plan_threads(settings.cpu, local_ranks_from_environment()).intra_op
+    threshold = settings.model.threshold
+    with atomic_dir(out, overwrite) as tmp:
+        ov.save_model(convert_keras(model), str(tmp / "model.xml"), compress_to_fp16=False)
+        ir = read_ir(tmp / "model.xml", expected_input_shape(settings))
+        f32 = OpenVinoEngine.compile(ir, "f32", threads, str(out / "model.xml"))
+        checks = {"f32": parity(expected, f32.predict(sample), threshold)}
+        if not checks["f32"]["max_abs_diff"] <= OPENVINO_F32_TOLERANCE:
+            raise TrainingError(f"{out}: OpenVINO f32 inference differs from the Keras model by max |dp| "
+                                f"{checks['f32']['max_abs_diff']:.3g} (> {OPENVINO_F32_TOLERANCE}); export discarded")
+        bf16 = native_bf16_support(cpu_flags(), settings.cpu.onednn)
+        if bf16.native:
+            engine = OpenVinoEngine.compile(ir, "bf16", threads, str(out / "model.xml"))
+            checks["bf16"] = parity(expected, engine.predict(sample), threshold)
+            if not checks["bf16"]["mask_dice"] >= OPENVINO_BF16_MIN_DICE:
+                raise TrainingError(f"{out}: OpenVINO bf16 inference changes the masks (Dice "
+                                    f"{checks['bf16']['mask_dice']:.4f} < {OPENVINO_BF16_MIN_DICE} against the "
+                                    f"Keras model, max |dp| {checks['bf16']['max_abs_diff']:.3g}); export discarded")
+        else:
+            checks["bf16"] = {"skipped": f"no native bf16 here: {bf16.reason}"}
+        report = {"openvino_ir": str(out / "model.xml"), "checkpoint": checkpoint, "openvino": ov.__version__,
+                  "parity_inputs": inputs, "sample_shape": list(sample.shape), "threshold": threshold,
+                  "bounds": {"f32_max_abs_diff": OPENVINO_F32_TOLERANCE, "bf16_min_mask_dice": OPENVINO_BF16_MIN_DICE},
+                  "checks": checks}
+        write_json(tmp / "export.json", report)
+    log.info("exported %s; parity: %s", out / "model.xml", checks)
+    return report
+
+
+def parity(expected: np.ndarray, actual: np.ndarray, threshold: float) -> dict:
+    """max |dp| over every output channel, and the Dice of the thresholded masks (1.0 when both are empty)."""
+    truth, mask = expected > threshold, actual > threshold
+    total = int(truth.sum() + mask.sum())
+    dice = 1.0 if total == 0 else 2.0 * float(np.logical_and(truth, mask).sum()) / total
+    return {"max_abs_diff": float(np.max(np.abs(actual - expected))), "mask_dice": dice,
+            "mask_voxels": int(truth.sum()), "voxels": int(truth.size)}
+
+
+def parity_inputs(settings: Settings, count: int, seed: int) -> tuple[np.ndarray, str]:
+    """Held-out inputs with tumour in them when the prepared data is there, else random normal input."""
+    try:
+        return held_out_slices(settings, count) if settings.train.model == "2d" else held_out_crop(settings)
+    except (DataError, OSError, KeyError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        log.warning("export parity on random input (no held-out data: %s)", reason)
+        shape = expected_input_shape(settings)
+        return (np.random.default_rng(seed).normal(size=(count if len(shape) == 3 else 1, *shape))
+                .astype(np.float32), f"random normal (no held-out data: {reason})")
+
+
+def held_out_slices(settings: Settings, count: int) -> tuple[np.ndarray, str]:
+    """The validation slices with the most tumour (test or train slices when there is no validation set)."""
+    import h5py
+
+    path = settings.data.slices_h5
+    channels = [MODALITIES.index(c) for c in settings.data.channels]
+    with h5py.File(path, "r") as h5:
+        split = next((s for s in ("val", "test", "train") if s in h5 and h5[s]["images"].shape[0]), None)
+        if split is None:
+            raise DataError(f"{path}: no slices")
+        masks = h5[split]["masks"]
+        tumour = masks[:].reshape(masks.shape[0], -1).sum(axis=1, dtype=np.int64)  # signed: negated below
+        chosen = np.sort(np.argsort(-tumour, kind="stable")[:count])
+        images = h5[split]["images"][chosen][..., channels].astype(np.float32)
+    return images, f"{len(chosen)} {split} slice(s) with the most tumour from {path}"
+
+
+def held_out_crop(settings: Settings) -> tuple[np.ndarray, str]:
+    """One crop of the model's input size, centred on the tumour of the first validation case."""
+    from trainer.data.decathlon import channel_indices, load_case, read_index
+    from trainer.data.split import load_split
+
+    data = settings.data
+    index = read_index(data.decathlon_dir)
+    split = load_split(data.decathlon_split)
+    ids = split.get("val") or split.get("test") or split.get("train") or []
+    by_id = {case.case_id: case for case in index.training}
+    case = next((by_id[i] for i in ids if i in by_id), None)
+    if case is None:
+        raise DataError(f"{data.decathlon_split}: no held-out case found in {data.decathlon_dir}")
+    image, mask, _ = load_case(case, index.label_set)
+    crop = np.asarray(data.crop_size)
+    centre = np.argwhere(mask).mean(axis=0).astype(int) if mask is not None and mask.any() \
+        else np.asarray(image.shape[:3]) // 2
+    padded = np.zeros((*np.maximum(image.shape[:3], crop), image.shape[-1]), dtype=np.float32)
+    padded[: image.shape[0], : image.shape[1], : image.shape[2]] = image
+    start = np.clip(centre - crop // 2, 0, np.asarray(padded.shape[:3]) - crop)
+    window = padded[tuple(slice(s, s + c) for s, c in zip(start, crop))][..., channel_indices(data.channels)]
+    return window[None], f"1 crop {list(crop)} centred on the tumour of {case.case_id}"
+

@@ -1,56 +1,68 @@
-"""Whole-volume prediction: 2D slice by slice, 3D by sliding window with blending."""
+"""Whole-volume prediction: 2D slice by slice, 3D by sliding window with blending, on any engine."""
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
-import tensorflow as tf
 
 from trainer.config.settings import MODALITIES, Settings
 from trainer.data.prepare2d import brain_slices, resize_slices
-from trainer.models import build_model
-from trainer.checkpoints import restore_weights
+from trainer.inference.engines import Engine, EngineRequest, open_engine
 
 
 @dataclass
 class Predictor:
-    """Turns a normalised (x, y, z, 4) volume into a WT probability map of shape (x, y, z)."""
+    """Turns a normalised (x, y, z, 4) volume into probability maps, through any inference engine."""
 
-    model: tf.keras.Model
+    engine: Engine
     kind: str
     channels: list[int]
     image_size: int
     window: tuple[int, int, int]
     overlap: float = 0.5
     blending: str = "gaussian"
-    batch_size: int = 8
+    batch_size: int = 0  # 0 = 32 slices (2D) or 8 windows (3D)
 
     @classmethod
-    def from_run(cls, settings: Settings, which: str = "best", **options) -> tuple["Predictor", str]:
+    def from_run(cls, settings: Settings, which: str = "best", engine: str = "auto", precision: str = "auto",
+                 ir: Path | None = None, **options) -> tuple["Predictor", str]:
         data = settings.data
-        model = build_model(settings.train.model, settings.model, len(data.channels), data.image_size,
-                            data.crop_size)
-        checkpoint = restore_weights(model, settings.run_path, which)
-        return cls(model, settings.train.model, [MODALITIES.index(c) for c in data.channels],
-                   data.image_size, tuple(data.crop_size), **options), checkpoint
+        runner, source = open_engine(settings, EngineRequest(engine, precision, ir), which)
+        return cls(runner, settings.train.model, [MODALITIES.index(c) for c in data.channels],
+                   data.image_size, tuple(data.crop_size), **options), source
 
     def predict(self, image: np.ndarray) -> np.ndarray:
+        """The whole-tumour probability (x, y, z): the models' output channel 0."""
+        return self.predict_channels(image)[..., 0]
+
+    def predict_channels(self, image: np.ndarray) -> np.ndarray:
+        """Every output channel's probability, (x, y, z, K)."""
         image = image[..., self.channels]
         return self._predict_2d(image) if self.kind == "2d" else self._predict_3d(image)
 
+    def _batches(self, items, default: int):
+        size = self.batch_size or default
+        return (items[first:first + size] for first in range(0, len(items), size))
+
     def _predict_2d(self, image: np.ndarray) -> np.ndarray:
-        probability = np.zeros(image.shape[:3], dtype=np.float32)
         keep = brain_slices(image)
         if not len(keep):
-            return probability
+            return np.zeros((*image.shape[:3], self._output_channels()), dtype=np.float32)
         slices = resize_slices(image[:, :, keep], self.image_size)
-        predicted = self.model.predict(slices, batch_size=self.batch_size, verbose=0)[..., 0]
+        predicted = np.concatenate([self.engine.predict(group) for group in self._batches(slices, 32)])
+        probability = np.zeros((*image.shape[:3], predicted.shape[-1]), dtype=np.float32)
         width, height = image.shape[1], image.shape[0]
         for z, plane in zip(keep, predicted):
-            probability[:, :, z] = cv2.resize(plane, (width, height), interpolation=cv2.INTER_LINEAR)
+            resized = cv2.resize(plane, (width, height), interpolation=cv2.INTER_LINEAR)
+            probability[:, :, z] = resized.reshape(height, width, -1)  # OpenCV drops a single channel axis
         return probability
+
+    def _output_channels(self) -> int:
+        sample = np.zeros((1, *(d or 16 for d in self.engine.input_shape)), dtype=np.float32)
+        return int(self.engine.predict(sample).shape[-1])
 
     def _predict_3d(self, image: np.ndarray) -> np.ndarray:
         shape = np.asarray(image.shape[:3])
@@ -58,15 +70,15 @@ class Predictor:
         padded_shape = np.maximum(shape, window)
         padded = np.zeros((*padded_shape, image.shape[-1]), dtype=np.float32)
         padded[: shape[0], : shape[1], : shape[2]] = image
-        weights = importance_map(tuple(window), self.blending)
-        total = np.zeros(padded_shape, dtype=np.float32)
-        norm = np.zeros(padded_shape, dtype=np.float32)
+        weights = importance_map(tuple(window), self.blending)[..., None]
+        total = norm = None
         starts = [window_starts(n, w, self.overlap) for n, w in zip(padded_shape, window)]
-        corners = list(itertools.product(*starts))
-        for first in range(0, len(corners), self.batch_size):
-            group = corners[first:first + self.batch_size]
+        for group in self._batches(list(itertools.product(*starts)), 8):
             batch = np.stack([padded[tuple(slice(c, c + w) for c, w in zip(corner, window))] for corner in group])
-            predicted = self.model.predict_on_batch(batch)[..., 0]
+            predicted = self.engine.predict(batch)
+            if total is None:
+                total = np.zeros((*padded_shape, predicted.shape[-1]), dtype=np.float32)
+                norm = np.zeros((*padded_shape, 1), dtype=np.float32)
             for corner, patch in zip(group, predicted):
                 region = tuple(slice(c, c + w) for c, w in zip(corner, window))
                 total[region] += patch * weights

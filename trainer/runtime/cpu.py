@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 from dataclasses import dataclass
+from typing import Mapping
 
 from trainer.config.settings import CpuSettings
 
@@ -114,24 +115,92 @@ def configure_threads(plan: ThreadPlan) -> None:
         log.debug("TensorFlow thread pools already initialised; keeping them")
 
 
-def cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = handle.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+# x86 feature flags that mean bfloat16 arithmetic in hardware (dot products / AMX tiles),
+# not just conversion: without them TensorFlow and OpenVINO emulate bf16 (seen: ~18x slower).
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+# oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA, or its older name DNNL_MAX_CPU_ISA), from oneDNN's
+# "CPU dispatcher control" guide. The AVX-512 line is ordered AVX512_CORE < AVX512_CORE_VNNI <
+# AVX512_CORE_BF16 < AVX10_1_512 (= AVX512_CORE_FP16) < AVX10_1_512_AMX (= AVX512_CORE_AMX) < ...;
+# a cap below AVX512_CORE_BF16 hides the bf16 instructions from oneDNN even when the CPU has them.
+# AVX2_VNNI_2 has bf16 *conversions* only (and needs AVX-NE-CONVERT), so it counts as no bf16.
+ONEDNN_ISAS_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
+                                      "AVX512_CORE_VNNI"})
+ONEDNN_ISAS_WITH_BF16 = frozenset({"AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_FP16", "AVX10_1_512_AMX",
+                                   "AVX512_CORE_AMX", "AVX10_1_512_AMX_FP16", "AVX512_CORE_AMX_FP16",
+                                   "AVX10_2_512", "AVX10_2_512_AMX_2", "DEFAULT", "ALL"})
+ONEDNN_ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # oneDNN reads them in this order
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The CPU's feature flags (the first ``flags`` line of /proc/cpuinfo); empty when unreadable."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as handle:
+                cpuinfo = handle.read()
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+@dataclass(frozen=True)
+class OneDnnIsaCap:
+    """What the environment tells oneDNN about the highest ISA it may use."""
+
+    variable: str | None  # the variable that set the cap (None: no cap)
+    value: str | None
+
+    @property
+    def allows_bf16(self) -> bool | None:
+        """True/False for a known ISA name; None for a value oneDNN would not recognise."""
+        if self.value is None or self.value in ONEDNN_ISAS_WITH_BF16:
+            return True
+        if self.value in ONEDNN_ISAS_WITHOUT_BF16:
+            return False
+        return None
+
+    def describe(self) -> str:
+        return "oneDNN max ISA unrestricted" if self.variable is None else f"{self.variable}={self.value}"
+
+
+def onednn_isa_cap(env: Mapping[str, str] | None = None) -> OneDnnIsaCap:
+    env = os.environ if env is None else env
+    for variable in ONEDNN_ISA_VARIABLES:
+        value = env.get(variable, "").strip()
+        if value:
+            return OneDnnIsaCap(variable, value.upper())
+    return OneDnnIsaCap(None, None)
+
+
+@dataclass(frozen=True)
+class Bf16Support:
+    """Whether bf16 runs natively (fast) on this CPU under the current oneDNN setup, and why."""
+
+    native: bool
+    reason: str
+
+
+def native_bf16_support(flags: frozenset[str], onednn: bool, env: Mapping[str, str] | None = None) -> Bf16Support:
+    """bf16 is fast only when the CPU has bf16 arithmetic, oneDNN is on, and no ISA cap hides it."""
+    present = [flag for flag in NATIVE_BF16_FLAGS if flag in flags]
+    cap = onednn_isa_cap(env)
+    if not present:
+        return Bf16Support(False, f"no {'/'.join(NATIVE_BF16_FLAGS)} in the CPU flags")
+    have = "+".join(present) + " present"
+    if not onednn:
+        return Bf16Support(False, f"{have}, but oneDNN is off (cpu.onednn: false)")
+    allowed = cap.allows_bf16
+    if allowed is None:
+        return Bf16Support(False, f"{have}, but {cap.describe()} is not a oneDNN ISA name "
+                                  f"(expected e.g. AVX2, AVX512_CORE, AVX512_CORE_BF16, AVX512_CORE_AMX)")
+    if not allowed:
+        return Bf16Support(False, f"{have}, but {cap.describe()} caps oneDNN below AVX512_CORE_BF16")
+    return Bf16Support(True, f"{have}, {cap.describe()}")
+
 
 
 def _clock_ghz() -> tuple[float, str]:
@@ -160,8 +229,8 @@ def nominal_peak() -> dict:
     """fp32 FMA peak of the cores this process may use: cores x SIMD lanes x 2 (FMA) x FMA units
     x clock. The vector width is what oneDNN may use: AVX-512 unless ONEDNN_MAX_CPU_ISA caps it.
     A nominal ceiling for comparison (turbo, AVX-512 down-clocking and bf16/AMX units aside)."""
-    flags = _cpu_flags()
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    flags = cpu_flags()
+    cap = onednn_isa_cap().value
     capped_below_avx512 = cap in {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2"}
     if "avx512f" in flags and not capped_below_avx512:
         lanes, isa = 16, "avx512"
@@ -172,5 +241,5 @@ def nominal_peak() -> dict:
     cores = min(physical_cores(), allowed_cpus()[0])
     ghz, source = _clock_ghz()
     return {"cores": cores, "clock_ghz": ghz, "clock_source": source, "isa": isa, "fp32_lanes": lanes,
-            "fma_units_assumed": FMA_UNITS, "onednn_max_cpu_isa": cap or None,
+            "fma_units_assumed": FMA_UNITS, "onednn_max_cpu_isa": cap,
             "gflop_per_sec": cores * lanes * 2 * FMA_UNITS * ghz}

@@ -49,7 +49,7 @@ def open_session(settings: Settings, runtime: Runtime) -> Session:
     """Build model + optimizer + state, restore the latest checkpoint (chief), share it with all."""
     train_cfg = settings.train
     tf.keras.utils.set_random_seed(train_cfg.seed)  # same initial weights on every worker
-    policy = apply_precision(train_cfg.mixed_precision)
+    policy = apply_precision(train_cfg.precision, settings.cpu.onednn).policy
     with runtime.variable_scope():
         model = build_model(train_cfg.model, settings.model, len(settings.data.channels),
                             settings.data.image_size, settings.data.crop_size)
