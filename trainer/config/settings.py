@@ -118,13 +118,16 @@ class ModelSettings(_Section):
     batch_norm_momentum: float = Field(0.9, gt=0.0, lt=1.0)
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
 
-    @model_validator(mode="before")
+    # The old boolean key stays in the schema only to point old files at norm_2d (never dumped).
+    batch_norm_2d: Any = Field(None, exclude=True)
+
+    @field_validator("batch_norm_2d")
     @classmethod
-    def _renamed_keys(cls, values):
-        if isinstance(values, dict) and "batch_norm_2d" in values:
-            raise ValueError("batch_norm_2d was replaced by norm_2d: none | batch | instance "
-                             "(batch_norm_2d: true -> norm_2d: batch)")
-        return values
+    def _renamed_to_norm_2d(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError("replaced by model.norm_2d: none | batch | instance "
+                             "(batch_norm_2d: true -> norm_2d: batch; false -> norm_2d: none)")
+        return None
 
     @field_validator("regions")
     @classmethod
