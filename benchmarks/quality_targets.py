@@ -80,12 +80,22 @@ def run_one(model: str, mode: str, isa: str, seed: int, args, log) -> dict:
     run_path = RUNS / name
     summary = json.loads((run_path / "evaluation" / "summary.json").read_text())
     trained = json.loads((run_path / "summary.json").read_text())
+    validation = json.loads((run_path / "validation.json").read_text())  # written by train (full volumes)
+    regions = summary["regions"]
+    per_region = {region: {key: summary[f"{key}_{region}"]["mean"] for key in ("dice", "hd95", "dice_raw", "hd95_raw")}
+                  for region in regions} if len(regions) > 1 else None
+    if per_region:
+        for region in regions:
+            per_region[region]["dice_min_case"] = summary[f"dice_{region}"]["min"]
     result = {"name": name, "mode": mode, "isa": isa, "seed": seed, "train_s": train_s,
               "test_dice": summary["dice"]["mean"], "test_dice_min_case": summary["dice"]["min"],
-              "test_hd95": summary["hd95"]["mean"], "regions": summary.get("regions"),
-              "best_val_dice": trained["best_val_dice"], "best_epoch": trained["best_epoch"],
-              "val_minus_test": trained["best_val_dice"] - summary["dice"]["mean"],
-              "test_cases": summary["cases"], "precision": trained["precision"]}
+              "test_hd95": summary["hd95"]["mean"], "test_dice_raw": summary["dice_raw"]["mean"],
+              "test_hd95_raw": summary["hd95_raw"]["mean"], "regions": per_region,
+              "postprocessing": summary["postprocessing"],
+              "best_val_dice_per_epoch": trained["best_val_dice"], "best_epoch": trained["best_epoch"],
+              "val_dice_full_volumes": validation["dice"], "val_dice_full_volumes_raw": validation["dice_raw"],
+              "val_minus_test": validation["dice"] - summary["dice"]["mean"],
+              "test_cases": summary["cases"], "val_cases": validation["cases"], "precision": trained["precision"]}
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result), flush=True)

@@ -7,7 +7,6 @@ from pathlib import Path
 import cv2
 import h5py
 import numpy as np
-import pytest
 import SimpleITK as sitk
 
 from conftest import (BRATS_CASES, DECATHLON_CASES, SHAPE, brats_case_folders, prepare_brats_cli)

@@ -223,3 +223,17 @@ def test_ps_loss_stops_chief_and_rerun_resumes(cluster, prepared_brats, tmp_path
     assert f"epoch {saved}, step {2 * saved}" in second.log("chief")
     history = json.loads((tmp_path / "runs" / "r" / "history.json").read_text())["epochs"]
     assert [e["epoch"] for e in history] == [1, 2, 3, 4] and history[-1]["step"] == 8
+
+
+def test_ps_region_model_equals_one_process_at_double_batch(cluster, prepared_brats, tmp_path):
+    """The WT/TC/ET model keeps the sync-SGD equivalence with 1 PS + 2 workers."""
+    regions = [*SGD_EXACT, "--set", "model.regions=[wt,tc,et]"]
+    single = model_weights(train_single(tmp_path, "single", 4, prepared_brats, *regions))
+    c = cluster()
+    c.start_servers()
+    c.chief("--run-name", "ps", "--epochs", "1", "--batch-size", "2", *data_flags(prepared_brats), *regions)
+    assert set(c.wait_all().values()) == {0}, c.log("chief")[-3000:]
+    assert "regions wt/tc/et" in c.log("chief")
+    distributed = model_weights(tmp_path / "runs" / "ps")
+    worst = max(float(np.abs(single[k] - distributed[k]).max()) for k in single)
+    assert worst < 2e-5, f"PS region SGD diverged from 1-process SGD by {worst}"

@@ -186,3 +186,62 @@ def test_step_checkpoints_keep_the_last_k(prepared_brats, tmp_path):
         f"step-{STEPS * EPOCHS - 1}.index", f"step-{STEPS * EPOCHS}.index"]
     assert sorted(p.name for p in (run / "checkpoints" / "last").glob("*.index")) == ["epoch-1.index",
                                                                                      "epoch-2.index"]
+
+
+def rank_processes(host: str) -> list[psutil.Process]:
+    """Training ranks that horovodrun started for ``host`` (it sets HOROVOD_HOSTNAME per rank)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if "trainer.cli" in " ".join(proc.info["cmdline"] or []) and \
+                    proc.environ().get("HOROVOD_HOSTNAME") == host:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def test_elastic_horovod_loses_a_rank_mid_epoch_and_ends_on_the_replayed_schedule(prepared_brats, tmp_path):
+    """3 ranks (localhost:2 + 127.0.0.1:1); the 127.0.0.1 rank is SIGKILLed mid-epoch. The two
+    survivors roll back to their last commit and finish. A replay in one process (global batch 6
+    up to the commit, then 4) must land on the same weights: no step applied twice or lost."""
+    discovery = tmp_path / "discover-hosts.sh"
+    discovery.write_text("#!/bin/sh\necho localhost:2\necho 127.0.0.1:1\n")
+    discovery.chmod(0o755)
+    flags = [*data_flags(prepared_brats), *RESUMABLE, "--set", "train.elastic_commit_steps=1"]
+    cmd = [HOROVODRUN, "--gloo", "-np", "3", "--min-np", "2", "--max-np", "3", "--host-discovery-script", discovery,
+           *unet_train_cmd("train", "--dist", "horovod", "--elastic", "--model", "2d", "--epochs", str(EPOCHS),
+                           "--batch-size", "2", "--run-dir", tmp_path / "runs", "--run-name", "elastic", *flags)]
+    run = tmp_path / "runs" / "elastic"
+    log_path = tmp_path / "elastic.log"
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=tmp_path, env=child_env(), stdout=open(log_path, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        chosen = random.randint(2, STEPS - 2)  # inside the first epoch
+        deadline = time.monotonic() + TIMEOUT
+        while not any(step >= chosen for step in listed_steps(run)):
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"step {chosen} not reached"
+            time.sleep(0.02)
+        victims = rank_processes("127.0.0.1")
+        assert len(victims) == 1, victims
+        victims[0].kill()
+        proc.wait(timeout=TIMEOUT)
+    finally:
+        kill_tree(proc)
+    output = log_path.read_text()
+    assert proc.returncode == 0, output[-4000:]
+    change = re.search(r"world size 3 -> 2 at step (\d+); lost 127\.0\.0\.1\[0\]", output)
+    assert change, output[-4000:]
+    committed = int(change.group(1))
+    assert committed >= chosen
+
+    single = [sys.executable, "-m", "trainer.cli", "train", "--model", "2d", "--epochs", str(EPOCHS),
+              "--run-dir", tmp_path / "runs", "--run-name", "replay", *flags]
+    first = run_bounded(single + ["--batch-size", "6", "--set", f"train.max_steps={committed}"], TIMEOUT, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:]
+    rest = run_bounded(single + ["--batch-size", "4"], TIMEOUT, cwd=tmp_path)
+    assert rest.returncode == 0 and f"step {committed}" in rest.stdout, rest.stdout[-3000:]
+    expected, actual = model_weights(tmp_path / "runs" / "replay", EPOCHS), model_weights(run, EPOCHS)
+    worst = max(float(np.abs(expected[k] - actual[k]).max()) for k in expected)
+    assert worst < 2e-5, f"elastic run left the replayed schedule by {worst} (lost at step {committed})"

@@ -138,7 +138,8 @@ def test_evaluate_writes_metrics_and_nifti_in_source_geometry(trained_2d, brats_
         assert set(summary[metric]) == {"mean", "median", "std", "min", "max", "n", "undefined_cases"}
         assert summary[metric]["n"] + summary[metric]["undefined_cases"] == summary["cases"]
     rows = (run / "evaluation" / "per_case.csv").read_text().splitlines()
-    assert rows[0] == "case,dice,hd95,sensitivity,specificity,precision" and len(rows) == summary["cases"] + 1
+    assert rows[0] == "case,dice,hd95,sensitivity,specificity,precision,dice_raw,hd95_raw"
+    assert len(rows) == summary["cases"] + 1
     hd95_cells = [row.split(",")[2] for row in rows[1:]]
     assert hd95_cells.count("nan") == summary["hd95"]["undefined_cases"]
     for row in rows[1:]:
@@ -180,7 +181,7 @@ def test_evaluate_3d_geometry_and_undefined_hd95_with_a_stub_model(decathlon_dat
 
     monkeypatch.setattr(evaluation, "Predictor", SimpleNamespace(
         from_run=lambda settings, **options: (SimpleNamespace(
-            predict=predict, engine=SimpleNamespace(name="stub", precision="fp32", source="stub")), "stub-checkpoint")))
+            predict_channels=lambda image: predict(image)[..., None], engine=SimpleNamespace(name="stub", precision="fp32", source="stub")), "stub-checkpoint")))
     ids = ["BRATS_001", "BRATS_002", "BRATS_003"]
     summary = evaluation.evaluate(_evaluation_settings_3d(decathlon_dataset, tmp_path, ids), "test", progress=False)
     assert summary["cases"] == 3

@@ -428,7 +428,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
         runtime.shutdown(succeeded)
     if runtime.is_chief:
         print(_trained(result))
+        _validate_full_volumes(settings, result, progress=not args.quiet)
     return 0
+
+
+def _validate_full_volumes(settings, result, progress: bool) -> None:
+    """Chief, after training: decide the post-processing on the validation volumes and log the
+    best checkpoint's Dice there (runs/R/validation.json), so that predict applies it at once."""
+    if not settings.train.validate_full_volumes:
+        return
+    from trainer.fsutil import write_json
+    from trainer.inference.evaluate import validation_report
+
+    path = settings.run_path / "validation.json"
+    if result.epochs_run == 0 and path.exists():
+        return
+    try:
+        report = validation_report(settings, progress, engine="auto", precision="fp32")
+    except UserError as exc:  # e.g. the raw volumes are not on this host: training itself succeeded
+        logging.getLogger(__name__).warning("no full-volume validation: %s", exc)
+        return
+    if report is None:
+        return
+    write_json(path, report)
+    actions = ", ".join(f"{region}: {action}" for region, action in report["postprocessing"].items())
+    message = (f"validation on {report['cases']} whole case(s), best checkpoint: Dice {report['dice']:.4f} after "
+               f"post-processing ({actions}), {report['dice_raw']:.4f} before; {path}")
+    logging.getLogger(__name__).info("%s", message)
+    print(message)
 
 
 def _exit_now(code: int) -> None:
@@ -477,7 +504,10 @@ def _cmd_chief(args: argparse.Namespace) -> int:
     code, runtime = 1, None
     try:
         runtime = PsRuntime.start(settings, on_fatal=lambda error: _report_and_exit("chief", error))
-        print(_trained(train(settings, runtime, progress=not args.quiet)))
+        result = train(settings, runtime, progress=not args.quiet)
+        print(_trained(result))
+        runtime.shutdown(True)  # the roles can go: what follows runs on the chief alone
+        _validate_full_volumes(settings, result, progress=not args.quiet)
         code = 0
     except (UserError, InfrastructureError) as exc:
         print(f"unet-train chief: error: {exc}", file=sys.stderr)

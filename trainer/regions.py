@@ -98,6 +98,14 @@ class RegionSet:
         labels[et] = 3
         return labels
 
+    def file_labels(self, masks: np.ndarray, convention: LabelConvention | None) -> np.ndarray:
+        """What a prediction file holds: a whole-tumour model's binary mask (0/1); a region model's
+        label map, nested (ET within TC within WT), in ``convention`` (None: canonical = Decathlon)."""
+        if self.names == ("wt",):
+            return (np.asarray(masks)[..., 0] > 0).astype(np.uint8)
+        labels = self.label_map(masks)
+        return convention.source(labels) if convention is not None else labels
+
 
 def region_voxels(canonical: np.ndarray, axes: Sequence[int]) -> np.ndarray:
     """Voxels of WT, TC and ET summed over ``axes`` (per slice / per case statistics)."""

@@ -173,6 +173,8 @@ class TrainSettings(_Section):
     checkpoint_every_steps: int = Field(0, ge=0, description="mid-epoch checkpoint every N steps (0 = off)")
     checkpoint_every_minutes: float = Field(10.0, ge=0.0, description="mid-epoch checkpoint every M minutes (0 = off)")
     max_steps: int = Field(0, ge=0, description="stop once the global step reaches this (0 = no limit)")
+    validate_full_volumes: bool = Field(True, description="after training: post-processing decided on the whole "
+                                                          "validation volumes, their Dice in runs/R/validation.json")
     elastic: bool = Field(False, description="Horovod Elastic: survive lost/added ranks (horovodrun --min-np ...)")
     elastic_commit_steps: int = Field(10, ge=1, description="elastic: commit the in-memory state every N steps")
     image_every_epochs: int = Field(1, ge=0, description="0 = no TensorBoard image panels")

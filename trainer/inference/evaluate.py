@@ -1,4 +1,9 @@
-"""Per-case evaluation on the held-out split, with predictions written in source geometry."""
+"""Per-case evaluation on the held-out split, per region, with predictions written in source geometry.
+
+Figures are reported after the run's post-processing (decided on the validation split the
+first time a checkpoint is evaluated, see :mod:`trainer.inference.postprocess`), and before it
+as ``*_raw`` columns, so its effect (on HD95 above all) is visible.
+"""
 from __future__ import annotations
 
 import csv
@@ -15,23 +20,26 @@ from trainer.config.settings import Settings
 from trainer.data.brats import discover_brats, read_brats_case
 from trainer.data.decathlon import load_case, read_index
 from trainer.data.nifti import Geometry, write_volume
-from trainer.data.normalize import whole_tumour, zscore_brain
+from trainer.data.normalize import zscore_brain
 from trainer.data.split import load_split, split_path_for
 from trainer.errors import DataError
 from trainer.fsutil import atomic_file, write_json
+from trainer.inference import postprocess
 from trainer.inference.engines import describe
 from trainer.inference.predictor import Predictor
 from trainer.metrics import case_metrics
+from trainer.regions import BRATS, RegionSet
 
 log = logging.getLogger(__name__)
 METRICS = ("dice", "hd95", "sensitivity", "specificity", "precision")
+RAW_METRICS = ("dice", "hd95")  # also reported before post-processing
 
 
 @dataclass(frozen=True)
 class LabelledCase:
     case_id: str
-    image: np.ndarray  # normalised (x, y, z, 4)
-    truth: np.ndarray  # WT (x, y, z) uint8
+    image: np.ndarray   # normalised (x, y, z, 4)
+    labels: np.ndarray  # canonical labels (x, y, z) uint8
     geometry: Geometry
 
 
@@ -50,7 +58,7 @@ def iter_cases(settings: Settings, split_name: str, limit: int | None) -> tuple[
         def read_2d():
             for case_id in ids:
                 image, labels, first = read_brats_case(by_id[case_id], max_voxels=data.max_voxels)
-                yield LabelledCase(case_id, zscore_brain(image), whole_tumour(labels), first.geometry)
+                yield LabelledCase(case_id, zscore_brain(image), BRATS.canonical(labels), first.geometry)
         return len(ids), read_2d()
     index = read_index(data.decathlon_dir, data.max_voxels)
     ids = load_split(data.decathlon_split)[split_name]
@@ -74,24 +82,96 @@ def evaluate(settings: Settings, split_name: str = "test", limit: int | None = N
     count, cases = iter_cases(settings, split_name, limit)  # checks the split first: cheaper than a model
     if count == 0:
         raise DataError(f"split '{split_name}' has no cases to evaluate")
+    regions = RegionSet(settings.model.regions)
     predictor, checkpoint = Predictor.from_run(settings, **predictor_options)
+    decisions = postprocessing_for(settings, predictor, checkpoint, progress)
+    convention = BRATS if settings.train.model == "2d" else None  # Decathlon labels are the canonical ones
     rows = []
     for case in tqdm(cases, total=count, desc=f"evaluate {split_name}", unit="case", disable=not progress):
-        probability = predictor.predict(case.image)
-        values = case_metrics(case.truth, probability, settings.model.threshold, case.geometry.spacing)
-        rows.append({"case": case.case_id, **values})
+        raw = predictor.predict_channels(case.image) > settings.model.threshold
+        masks = postprocess.apply_decisions(raw, regions.names, decisions, case.geometry.spacing)
+        rows.append({"case": case.case_id, **case_row(regions, regions.masks(case.labels), raw, masks,
+                                                      case.geometry.spacing)})
         if save_predictions:
-            mask = (probability > settings.model.threshold).astype(np.uint8)
-            write_volume(out / "predictions" / f"{case.case_id}_pred.nii.gz", mask, case.geometry)
-    summary = {"checkpoint": checkpoint, "engine": describe(predictor.engine), "split": split_name, "cases": len(rows), "model": settings.train.model,
-               **{name: _stats([row[name] for row in rows]) for name in METRICS}}
-    if summary["hd95"]["undefined_cases"]:
-        log.warning("HD95 is undefined for %d of %d case(s) (exactly one of truth/prediction empty); "
-                    "its mean/median/std cover the other %d", summary["hd95"]["undefined_cases"], len(rows),
-                    summary["hd95"]["n"])
+            write_volume(out / "predictions" / f"{case.case_id}_pred.nii.gz",
+                         regions.file_labels(masks, convention), case.geometry)
+    columns = [c for c in rows[0] if c != "case"]
+    summary = {"checkpoint": checkpoint, "engine": describe(predictor.engine), "split": split_name,
+               "cases": len(rows), "model": settings.train.model, "regions": list(regions.names),
+               "postprocessing": decisions, **{name: _stats([row[name] for row in rows]) for name in columns}}
+    for column in ("hd95", *(f"hd95_{r}" for r in regions.names if len(regions) > 1)):
+        if summary[column]["undefined_cases"]:
+            log.warning("%s is undefined for %d of %d case(s) (exactly one of truth/prediction empty); "
+                        "its mean/median/std cover the other %d", column, summary[column]["undefined_cases"],
+                        len(rows), summary[column]["n"])
     _write_csv(out / "per_case.csv", rows)
     write_json(out / "summary.json", summary)
     return summary
+
+
+def case_row(regions: RegionSet, truth: np.ndarray, raw: np.ndarray, masks: np.ndarray,
+             spacing: tuple[float, ...]) -> dict[str, float]:
+    """Metrics of one case: per region (``dice_wt`` ...), their mean over regions (``dice`` ...),
+    and Dice/HD95 before post-processing (``dice_raw`` ...)."""
+    per_region = {region: case_metrics(truth[..., i], masks[..., i], 0.5, spacing)
+                  for i, region in enumerate(regions.names)}
+    before = {region: case_metrics(truth[..., i], raw[..., i], 0.5, spacing)
+              for i, region in enumerate(regions.names)}
+    row = {name: _mean_defined([per_region[r][name] for r in regions.names]) for name in METRICS}
+    row.update({f"{name}_raw": _mean_defined([before[r][name] for r in regions.names]) for name in RAW_METRICS})
+    if len(regions) > 1:
+        for region in regions.names:
+            row.update({f"{name}_{region}": per_region[region][name] for name in METRICS})
+            row.update({f"{name}_raw_{region}": before[region][name] for name in RAW_METRICS})
+    return row
+
+
+def _mean_defined(values: list[float]) -> float:
+    defined = [v for v in values if not math.isnan(v)]
+    return float(np.mean(defined)) if len(defined) == len(values) else float("nan")
+
+
+def validation_report(settings: Settings, progress: bool = True, **predictor_options) -> dict | None:
+    """The best checkpoint on the whole validation volumes, before and after the post-processing
+    decided on them (deciding it now if needed): the figure a test set should be expected to show.
+
+    Training calls this once it ends, so that ``predict`` right after ``train`` already applies
+    the run's post-processing, and the run's logged validation Dice describes the same
+    procedure that writes its predictions."""
+    if iter_cases(settings, "val", None)[0] == 0:
+        log.warning("no validation cases: no validation report, no post-processing")
+        return None
+    predictor, checkpoint = Predictor.from_run(settings, **predictor_options)
+    postprocessing_for(settings, predictor, checkpoint, progress)
+    stored = postprocess.stored(settings.run_path)
+    regions = stored["regions"]
+    report = {"checkpoint": checkpoint, "split": "val", "cases": next(iter(regions.values()))["cases"],
+              "dice": float(np.mean([r["val_dice_after"] for r in regions.values()])),
+              "dice_raw": float(np.mean([r["val_dice_before"] for r in regions.values()])),
+              "postprocessing": {name: r["action"] for name, r in regions.items()}}
+    if len(regions) > 1:
+        report.update({f"dice_{name}": r["val_dice_after"] for name, r in regions.items()})
+    return report
+
+
+def postprocessing_for(settings: Settings, predictor: Predictor, checkpoint: str, progress: bool) -> dict[str, str]:
+    """The run's post-processing for ``checkpoint``: stored, or decided now on the validation split."""
+    stored = postprocess.load(settings.run_path, checkpoint)
+    if stored is not None:
+        return stored
+    regions = RegionSet(settings.model.regions)
+    count, cases = iter_cases(settings, "val", None)
+    if count == 0:
+        log.warning("no validation cases: no post-processing")
+        return {region: "none" for region in regions.names}
+    scores = []
+    for case in tqdm(cases, total=count, desc="post-processing (val)", unit="case", disable=not progress):
+        raw = predictor.predict_channels(case.image) > settings.model.threshold
+        scores.append(postprocess.score_case(regions.masks(case.labels), raw, case.geometry.spacing, regions.names))
+    decisions = postprocess.decide(scores, regions.names)
+    path = postprocess.save(settings.run_path, checkpoint, decisions)
+    log.info("post-processing decided on %d validation case(s), stored in %s", count, path)
+    return {d.region: d.action for d in decisions}
 
 
 def _stats(values: list[float]) -> dict:
@@ -114,7 +194,7 @@ def _stats(values: list[float]) -> dict:
 def _write_csv(path: Path, rows: list[dict]) -> None:
     """One row per case; an undefined value is written as ``nan`` (float() and pandas read it back)."""
     with atomic_file(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["case", *METRICS])
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("nan" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})

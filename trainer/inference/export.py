@@ -35,22 +35,30 @@ def export(settings: Settings, fmt: str = "savedmodel", out: Path | None = None,
 
 
 def export_savedmodel(settings: Settings, out: Path | None = None, overwrite: bool = False, seed: int = 0) -> dict:
+    """A SavedModel whose serving signature has one output per region (``wt``, ``tc``, ``et``:
+    probabilities (N, ..., 1)), each checked against the Keras model's channel."""
     import tensorflow as tf
 
     out = Path(out or settings.run_path / "export" / "saved_model")
     refuse_existing(out, overwrite)  # before the model is built: an existing export is never touched
     model, checkpoint = build_run_model(settings)
+    regions = tuple(settings.model.regions)
+    per_region = tf.keras.Model(model.input, {region: tf.keras.layers.Lambda(
+        lambda t, index=index: t[..., index:index + 1], name=region)(model.output)
+        for index, region in enumerate(regions)}, name=f"{model.name}_regions")
     sample = np.random.default_rng(seed).normal(size=(2, *model.input_shape[1:])).astype(np.float32)
     expected = model(sample, training=False).numpy()
     with atomic_dir(out, overwrite) as tmp:
-        model.save(str(tmp), save_format="tf", include_optimizer=False)
-        served = tf.saved_model.load(str(tmp)).signatures["serving_default"]
-        actual = list(served(tf.constant(sample)).values())[0].numpy()
-        max_diff = float(np.max(np.abs(actual - expected)))
+        per_region.save(str(tmp), save_format="tf", include_optimizer=False)
+        served = tf.saved_model.load(str(tmp)).signatures["serving_default"](tf.constant(sample))
+        if sorted(served) != sorted(regions):
+            raise TrainingError(f"{out}: exported outputs {sorted(served)} are not the regions {list(regions)}")
+        max_diff = max(float(np.max(np.abs(served[region].numpy()[..., 0] - expected[..., index])))
+                       for index, region in enumerate(regions))
         if not max_diff <= PARITY_TOLERANCE:
             raise TrainingError(f"{out}: exported model differs from Keras model by {max_diff:.3g} "
                                 f"(> {PARITY_TOLERANCE}); export discarded")
-    report = {"saved_model": str(out), "checkpoint": checkpoint, "max_abs_diff": max_diff,
+    report = {"saved_model": str(out), "checkpoint": checkpoint, "outputs": list(regions), "max_abs_diff": max_diff,
               "tolerance": PARITY_TOLERANCE, "sample_shape": list(sample.shape)}
     write_json(out.parent / "export.json", report)
     return report
@@ -125,8 +133,7 @@ def held_out_slices(settings: Settings, count: int) -> tuple[np.ndarray, str]:
         split = next((s for s in ("val", "test", "train") if s in h5 and h5[s]["images"].shape[0]), None)
         if split is None:
             raise DataError(f"{path}: no slices")
-        masks = h5[split]["masks"]
-        tumour = masks[:].reshape(masks.shape[0], -1).sum(axis=1, dtype=np.int64)  # signed: negated below
+        tumour = h5[split]["region_voxels"][:, 0].astype(np.int64)  # whole-tumour pixels; signed: negated below
         chosen = np.sort(np.argsort(-tumour, kind="stable")[:count])
         images = h5[split]["images"][chosen][..., channels].astype(np.float32)
     return images, f"{len(chosen)} {split} slice(s) with the most tumour from {path}"
@@ -138,14 +145,14 @@ def held_out_crop(settings: Settings) -> tuple[np.ndarray, str]:
     from trainer.data.split import load_split
 
     data = settings.data
-    index = read_index(data.decathlon_dir)
+    index = read_index(data.decathlon_dir, data.max_voxels)
     split = load_split(data.decathlon_split)
     ids = split.get("val") or split.get("test") or split.get("train") or []
     by_id = {case.case_id: case for case in index.training}
     case = next((by_id[i] for i in ids if i in by_id), None)
     if case is None:
         raise DataError(f"{data.decathlon_split}: no held-out case found in {data.decathlon_dir}")
-    image, mask, _ = load_case(case, index.label_set)
+    image, mask, _ = load_case(case, index.label_set, index.max_voxels)
     crop = np.asarray(data.crop_size)
     centre = np.argwhere(mask).mean(axis=0).astype(int) if mask is not None and mask.any() \
         else np.asarray(image.shape[:3]) // 2

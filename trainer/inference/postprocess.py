@@ -68,24 +68,28 @@ def _dice(truth: np.ndarray, prediction: np.ndarray) -> float:
     return 1.0 if denominator == 0 else float(2.0 * np.logical_and(truth, prediction).sum() / denominator)
 
 
-def decide(cases: Sequence[tuple[np.ndarray, np.ndarray, Sequence[float]]], regions: Sequence[str],
+def score_case(truth: np.ndarray, prediction: np.ndarray, spacing: Sequence[float], regions: Sequence[str],
+               candidates: Sequence[str] = CANDIDATES) -> dict[str, dict[str, float]]:
+    """One validation case: region -> candidate action -> Dice (truth/prediction: (x, y, z, R) masks)."""
+    return {region: {action: _dice(truth[..., index] > 0, apply_action(prediction[..., index] > 0, action, spacing))
+                     for action in candidates}
+            for index, region in enumerate(regions)}
+
+
+def decide(case_scores: Sequence[dict[str, dict[str, float]]], regions: Sequence[str],
            candidates: Sequence[str] = CANDIDATES) -> list[RegionDecision]:
-    """Per region, the candidate with the highest mean Dice over ``cases`` (truth masks, predicted
-    masks, spacing); "none" unless another is strictly better."""
+    """Per region, the candidate with the highest mean Dice over the cases; "none" unless another
+    is strictly better."""
     decisions = []
-    for index, region in enumerate(regions):
-        scores = {}
-        for action in candidates:
-            scores[action] = float(np.mean([_dice(truth[..., index] > 0,
-                                                  apply_action(prediction[..., index] > 0, action, spacing))
-                                            for truth, prediction, spacing in cases]))
-        best = max(candidates, key=lambda a: (scores[a] > scores["none"], scores[a]))
-        if scores[best] <= scores["none"]:
+    for region in regions:
+        means = {action: float(np.mean([scores[region][action] for scores in case_scores])) for action in candidates}
+        best = max(candidates, key=lambda action: means[action])
+        if means[best] <= means["none"]:
             best = "none"
-        decisions.append(RegionDecision(region, best, scores["none"], scores[best], len(cases)))
+        decisions.append(RegionDecision(region, best, means["none"], means[best], len(case_scores)))
         log.info("post-processing %s: %s (validation Dice %.4f -> %.4f over %d case(s); tried %s)", region, best,
-                 scores["none"], scores[best], len(cases),
-                 ", ".join(f"{a} {scores[a]:.4f}" for a in candidates))
+                 means["none"], means[best], len(case_scores),
+                 ", ".join(f"{action} {means[action]:.4f}" for action in candidates))
     return decisions
 
 
@@ -94,6 +98,12 @@ def save(run_path: Path, checkpoint: str, decisions: Sequence[RegionDecision]) -
     write_json(path, {"checkpoint": checkpoint, "split": "val", "candidates": list(CANDIDATES),
                       "regions": {d.region: asdict(d) for d in decisions}})
     return path
+
+
+def stored(run_path: Path) -> dict:
+    import json
+
+    return json.loads((Path(run_path) / FILE_NAME).read_text())
 
 
 def load(run_path: Path, checkpoint: str) -> dict[str, str] | None:

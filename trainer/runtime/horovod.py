@@ -39,6 +39,8 @@ MEMBER_BYTES = 96
 
 @dataclass
 class HorovodRuntime:
+    rank: int = 0
+    size: int = 1
     elastic: bool = False
     commit_steps: int = 10
     name: str = "horovod"
@@ -56,16 +58,8 @@ class HorovodRuntime:
             raise ConfigError("train.elastic: start the job with horovodrun's elastic options "
                               "(--min-np/--max-np and --host-discovery-script, or "
                               "'unet-train distributed --mode horovod --elastic')")
-        return cls(elastic=elastic, commit_steps=commit_steps, name="horovod-elastic" if elastic else "horovod")
-
-    # Elastic jobs re-number their ranks after a membership change: always ask Horovod.
-    @property
-    def rank(self) -> int:
-        return hvd_tf.rank()
-
-    @property
-    def size(self) -> int:
-        return hvd_tf.size()
+        return cls(rank=hvd.rank(), size=hvd.size(), elastic=elastic, commit_steps=commit_steps,
+                   name="horovod-elastic" if elastic else "horovod")
 
     @property
     def is_chief(self) -> bool:
@@ -110,6 +104,7 @@ class HorovodRuntime:
 
         def enter(state):
             nonlocal members
+            self.rank, self.size = hvd.rank(), hvd.size()  # re-numbered after a membership change
             now = self.members()
             if members and now != members:
                 lost, joined = sorted(set(members) - set(now)), sorted(set(now) - set(members))

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -68,7 +68,6 @@ class PsRuntime:
     rank: int = 0
     size: int = 1
     on_fatal: Callable[[ClusterError], None] | None = None
-    _stepper: "PsStepper | None" = field(default=None, repr=False)
 
     @classmethod
     def start(cls, settings: Settings, on_fatal: Callable[[ClusterError], None] | None = None) -> "PsRuntime":
@@ -124,9 +123,7 @@ class PsRuntime:
     def make_stepper(self, model, optimizer, settings):
         devices = sorted({v.device for v in model.trainable_variables})
         log.info("model variables on %s", ", ".join(devices))
-        self._stepper = PsStepper(settings, self.strategy, self.coordinator, model, optimizer, self.size,
-                                  self.lost_tasks)
-        return self._stepper
+        return PsStepper(settings, self.strategy, self.coordinator, model, optimizer, self.size, self.lost_tasks)
 
     def run(self, loop, variables, step):
         return loop()

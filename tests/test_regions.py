@@ -1,0 +1,139 @@
+"""BraTS regions (WT, TC, ET): label conventions, nesting, post-processing decided on validation,
+and a real region model through train, evaluate, predict and export."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import run_cli
+from trainer.inference import postprocess
+from trainer.regions import BRATS, DECATHLON, RegionSet
+
+TINY = ["--set", "model.base_filters_2d=4", "--set", "train.batch_size=4", "--set", "train.steps_per_epoch=3",
+        "--set", "model.regions=[wt,tc,et]", "--quiet"]
+
+
+# ---------------------------------------------------------------- labels and nesting
+
+def test_brats_labels_round_trip_through_the_canonical_convention():
+    brats = np.array([0, 1, 2, 4, 4, 2, 0], np.uint8)
+    canonical = BRATS.canonical(brats)
+    assert canonical.tolist() == [0, 2, 1, 3, 3, 1, 0]  # necrotic core -> 2, oedema -> 1, enhancing -> 3
+    assert BRATS.source(canonical).tolist() == brats.tolist()
+    assert DECATHLON.source(DECATHLON.canonical(np.array([0, 1, 2, 3]))).tolist() == [0, 1, 2, 3]
+
+
+def test_region_masks_are_the_brats_definitions():
+    masks = RegionSet(("wt", "tc", "et")).masks(BRATS.canonical(np.array([0, 1, 2, 4], np.uint8)))
+    # BraTS: WT = {1, 2, 4}, TC = {1, 4}, ET = {4}
+    assert masks.tolist() == [[0, 0, 0], [1, 1, 0], [1, 0, 0], [1, 1, 1]]
+
+
+def test_label_maps_are_nested_even_when_predictions_are_not():
+    regions = RegionSet(("wt", "tc", "et"))
+    predicted = np.array([[1, 1, 1], [0, 1, 1], [1, 0, 1], [0, 0, 1], [1, 0, 0]], bool)  # ET outside TC/WT
+    labels = regions.label_map(predicted)
+    assert labels.tolist() == [3, 0, 1, 0, 1]
+    back = regions.masks(labels)
+    assert np.all(back[:, 2] <= back[:, 1]) and np.all(back[:, 1] <= back[:, 0])
+    assert regions.file_labels(predicted, BRATS).tolist() == [4, 0, 2, 0, 2]
+    assert RegionSet(("wt",)).file_labels(predicted[:, :1], BRATS).tolist() == [1, 0, 1, 0, 1]  # binary
+
+
+# ---------------------------------------------------------------- post-processing
+
+def _blob(shape, corner, size):
+    mask = np.zeros(shape, bool)
+    mask[tuple(slice(c, c + size) for c in corner)] = True
+    return mask
+
+
+def test_post_processing_is_chosen_only_where_validation_dice_rises():
+    shape, spacing = (32, 32, 32), (1.0, 1.0, 1.0)
+    truth = _blob(shape, (8, 8, 8), 10)
+    with_false_blob = truth | _blob(shape, (25, 25, 25), 4)           # a distant false positive
+    two_true_parts = truth | _blob(shape, (24, 2, 2), 6)              # the truth itself has two parts
+    cases_helped = [postprocess.score_case(truth[..., None], with_false_blob[..., None], spacing, ["wt"])]
+    cases_hurt = [postprocess.score_case(two_true_parts[..., None], two_true_parts[..., None], spacing, ["wt"])]
+    helped, = postprocess.decide(cases_helped, ["wt"])
+    hurt, = postprocess.decide(cases_hurt, ["wt"])
+    assert helped.action in ("largest", "min_mm3:100") and helped.val_dice_after == pytest.approx(1.0)
+    assert helped.val_dice_before < 1.0
+    assert hurt.action == "none" and hurt.val_dice_after == hurt.val_dice_before == pytest.approx(1.0)
+    cleaned = postprocess.apply_decisions(with_false_blob[..., None], ["wt"], {"wt": helped.action}, spacing)
+    assert np.array_equal(cleaned[..., 0], truth)
+
+
+def test_the_decision_is_stored_for_its_checkpoint(tmp_path):
+    decisions = [postprocess.RegionDecision("wt", "largest", 0.8, 0.9, 3)]
+    postprocess.save(tmp_path, "ckpt-1", decisions)
+    assert postprocess.load(tmp_path, "ckpt-1") == {"wt": "largest"}
+    assert postprocess.load(tmp_path, "ckpt-2") is None  # another checkpoint: decide again
+
+
+# ---------------------------------------------------------------- a real region model, end to end
+
+@pytest.fixture(scope="module")
+def trained_regions(prepared_brats, brats_dataset, tmp_path_factory):
+    work = tmp_path_factory.mktemp("regions")
+    flags = ["--model", "2d", "--run-dir", work / "runs", "--run-name", "r", *TINY,
+             "--set", f"data.slices_h5={prepared_brats}", "--set", f"data.brats_dir={brats_dataset}"]
+    result = run_cli("train", "--epochs", "2", *flags, cwd=work, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work / "runs" / "r", flags, work
+
+
+def test_region_training_logs_each_region(trained_regions):
+    run, _, _ = trained_regions
+    history = json.loads((run / "history.json").read_text())["epochs"]
+    assert {"val_dice_wt", "val_dice_tc", "val_dice_et", "val_dice"} <= set(history[-1])
+
+
+def test_evaluate_reports_every_region_and_writes_brats_labels(trained_regions, brats_dataset):
+    run, flags, work = trained_regions
+    result = run_cli("evaluate", *flags, "--engine", "tf", cwd=work, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    header = (run / "evaluation" / "per_case.csv").read_text().splitlines()[0].split(",")
+    for region in ("wt", "tc", "et"):
+        assert {f"dice_{region}", f"hd95_{region}", f"dice_raw_{region}", f"hd95_raw_{region}"} <= set(header)
+    summary = json.loads((run / "evaluation" / "summary.json").read_text())
+    assert summary["regions"] == ["wt", "tc", "et"] and set(summary["postprocessing"]) == {"wt", "tc", "et"}
+    stored = json.loads((run / "postprocessing.json").read_text())
+    assert stored["checkpoint"] == summary["checkpoint"] and stored["split"] == "val"
+    for prediction in (run / "evaluation" / "predictions").glob("*_pred.nii.gz"):
+        case_id = prediction.name[: -len("_pred.nii.gz")]
+        written = sitk.ReadImage(str(prediction))  # an independent reader
+        source = sitk.ReadImage(str(next(brats_dataset.rglob(f"{case_id}_seg.nii.gz"))))
+        assert written.GetSize() == source.GetSize() and written.GetOrigin() == source.GetOrigin()
+        assert written.GetDirection() == source.GetDirection() and written.GetSpacing() == source.GetSpacing()
+        assert set(np.unique(sitk.GetArrayFromImage(written)).tolist()) <= {0, 1, 2, 4}  # BraTS, no label 3
+
+
+def test_predict_writes_each_inputs_own_label_convention(trained_regions, brats_dataset, decathlon_dataset,
+                                                          tmp_path):
+    run, flags, work = trained_regions
+    case = next(p.parent for p in brats_dataset.rglob("*_seg.nii.gz"))
+    volume = decathlon_dataset / "imagesTr" / "BRATS_001.nii.gz"
+    out = tmp_path / "predicted"
+    result = run_cli("predict", *flags, "--engine", "tf", case, volume, "--out", out, cwd=work, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    brats = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case.name}_labels.nii.gz")))
+    decathlon = sitk.ReadImage(str(out / "BRATS_001_labels.nii.gz"))
+    assert set(np.unique(brats).tolist()) <= {0, 1, 2, 4}
+    assert set(np.unique(sitk.GetArrayFromImage(decathlon)).tolist()) <= {0, 1, 2, 3}
+    assert decathlon.GetSize() == sitk.ReadImage(str(volume)).GetSize()[:3]
+    assert (out / f"{case.name}_overlay.png").stat().st_size > 0
+
+
+def test_export_has_one_output_per_region(trained_regions):
+    import tensorflow as tf
+
+    run, flags, work = trained_regions
+    result = run_cli("export", *flags, cwd=work, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    served = tf.saved_model.load(str(run / "export" / "saved_model")).signatures["serving_default"]
+    outputs = served(tf.constant(np.zeros((1, 128, 128, 4), np.float32)))
+    assert sorted(outputs) == ["et", "tc", "wt"] and all(v.shape == (1, 128, 128, 1) for v in outputs.values())
