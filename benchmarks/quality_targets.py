@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--isas", default="native,avx2")
     parser.add_argument("--modes", default="single")
+    parser.add_argument("--dist-isas", default=None, help="ISA paths for horovod/ps rows (default: --isas)")
     parser.add_argument("--regions", default="wt")
     parser.add_argument("--tag", default=None, help="result name (default quality_<model>)")
     parser.add_argument("--set", dest="set_flags", action="append", default=[],
@@ -142,8 +143,11 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     log = RESULTS / f"quality_{args.tag}.log"
     ensure_data(args.model, log)
+    def isas(mode: str) -> list[str]:
+        return (args.dist_isas or args.isas).split(",") if mode != "single" else args.isas.split(",")
+
     runs = [run_one(args.model, mode, isa, int(seed), args, log)
-            for mode in args.modes.split(",") for seed in args.seeds.split(",") for isa in args.isas.split(",")]
+            for mode in args.modes.split(",") for seed in args.seeds.split(",") for isa in isas(mode)]
     save(f"quality_{args.tag}", {"model": args.model, "recipe": RECIPES[args.model], "regions": args.regions,
                                  "extra_settings": args.set_flags, "runs": runs, "summary": summarise(runs)})
 

@@ -228,6 +228,17 @@ def expected_input_shape(settings: Settings) -> tuple[int, ...]:
     return (*spatial, len(data.channels))
 
 
+def ir_checkpoint(ir: Path) -> str:
+    """The checkpoint an exported IR was made from (its export.json says), so that the run's
+    post-processing decided for that checkpoint applies to the IR too; the IR path if unknown."""
+    import json
+
+    try:
+        return str(json.loads((Path(ir).parent / "export.json").read_text())["checkpoint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return str(ir)
+
+
 def open_engine(settings: Settings, request: EngineRequest = EngineRequest(),
                 which: str = "best") -> tuple[Engine, str]:
     """The engine a request asks for, ready to run; returns (engine, the checkpoint or IR it runs)."""
@@ -247,11 +258,11 @@ def open_engine(settings: Settings, request: EngineRequest = EngineRequest(),
     else:
         threads = plan_threads(settings.cpu, local_ranks_from_environment()).intra_op
         if request.ir is not None:
-            checkpoint = str(request.ir)
+            checkpoint, source = ir_checkpoint(request.ir), str(request.ir)
             ov_model = read_ir(request.ir, expected_input_shape(settings))
         else:
             model, checkpoint = build_run_model(settings, "fp32", which)
-            ov_model = convert_keras(model)
-        engine = OpenVinoEngine.compile(ov_model, OPENVINO_HINTS[precision], threads, checkpoint)
+            ov_model, source = convert_keras(model), checkpoint
+        engine = OpenVinoEngine.compile(ov_model, OPENVINO_HINTS[precision], threads, source)
     log.info("inference engine: %s (%s)", describe(engine), why)
     return engine, checkpoint
