@@ -71,6 +71,7 @@ class Launcher:
         self.first_training_s: float | None = None  # the chief's "... global batch ..." line: training starts
         self._started = time.monotonic()
         self._followed: list = []
+        self.restarts: dict[str, int] = {}  # role -> times supervise.sh restarted it (PS workers)
 
     # ------------------------------------------------------------------ plan and inventory
     def plan(self, facts: dict[str, HostFacts] | None = None) -> LaunchPlan:
@@ -224,6 +225,9 @@ class Launcher:
                          f"{ssh_user(self.settings.cluster)}@{host}, then open http://127.0.0.1:{port}/)")
             self._followed = [role for role in plan.roles if role.follow]
             codes = self.follow()
+            for role, count in self.restarts.items():
+                self.say(f"{role} on {self._host_of(plan, role)} was restarted {count} time(s) after it died "
+                         f"(cluster.max_restarts {self.settings.cluster.max_restarts})")
             failed = {role: rc for role, rc in codes.items() if rc != 0}
             if plan.mode == "ps" and codes.get("chief") == 0:  # the chief re-ran lost workers' steps
                 for role in [r for r in failed if r.startswith("worker")]:
@@ -236,7 +240,7 @@ class Launcher:
                 raise LaunchError(f"training failed: {where} (logs: {self.run_dir / 'training.log'})")
             write_json(self.run_dir / "launcher" / "launch.json", {
                 "hosts": list(self.hosts), "mode": self.request.mode, "first_output_s": self.first_output_s,
-                "first_training_s": self.first_training_s,
+                "first_training_s": self.first_training_s, "restarts": self.restarts,
                 "total_s": time.monotonic() - self._started})
             self.say(f"done: every role exited 0; merged log {self.run_dir / 'training.log'}"
                      + (f"; TensorBoard keeps running (stop: unet-train distributed --stop --run-name {plan.run})"
@@ -292,8 +296,11 @@ class Launcher:
                         self.first_training_s = time.monotonic() - self._started
                     labelled = label_rank_line(item["line"], rank_hosts) if item["role"] == "horovod" else None
                     self.say(labelled or f"[{host} {item['role']}] {item['line']}")
-                elif item.get("exited"):
-                    codes[item["role"]] = item["rc"]
+                elif "exited" in item:
+                    if item.get("restarts"):
+                        self.restarts[item["role"]] = item["restarts"]
+                    if item["exited"]:
+                        codes[item["role"]] = item["rc"]
 
         polls = {"unet_follow_delay": self.follow_delay_s,
                  "unet_follow_retries": max(1, int(self.follow_window_s / self.follow_delay_s))}

@@ -176,8 +176,14 @@ def build_plan(settings: Settings, hosts: tuple[str, ...], mode: str, ps_hosts: 
             roles.append(Role(f"ps{index}", host, "ps", trainer_argv(
                 cpu[host], "ps", "--index", str(index), extra=layout + _log_file(f"ps{index}")), "servers"))
         for index, host in enumerate(hosts):
-            roles.append(Role(f"worker{index}", host, "workers", trainer_argv(
-                cpu[host], "worker", "--index", str(index), extra=layout + _log_file(f"worker{index}")), "servers"))
+            worker = trainer_argv(cpu[host], "worker", "--index", str(index), extra=layout + _log_file(f"worker{index}"))
+            if cluster.max_restarts:
+                # A worker that dies is started again with the same argv (host, port): it registers with
+                # the chief again and TensorFlow's coordinator uses it again. PS tasks hold the
+                # variables, so a restarted PS would serve none: they are never supervised.
+                worker = ("sh", f"{workdir}/launcher/remote/supervise.sh", str(cluster.max_restarts),
+                          f"{state_dir}/worker{index}", f"worker {index}") + worker
+            roles.append(Role(f"worker{index}", host, "workers", worker, "servers"))
         roles.append(Role("chief", hosts[0], "chief", trainer_argv(
             cpu[hosts[0]], "chief", extra=layout + _log_file("chief")), "main"))
     elif mode == HOROVOD_MODE:

@@ -433,17 +433,20 @@ def _report_and_exit(command: str, error: Exception) -> None:
 
 def _cmd_server_role(args: argparse.Namespace) -> int:
     settings = load_cli_settings(args)
-    from trainer.runtime.ps.roles import serve
+    from trainer.runtime.ps.roles import declare_finished, serve
 
-    code = 1
+    code, finished = 1, False  # finished: a supervisor must not restart this role (see declare_finished)
     try:
         code = serve(settings, args.role, args.index)
+        finished = True  # the chief said stop, or went away
     except (UserError, InfrastructureError) as exc:
         print(f"unet-train {args.role}: error: {exc}", file=sys.stderr)
-        code = exc.exit_code
+        code, finished = exc.exit_code, isinstance(exc, UserError)
     except KeyboardInterrupt:
-        code = 130
+        code, finished = 130, True
     finally:
+        if finished:
+            declare_finished()
         _exit_now(code)  # gRPC server threads never join: leave explicitly, whatever happened
     return code
 

@@ -248,6 +248,8 @@ class ClusterSettings(_Section):
     asynchronous: bool = Field(False, alias="async")
     startup_timeout_s: float = Field(60.0, gt=0.0)
     step_timeout_s: float = Field(300.0, gt=0.0)
+    max_restarts: int = Field(3, ge=0, le=1000, description="SSH launcher, PS mode: times a worker process that "
+                                                            "died is started again on its host and port (0 = off)")
     # never starting with '-': ssh/rsync would read the user as an option
     ssh_user: str = Field("", pattern=r"^(?:[A-Za-z0-9._][A-Za-z0-9._-]*)?$")
     ssh_key: Optional[Path] = None
