@@ -22,8 +22,9 @@ from launcher.console import Console
 from launcher.hosts import parse_hosts
 from launcher.interrupts import Interrupts, signals_ignored
 from launcher.inventory import render, ssh_user, write_inventory, to_yaml
-from launcher.plan import (HOROVOD_MODE, PS_MODE, TOKEN_FILE, HostFacts, LaunchPlan, build_plan, horovod_rank_hosts,
-                           label_rank_line)
+from launcher.discovery import render_discovery_script, write_discovery_script
+from launcher.plan import (DISCOVERY_SCRIPT, HOROVOD_MODE, PS_MODE, TOKEN_FILE, Elastic, HostFacts, LaunchPlan,
+                           build_plan, horovod_rank_hosts, label_rank_line)
 from trainer.config.settings import Settings, settings_to_yaml
 from trainer.errors import UserError
 from trainer.fsutil import write_json, write_text
@@ -47,6 +48,9 @@ class LaunchRequest:
     dry_run: bool = False
     slots_per_host: int = 1
     controller: str = "gloo"
+    elastic: bool = False            # Horovod Elastic: horovodrun with a host-discovery script
+    min_hosts: int | None = None     # elastic: default 1
+    max_hosts: int | None = None     # elastic: default every host in --hosts
 
 
 class Launcher:
@@ -76,7 +80,19 @@ class Launcher:
     # ------------------------------------------------------------------ plan and inventory
     def plan(self, facts: dict[str, HostFacts] | None = None) -> LaunchPlan:
         return build_plan(self.settings, self.hosts, self.request.mode, self.ps_hosts, facts, SOURCE_ROOT,
-                          self.request.slots_per_host, self.request.controller)
+                          self.request.slots_per_host, self.request.controller, self.elastic())
+
+    def elastic(self) -> Elastic | None:
+        request = self.request
+        if not request.elastic:
+            if request.min_hosts is not None or request.max_hosts is not None:
+                raise LaunchError("--min-hosts/--max-hosts: only with --elastic")
+            return None
+        return Elastic(request.min_hosts or 1, request.max_hosts or len(self.hosts),
+                       self.settings.cluster.elastic_cooldown_s)
+
+    def discovery_script(self, plan: LaunchPlan) -> str:
+        return render_discovery_script(plan.run, plan.hosts, self.request.slots_per_host, self.settings.cluster)
 
     def write_inventory(self, plan: LaunchPlan) -> Path:
         inventory = render(plan, self.settings.cluster, SOURCE_ROOT, self.stage)
@@ -119,6 +135,10 @@ class Launcher:
             self.say(f"sync {host}: {shlex.join(rsync)} --delete -- {SOURCE_ROOT}/ {ssh_user(self.settings.cluster)}@{host}:"
                      f"{plan.workdir}/")
         self.say(plan.describe())
+        if plan.elastic:
+            self.say(f"# host discovery script ({plan.state_dir}/{DISCOVERY_SCRIPT}, run by horovodrun on "
+                     f"{plan.hosts[0]}; min {plan.elastic.min_hosts}, max {plan.elastic.max_hosts} host(s))")
+            self.say(self.discovery_script(plan).rstrip("\n"))
         return 0
 
     def doctor(self, standalone: bool = False) -> dict[str, HostFacts]:
@@ -214,6 +234,8 @@ class Launcher:
             write_text(self.stage / "settings.yaml", settings_to_yaml(self.settings))
             if plan.mode == PS_MODE:  # a fresh secret per run, 0600; sync.yml copies it with its mode
                 write_token(self.stage / TOKEN_FILE, new_token(), replace=True)
+            if plan.elastic:  # executable; sync.yml copies it into the state folder on every host
+                write_discovery_script(self.stage / DISCOVERY_SCRIPT, self.discovery_script(plan))
             self._check(self.ansible().run("sync.yml"), "sync")
             for phase in ("servers", "main", "tensorboard"):
                 self._check(self.ansible().run("start.yml", extravars={"unet_phase": phase}), f"start {phase}")
@@ -276,8 +298,9 @@ class Launcher:
         codes: dict[str, int] = {}
         # horovodrun (on the first host) relays every rank's output as "[r]<stdout>:...":
         # such lines are labelled with the host that rank runs on, not horovodrun's.
+        # Elastic ranks move between hosts as hosts come and go: such lines say only "rank r".
         rank_hosts = (horovod_rank_hosts(self.hosts, self.request.slots_per_host)
-                      if self.request.mode == HOROVOD_MODE else ())
+                      if self.request.mode == HOROVOD_MODE and not self.request.elastic else None)
 
         window_over: set[str] = set()
 

@@ -158,6 +158,8 @@ class TrainSettings(_Section):
     image_every_epochs: int = Field(1, ge=0, description="0 = no TensorBoard image panels")
     mixed_precision: bool = False
     seed: int = Field(1234, ge=0)
+    elastic: bool = Field(False, description="Horovod Elastic: survive lost ranks (horovodrun with host discovery)")
+    elastic_commit_steps: int = Field(10, ge=1, description="elastic: commit the training state every N steps")
 
     @field_validator("run_name")
     @classmethod
@@ -250,6 +252,8 @@ class ClusterSettings(_Section):
     step_timeout_s: float = Field(300.0, gt=0.0)
     max_restarts: int = Field(3, ge=0, le=1000, description="SSH launcher, PS mode: times a worker process that "
                                                             "died is started again on its host and port (0 = off)")
+    elastic_cooldown_s: tuple[int, int] = Field((10, 300), description="elastic Horovod: a host whose ranks failed "
+                                                "is left out for about min x 2^failures s, at most max, then may rejoin")
     # never starting with '-': ssh/rsync would read the user as an option
     ssh_user: str = Field("", pattern=r"^(?:[A-Za-z0-9._][A-Za-z0-9._-]*)?$")
     ssh_key: Optional[Path] = None
@@ -280,6 +284,13 @@ class ClusterSettings(_Section):
         if value is not None and not re.fullmatch(ABSOLUTE_PATH, str(value)):
             raise ValueError("expected an absolute path of letters, digits, '_', '.' and '-' (no spaces, "
                              "quotes or shell characters: horovodrun passes it through /bin/sh)")
+        return value
+
+    @field_validator("elastic_cooldown_s")
+    @classmethod
+    def _cooldown_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= value[0] <= value[1] <= 3600:  # horovodrun's own bounds
+            raise ValueError(f"expected [min, max] seconds with 1 <= min <= max <= 3600, got {list(value)}")
         return value
 
     @field_validator("ps_hosts", "worker_hosts")
