@@ -557,6 +557,21 @@ def test_ps_run_one_ps_two_workers(ssh_hosts, prepared_brats, tmp_path):
             stop_run("psrun", flags, tmp_path)
 
 
+def _is_worker(proc: psutil.Process, workdir: Path, index: int) -> bool:
+    """The worker's own Python process (not the supervise.sh around it)."""
+    cmdline = proc.info["cmdline"] or []
+    joined = " ".join(cmdline)
+    if "trainer.cli" not in cmdline or "supervise.sh" in joined or str(workdir) not in joined:
+        return False
+    at = cmdline.index("trainer.cli")
+    return cmdline[at + 1:at + 4] == ["worker", "--index", str(index)]
+
+
+def out_line(tmp_path: Path, text: str) -> str:
+    """The launcher output's line holding ``text`` ('' if none yet)."""
+    return next((line for line in (tmp_path / "launcher.out").read_text().splitlines() if text in line), "")
+
+
 @needs_sshd
 def test_ctrl_c_stops_every_remote_process(ssh_hosts, prepared_brats, tmp_path):
     workdir = tmp_path / "remote"
@@ -573,6 +588,16 @@ def test_ctrl_c_stops_every_remote_process(ssh_hosts, prepared_brats, tmp_path):
             assert time.monotonic() < deadline, "training never started"
             time.sleep(0.5)
         assert leftover_processes(workdir)  # the roles are running
+        # A worker process dies: its supervisor starts it again and the chief takes it back, all of it
+        # streamed; then Ctrl-C must stop the supervisors with everything else.
+        worker = next(p for p in psutil.process_iter(["cmdline"]) if _is_worker(p, workdir, 1))
+        worker.kill()
+        while not ("[127.0.0.2 chief] " in out_line(tmp_path, "worker 1 back (registered again after loss)")
+                   and "[127.0.0.3 worker1] " in out_line(tmp_path, "supervise: worker 1 restarted (1/3) after it died")):
+            assert proc.poll() is None, (tmp_path / "launcher.out").read_text()[-3000:]
+            assert time.monotonic() < deadline + 120, "worker 1 never came back"
+            time.sleep(0.5)
+        assert "[127.0.0.2 chief] " in out_line(tmp_path, "lost worker 1 ")
         os.kill(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=120) == 130
     finally:
