@@ -247,9 +247,7 @@ class Launcher:
                          f"{ssh_user(self.settings.cluster)}@{host}, then open http://127.0.0.1:{port}/)")
             self._followed = [role for role in plan.roles if role.follow]
             codes = self.follow()
-            for role, count in self.restarts.items():
-                self.say(f"{role} on {self._host_of(plan, role)} was restarted {count} time(s) after it died "
-                         f"(cluster.max_restarts {self.settings.cluster.max_restarts})")
+            self.say_restarts(plan)
             failed = {role: rc for role, rc in codes.items() if rc != 0}
             if plan.mode == "ps" and codes.get("chief") == 0:  # the chief re-ran lost workers' steps
                 for role in [r for r in failed if r.startswith("worker")]:
@@ -349,6 +347,11 @@ class Launcher:
 
     def say(self, text: str) -> None:
         self.console.say(text)
+
+    def say_restarts(self, plan: LaunchPlan) -> None:
+        for role, count in self.restarts.items():
+            self.say(f"{role} on {self._host_of(plan, role)} was restarted {count} time(s) after it died "
+                     f"(cluster.max_restarts {self.settings.cluster.max_restarts})")
 
     def _print_stop(self, kind: str, host: str, res: dict) -> None:
         for line in str(res.get("stdout", "")).splitlines():

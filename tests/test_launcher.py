@@ -551,6 +551,9 @@ def test_ps_run_one_ps_two_workers(ssh_hosts, prepared_brats, tmp_path):
             assert tag in result.stdout, tag
         assert "synchronous SGD" in result.stdout
         assert (tmp_path / "local-runs" / "psrun" / "checkpoints" / "last" / "epoch-1.index").exists()
+        assert "supervise.sh" in result.stdout  # workers run supervised (cluster.max_restarts 3)
+        launch = json.loads((tmp_path / "local-runs" / "psrun" / "launcher" / "launch.json").read_text())
+        assert launch["restarts"] == {} and "was restarted" not in result.stdout  # nobody died
         assert wait_gone(workdir) == []  # chief told PS and workers to stop; nothing lingers
     finally:
         if leftover_processes(workdir):  # the test failed: still stop the remote roles by PID

@@ -267,3 +267,41 @@ def test_ps_worker_killed_twice_is_restarted_and_the_weights_equal_an_undisturbe
     assert worst < 1e-5, f"restarting a worker changed the result by {worst} (double or missing update)"
     for pgid in faulty.groups.values():
         assert group(pgid) == [], "a process of the run is still alive"
+
+
+def test_launcher_streams_the_restart_and_reports_the_count(tmp_path, monkeypatch, groups):
+    """Real Ansible (local connection) and follow.py, as the launcher follows a host: a supervised
+    worker that dies once (SIGKILL) and then finishes; the restart line is streamed, the count
+    reported at the end."""
+    import io
+
+    import yaml
+
+    from launcher import distributed
+    from launcher.plan import Role, build_plan
+    from trainer.config.settings import ClusterSettings, Settings, TrainSettings
+
+    state = tmp_path / "state"
+    once = 'if [ -e "$0" ]; then echo "second run, finishing"; exit 0; fi; touch "$0"; kill -9 $$'
+    groups.append(start_role(state, "worker1", "sh", REMOTE / "supervise.sh", 3, state / "worker1", "worker 1",
+                             "sh", "-c", once, tmp_path / "died-once"))
+    inventory = {"all": {"vars": {"unet_python": sys.executable, "unet_workdir": str(REPO_ROOT),
+                                  "unet_state": str(state), "unet_follow_delay": 0.3, "unet_follow_retries": 100},
+                         "children": {"workers": {"hosts": {"localhost": {
+                             "ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+                             "unet_roles": [{"name": "worker1", "phase": "servers", "follow": True, "argv": []}]}}}}}}
+    settings = Settings(train=TrainSettings(run_dir=tmp_path / "runs", run_name="sup"),
+                        cluster=ClusterSettings(max_restarts=3))
+    out = io.StringIO()
+    launcher = distributed.Launcher(settings, distributed.LaunchRequest(hosts="localhost"), out=out)
+    launcher.inventory_path = tmp_path / "sup.yml"
+    launcher.inventory_path.write_text(yaml.safe_dump(inventory))
+    launcher._followed = [Role("worker1", "localhost", "workers", (), "servers")]
+    launcher.follow_delay_s = 0.3
+    assert launcher.follow() == {"worker1": 0}, out.getvalue()[-3000:]
+    assert launcher.restarts == {"worker1": 1}
+    launcher.say_restarts(build_plan(settings, ("node1", "node2"), "ps"))  # worker1 runs on node2
+    text = out.getvalue()
+    assert "[localhost worker1] " in next(line for line in text.splitlines() if "restarted (1/3)" in line)
+    assert "[localhost worker1] second run, finishing" in text
+    assert text.rstrip().endswith("worker1 on node2 was restarted 1 time(s) after it died (cluster.max_restarts 3)")

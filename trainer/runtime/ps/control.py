@@ -215,9 +215,9 @@ class ControlServer:
             log.info("%s %d back (registered again after loss)", *task)
         else:
             log.info("%s %d registered", *task)
-        conn.settimeout(None)
-        _keepalive(conn)
-        try:
+        try:  # stop_all may close the connection at any moment from here on (EBADF)
+            conn.settimeout(None)
+            _keepalive(conn)
             while conn.recv(MAX_LINE):  # roles send nothing more; EOF means the role is gone
                 pass
         except OSError:
