@@ -155,11 +155,11 @@ class TrainSettings(_Section):
     schedule: ScheduleSettings = ScheduleSettings()
     early_stopping_patience: int = Field(0, ge=0, description="0 = off")
     keep_checkpoints: int = Field(3, ge=1)
+    elastic: bool = Field(False, description="Horovod Elastic: survive lost/added ranks (horovodrun --min-np ...)")
+    elastic_commit_steps: int = Field(10, ge=1, description="elastic: commit the in-memory state every N steps")
     image_every_epochs: int = Field(1, ge=0, description="0 = no TensorBoard image panels")
     mixed_precision: bool = False
     seed: int = Field(1234, ge=0)
-    elastic: bool = Field(False, description="Horovod Elastic: survive lost ranks (horovodrun with host discovery)")
-    elastic_commit_steps: int = Field(10, ge=1, description="elastic: commit the training state every N steps")
 
     @field_validator("run_name")
     @classmethod
