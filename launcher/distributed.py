@@ -22,8 +22,9 @@ from launcher.console import Console
 from launcher.hosts import parse_hosts
 from launcher.interrupts import Interrupts, signals_ignored
 from launcher.inventory import render, ssh_user, write_inventory, to_yaml
-from launcher.plan import (HOROVOD_MODE, PS_MODE, TOKEN_FILE, HostFacts, LaunchPlan, build_plan, horovod_rank_hosts,
-                           label_rank_line)
+from launcher.discovery import render_discovery_script, write_discovery_script
+from launcher.plan import (DISCOVERY_SCRIPT, HOROVOD_MODE, PS_MODE, TOKEN_FILE, Elastic, HostFacts, LaunchPlan,
+                           build_plan, horovod_rank_hosts, label_rank_line)
 from trainer.config.settings import Settings, settings_to_yaml
 from trainer.errors import UserError
 from trainer.fsutil import write_json, write_text
@@ -47,6 +48,9 @@ class LaunchRequest:
     dry_run: bool = False
     slots_per_host: int = 1
     controller: str = "gloo"
+    elastic: bool = False            # Horovod Elastic: horovodrun with a host-discovery script
+    min_hosts: int | None = None     # elastic: default 1
+    max_hosts: int | None = None     # elastic: default every host in --hosts
 
 
 class Launcher:
@@ -71,11 +75,24 @@ class Launcher:
         self.first_training_s: float | None = None  # the chief's "... global batch ..." line: training starts
         self._started = time.monotonic()
         self._followed: list = []
+        self.restarts: dict[str, int] = {}  # role -> times supervise.sh restarted it (PS workers)
 
     # ------------------------------------------------------------------ plan and inventory
     def plan(self, facts: dict[str, HostFacts] | None = None) -> LaunchPlan:
         return build_plan(self.settings, self.hosts, self.request.mode, self.ps_hosts, facts, SOURCE_ROOT,
-                          self.request.slots_per_host, self.request.controller)
+                          self.request.slots_per_host, self.request.controller, self.elastic())
+
+    def elastic(self) -> Elastic | None:
+        request = self.request
+        if not request.elastic:
+            if request.min_hosts is not None or request.max_hosts is not None:
+                raise LaunchError("--min-hosts/--max-hosts: only with --elastic")
+            return None
+        return Elastic(request.min_hosts or 1, request.max_hosts or len(self.hosts),
+                       self.settings.cluster.elastic_cooldown_s)
+
+    def discovery_script(self, plan: LaunchPlan) -> str:
+        return render_discovery_script(plan.run, plan.hosts, self.request.slots_per_host, self.settings.cluster)
 
     def write_inventory(self, plan: LaunchPlan) -> Path:
         inventory = render(plan, self.settings.cluster, SOURCE_ROOT, self.stage)
@@ -118,6 +135,10 @@ class Launcher:
             self.say(f"sync {host}: {shlex.join(rsync)} --delete -- {SOURCE_ROOT}/ {ssh_user(self.settings.cluster)}@{host}:"
                      f"{plan.workdir}/")
         self.say(plan.describe())
+        if plan.elastic:
+            self.say(f"# host discovery script ({plan.state_dir}/{DISCOVERY_SCRIPT}, run by horovodrun on "
+                     f"{plan.hosts[0]}; min {plan.elastic.min_hosts}, max {plan.elastic.max_hosts} host(s))")
+            self.say(self.discovery_script(plan).rstrip("\n"))
         return 0
 
     def doctor(self, standalone: bool = False) -> dict[str, HostFacts]:
@@ -213,6 +234,8 @@ class Launcher:
             write_text(self.stage / "settings.yaml", settings_to_yaml(self.settings))
             if plan.mode == PS_MODE:  # a fresh secret per run, 0600; sync.yml copies it with its mode
                 write_token(self.stage / TOKEN_FILE, new_token(), replace=True)
+            if plan.elastic:  # executable; sync.yml copies it into the state folder on every host
+                write_discovery_script(self.stage / DISCOVERY_SCRIPT, self.discovery_script(plan))
             self._check(self.ansible().run("sync.yml"), "sync")
             for phase in ("servers", "main", "tensorboard"):
                 self._check(self.ansible().run("start.yml", extravars={"unet_phase": phase}), f"start {phase}")
@@ -224,6 +247,7 @@ class Launcher:
                          f"{ssh_user(self.settings.cluster)}@{host}, then open http://127.0.0.1:{port}/)")
             self._followed = [role for role in plan.roles if role.follow]
             codes = self.follow()
+            self.say_restarts(plan)
             failed = {role: rc for role, rc in codes.items() if rc != 0}
             if plan.mode == "ps" and codes.get("chief") == 0:  # the chief re-ran lost workers' steps
                 for role in [r for r in failed if r.startswith("worker")]:
@@ -236,7 +260,7 @@ class Launcher:
                 raise LaunchError(f"training failed: {where} (logs: {self.run_dir / 'training.log'})")
             write_json(self.run_dir / "launcher" / "launch.json", {
                 "hosts": list(self.hosts), "mode": self.request.mode, "first_output_s": self.first_output_s,
-                "first_training_s": self.first_training_s,
+                "first_training_s": self.first_training_s, "restarts": self.restarts,
                 "total_s": time.monotonic() - self._started})
             self.say(f"done: every role exited 0; merged log {self.run_dir / 'training.log'}"
                      + (f"; TensorBoard keeps running (stop: unet-train distributed --stop --run-name {plan.run})"
@@ -272,8 +296,9 @@ class Launcher:
         codes: dict[str, int] = {}
         # horovodrun (on the first host) relays every rank's output as "[r]<stdout>:...":
         # such lines are labelled with the host that rank runs on, not horovodrun's.
+        # Elastic ranks move between hosts as hosts come and go: such lines say only "rank r".
         rank_hosts = (horovod_rank_hosts(self.hosts, self.request.slots_per_host)
-                      if self.request.mode == HOROVOD_MODE else ())
+                      if self.request.mode == HOROVOD_MODE and not self.request.elastic else None)
 
         window_over: set[str] = set()
 
@@ -292,8 +317,11 @@ class Launcher:
                         self.first_training_s = time.monotonic() - self._started
                     labelled = label_rank_line(item["line"], rank_hosts) if item["role"] == "horovod" else None
                     self.say(labelled or f"[{host} {item['role']}] {item['line']}")
-                elif item.get("exited"):
-                    codes[item["role"]] = item["rc"]
+                elif "exited" in item:
+                    if item.get("restarts"):
+                        self.restarts[item["role"]] = item["restarts"]
+                    if item["exited"]:
+                        codes[item["role"]] = item["rc"]
 
         polls = {"unet_follow_delay": self.follow_delay_s,
                  "unet_follow_retries": max(1, int(self.follow_window_s / self.follow_delay_s))}
@@ -319,6 +347,11 @@ class Launcher:
 
     def say(self, text: str) -> None:
         self.console.say(text)
+
+    def say_restarts(self, plan: LaunchPlan) -> None:
+        for role, count in self.restarts.items():
+            self.say(f"{role} on {self._host_of(plan, role)} was restarted {count} time(s) after it died "
+                     f"(cluster.max_restarts {self.settings.cluster.max_restarts})")
 
     def _print_stop(self, kind: str, host: str, res: dict) -> None:
         for line in str(res.get("stdout", "")).splitlines():

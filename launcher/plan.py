@@ -19,6 +19,7 @@ from trainer.errors import UserError
 
 PS_MODE, HOROVOD_MODE = "ps", "horovod"
 TOKEN_FILE = "cluster.token"  # in the run's state folder on every host (PS mode)
+DISCOVERY_SCRIPT = "discover-hosts.sh"  # ditto (elastic Horovod): launcher/discovery.py renders it
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,15 @@ class Role:
 
 
 @dataclass(frozen=True)
+class Elastic:
+    """Horovod Elastic: the job runs on as long as min_hosts answer, and grows up to max_hosts."""
+
+    min_hosts: int
+    max_hosts: int
+    cooldown_s: tuple[int, int]  # horovodrun --blacklist-cooldown-range: when a failed host may rejoin
+
+
+@dataclass(frozen=True)
 class LaunchPlan:
     run: str
     mode: str
@@ -63,6 +73,7 @@ class LaunchPlan:
     cpu: Mapping[str, CpuChoice]
     tensorboard: tuple[str, int] | None  # (host, port) on the chief
     keep: tuple[str, ...] = ()  # rsync excludes for the settings' run/data paths inside the workdir
+    elastic: Elastic | None = None
 
     @property
     def state_dir(self) -> str:
@@ -134,7 +145,8 @@ def cpu_choice(settings: Settings, facts: HostFacts | None, processes: int, deri
 
 def build_plan(settings: Settings, hosts: tuple[str, ...], mode: str, ps_hosts: tuple[str, ...] = (),
                facts: Mapping[str, HostFacts] | None = None,
-               source_root: Path | None = None, slots_per_host: int = 1, controller: str = "gloo") -> LaunchPlan:
+               source_root: Path | None = None, slots_per_host: int = 1, controller: str = "gloo",
+               elastic: Elastic | None = None) -> LaunchPlan:
     cluster = settings.cluster
     workdir = (cluster.workdir or str(source_root or Path.cwd())).rstrip("/")
     python = cluster.python if cluster.python.startswith("/") else f"{workdir}/{cluster.python}"
@@ -152,6 +164,8 @@ def build_plan(settings: Settings, hosts: tuple[str, ...], mode: str, ps_hosts: 
 
     roles: list[Role] = []
     cpu: dict[str, CpuChoice] = {}
+    if elastic is not None:
+        _check_elastic(elastic, hosts, mode, controller)
     if mode == PS_MODE:
         ps_hosts = ps_hosts or hosts[:1]
         ps_ports = [_nth_port(cluster.ps_hosts, i) for i in range(len(ps_hosts))]
@@ -176,20 +190,35 @@ def build_plan(settings: Settings, hosts: tuple[str, ...], mode: str, ps_hosts: 
             roles.append(Role(f"ps{index}", host, "ps", trainer_argv(
                 cpu[host], "ps", "--index", str(index), extra=layout + _log_file(f"ps{index}")), "servers"))
         for index, host in enumerate(hosts):
-            roles.append(Role(f"worker{index}", host, "workers", trainer_argv(
-                cpu[host], "worker", "--index", str(index), extra=layout + _log_file(f"worker{index}")), "servers"))
+            worker = trainer_argv(cpu[host], "worker", "--index", str(index), extra=layout + _log_file(f"worker{index}"))
+            if cluster.max_restarts:
+                # A worker that dies is started again with the same argv (host, port): it registers with
+                # the chief again and TensorFlow's coordinator uses it again. PS tasks hold the
+                # variables, so a restarted PS would serve none: they are never supervised.
+                worker = ("sh", f"{workdir}/launcher/remote/supervise.sh", str(cluster.max_restarts),
+                          f"{state_dir}/worker{index}", f"worker {index}") + worker
+            roles.append(Role(f"worker{index}", host, "workers", worker, "servers"))
         roles.append(Role("chief", hosts[0], "chief", trainer_argv(
             cpu[hosts[0]], "chief", extra=layout + _log_file("chief")), "main"))
     elif mode == HOROVOD_MODE:
         for host in hosts:
             cpu[host] = cpu_choice(settings, facts.get(host), slots_per_host, derive=False)
         horovodrun = str(Path(python).parent / "horovodrun")
-        argv = [horovodrun, "-np", str(len(hosts) * slots_per_host),
-                "-H", ",".join(f"{h}:{slots_per_host}" for h in hosts), "-p", str(cluster.ssh_port),
-                f"--{controller}"]
+        if elastic is None:
+            argv = [horovodrun, "-np", str(len(hosts) * slots_per_host),
+                    "-H", ",".join(f"{h}:{slots_per_host}" for h in hosts)]
+        else:
+            # Start as soon as min_hosts answer (with every host that answers then), shrink to no fewer,
+            # grow to no more than max_hosts. Which hosts answer is the discovery script's job.
+            low, high = elastic.min_hosts * slots_per_host, elastic.max_hosts * slots_per_host
+            argv = [horovodrun, "-np", str(low), "--min-np", str(low), "--max-np", str(high),
+                    "--slots-per-host", str(slots_per_host), "--host-discovery-script", f"{state_dir}/{DISCOVERY_SCRIPT}",
+                    "--blacklist-cooldown-range", *(str(s) for s in elastic.cooldown_s)]
+        argv += ["-p", str(cluster.ssh_port), f"--{controller}"]
         if cluster.ssh_key:
             argv += ["-i", str(cluster.ssh_key)]
-        rank = trainer_argv(cpu[hosts[0]], "train", "--dist", "horovod", extra=_log_file("rank0"))
+        extra = _log_file("rank0") + (("--set", "train.elastic=true") if elastic else ())
+        rank = trainer_argv(cpu[hosts[0]], "train", "--dist", "horovod", extra=extra)
         # Every rank, on every host, runs through rank.sh: it records a PID file there, so
         # stop.yml can stop ranks that horovodrun's own shutdown does not reach.
         rank = ("sh", f"{workdir}/launcher/remote/rank.sh", state_dir) + rank
@@ -207,7 +236,19 @@ def build_plan(settings: Settings, hosts: tuple[str, ...], mode: str, ps_hosts: 
             "--host", settings.logging.tensorboard_host, "--port", str(port)), "tensorboard", follow=False))
         tensorboard = (hosts[0], port)
     keep = tuple(mirror_excludes(settings, workdir, source_root or Path.cwd()))
-    return LaunchPlan(run, mode, hosts, tuple(ps_hosts), workdir, python, tuple(roles), cpu, tensorboard, keep)
+    return LaunchPlan(run, mode, hosts, tuple(ps_hosts), workdir, python, tuple(roles), cpu, tensorboard, keep,
+                      elastic)
+
+
+def _check_elastic(elastic: Elastic, hosts: tuple[str, ...], mode: str, controller: str) -> None:
+    if mode != HOROVOD_MODE:
+        raise UserError("--elastic: Horovod mode only (--mode horovod); in PS mode the job already survives a "
+                        "lost worker, and cluster.max_restarts restarts it")
+    if controller != "gloo":
+        raise UserError("--elastic: Horovod Elastic runs on Gloo only; drop --controller mpi")
+    if not 1 <= elastic.min_hosts <= elastic.max_hosts <= len(hosts):
+        raise UserError(f"--min-hosts/--max-hosts: expected 1 <= min-hosts <= max-hosts <= {len(hosts)} (the hosts "
+                        f"in --hosts), got {elastic.min_hosts} and {elastic.max_hosts}")
 
 
 _RANK_TAG = re.compile(r"\[(?:\d+,)?(\d+)\]<(?:stdout|stderr)>:")  # Gloo [r]; OpenMPI --tag-output [job,r]
@@ -219,13 +260,18 @@ def horovod_rank_hosts(hosts: tuple[str, ...], slots_per_host: int) -> tuple[str
     return tuple(host for host in hosts for _ in range(slots_per_host))
 
 
-def label_rank_line(line: str, rank_hosts: tuple[str, ...]) -> str | None:
+def label_rank_line(line: str, rank_hosts: tuple[str, ...] | None) -> str | None:
     """``[r]<stdout>:text`` from horovodrun -> ``[<host of rank r> rank r] text``; None when the
-    line carries no rank tag (horovodrun's own output) or names a rank outside the plan."""
+    line carries no rank tag (horovodrun's own output) or names a rank outside the plan.
+    ``rank_hosts`` None (elastic: ranks move between hosts): ``[rank r] text``."""
     match = _RANK_TAG.match(line)
-    if not match or int(match.group(1)) >= len(rank_hosts):
+    if not match:
         return None
     rank = int(match.group(1))
+    if rank_hosts is None:
+        return f"[rank {rank}] {line[match.end():]}"
+    if rank >= len(rank_hosts):
+        return None
     return f"[{rank_hosts[rank]} rank {rank}] {line[match.end():]}"
 
 

@@ -213,3 +213,48 @@ def test_token_file_others_can_read_is_refused(tmp_path):
     path.write_text("short\n")
     with pytest.raises(UserError, match="expected 64 hex digits"):
         read_token(path)
+
+
+def drop(client: ControlClient) -> None:
+    """What the kernel does when a role process dies: its end of the connection closes."""
+    client._conn.shutdown(socket.SHUT_RDWR)
+    client._conn.close()
+
+
+def test_lost_worker_that_registers_again_is_logged_back(server, caplog):
+    """A supervised worker restarted on its host and port registers again: the chief logs it lost,
+    then back; it leaves ``lost`` for ``returned``. A live registration is still never replaced."""
+    srv = server()
+    caplog.set_level("INFO", logger=control.__name__)
+    first = ControlClient.connect(srv.address, "worker", 1, 5, TOKEN)
+    assert srv.registered() == [("worker", 1)] and srv.returned == []
+    drop(first)  # the worker process dies: its connection drops
+    assert settle(lambda: srv.lost_calls == [("worker", 1)]) and srv.lost == [("worker", 1)]  # logged by now
+    again = ControlClient.connect(srv.address, "worker", 1, 5, TOKEN)  # the restarted process
+    assert srv.registered() == [("worker", 1)] and srv.lost == [] and srv.returned == [("worker", 1)]
+    with pytest.raises(TrainingError, match="already registered"):  # the live one keeps its place
+        ControlClient.connect(srv.address, "worker", 1, 0.5, TOKEN)
+    drop(again)  # lost a second time, back a second time
+    assert settle(lambda: srv.lost_calls == [("worker", 1)] * 2) and srv.lost == [("worker", 1)]
+    third = ControlClient.connect(srv.address, "worker", 1, 5, TOKEN)
+    assert srv.returned == [("worker", 1)] * 2 and srv.lost == []
+    lost = "lost worker 1 (its process exited or its host is unreachable)"
+    back = "worker 1 back (registered again after loss)"
+
+    def logged() -> list[str]:  # the server thread logs "back" just after its WELCOME: settle
+        return [m for m in (r.getMessage() for r in caplog.records if r.name == control.__name__)
+                if m in (lost, back, "worker 1 registered")]
+    assert settle(lambda: len(logged()) == 5), logged()
+    assert logged() == ["worker 1 registered", lost, back, lost, back]
+    srv.stop_all(0)
+    assert third.wait_for_stop() == 0
+
+
+def test_a_task_that_was_never_lost_is_not_back(server, caplog):
+    srv = server()
+    caplog.set_level("INFO", logger=control.__name__)
+    client = ControlClient.connect(srv.address, "worker", 0, 5, TOKEN)
+    assert settle(lambda: any(r.getMessage() == "worker 0 registered" for r in caplog.records))
+    assert srv.returned == [] and not any("back" in r.getMessage() for r in caplog.records)
+    srv.stop_all(0)
+    assert client.wait_for_stop() == 0

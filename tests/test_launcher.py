@@ -551,10 +551,28 @@ def test_ps_run_one_ps_two_workers(ssh_hosts, prepared_brats, tmp_path):
             assert tag in result.stdout, tag
         assert "synchronous SGD" in result.stdout
         assert (tmp_path / "local-runs" / "psrun" / "checkpoints" / "last" / "epoch-1.index").exists()
+        assert "supervise.sh" in result.stdout  # workers run supervised (cluster.max_restarts 3)
+        launch = json.loads((tmp_path / "local-runs" / "psrun" / "launcher" / "launch.json").read_text())
+        assert launch["restarts"] == {} and "was restarted" not in result.stdout  # nobody died
         assert wait_gone(workdir) == []  # chief told PS and workers to stop; nothing lingers
     finally:
         if leftover_processes(workdir):  # the test failed: still stop the remote roles by PID
             stop_run("psrun", flags, tmp_path)
+
+
+def _is_worker(proc: psutil.Process, workdir: Path, index: int) -> bool:
+    """The worker's own Python process (not the supervise.sh around it)."""
+    cmdline = proc.info["cmdline"] or []
+    joined = " ".join(cmdline)
+    if "trainer.cli" not in cmdline or "supervise.sh" in joined or str(workdir) not in joined:
+        return False
+    at = cmdline.index("trainer.cli")
+    return cmdline[at + 1:at + 4] == ["worker", "--index", str(index)]
+
+
+def out_line(tmp_path: Path, text: str) -> str:
+    """The launcher output's line holding ``text`` ('' if none yet)."""
+    return next((line for line in (tmp_path / "launcher.out").read_text().splitlines() if text in line), "")
 
 
 @needs_sshd
@@ -573,6 +591,16 @@ def test_ctrl_c_stops_every_remote_process(ssh_hosts, prepared_brats, tmp_path):
             assert time.monotonic() < deadline, "training never started"
             time.sleep(0.5)
         assert leftover_processes(workdir)  # the roles are running
+        # A worker process dies: its supervisor starts it again and the chief takes it back, all of it
+        # streamed; then Ctrl-C must stop the supervisors with everything else.
+        worker = next(p for p in psutil.process_iter(["cmdline"]) if _is_worker(p, workdir, 1))
+        worker.kill()
+        while not ("[127.0.0.2 chief] " in out_line(tmp_path, "worker 1 back (registered again after loss)")
+                   and "[127.0.0.3 worker1] " in out_line(tmp_path, "supervise: worker 1 restarted (1/3) after it died")):
+            assert proc.poll() is None, (tmp_path / "launcher.out").read_text()[-3000:]
+            assert time.monotonic() < deadline + 120, "worker 1 never came back"
+            time.sleep(0.5)
+        assert "[127.0.0.2 chief] " in out_line(tmp_path, "lost worker 1 ")
         os.kill(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=120) == 130
     finally:
@@ -583,3 +611,125 @@ def test_ctrl_c_stops_every_remote_process(ssh_hosts, prepared_brats, tmp_path):
     out = (tmp_path / "launcher.out").read_text()
     assert "interrupted: stopping every process" in out
     assert wait_gone(workdir) == [], out[-3000:]
+
+
+# ------------------------------------------------------------------------------ elastic Horovod launch
+def test_elastic_dry_run_shows_horovodrun_elastic_and_the_discovery_script(tmp_path):
+    result = run_bounded(unet_train_cmd("distributed", "--hosts", "node1,node2,node3", "--mode", "horovod",
+                                        "--elastic", "--min-hosts", "2", "--max-hosts", "3", "--slots-per-host", "2",
+                                        "--workdir", "/srv/unet", "--user", "alice", "--key", "/keys/id", "--port",
+                                        "2200", "--dry-run", "--run-name", "el", "--set", f"train.run_dir={tmp_path}",
+                                        "--set", "cluster.known_hosts_file=/etc/unet/known_hosts",
+                                        "--set", "cluster.elastic_cooldown_s=[20,600]"), 120, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:]
+    out = result.stdout
+    horovodrun = next(line for line in out.splitlines() if "] horovod: " in line)
+    assert ("horovodrun -np 4 --min-np 4 --max-np 6 --slots-per-host 2 --host-discovery-script "
+            "/srv/unet/.launch/el/discover-hosts.sh --blacklist-cooldown-range 20 600 -p 2200 --gloo -i /keys/id sh "
+            "/srv/unet/launcher/remote/rank.sh /srv/unet/.launch/el ") in horovodrun, horovodrun
+    assert " -H " not in horovodrun and horovodrun.endswith("--set train.elastic=true")
+    script = out.split("# host discovery script (/srv/unet/.launch/el/discover-hosts.sh, run by horovodrun on "
+                       "node1; min 2, max 3 host(s))\n", 1)[1]
+    assert script.startswith("#!/bin/sh\n")
+    check = next(line for line in script.splitlines() if line.strip().startswith("if ssh "))
+    for option in ("-p 2200", "-l alice", "-i /keys/id", "BatchMode=yes", "StrictHostKeyChecking=yes",
+                   "UserKnownHostsFile=/etc/unet/known_hosts", "ConnectTimeout=10", '-- "$1" true'):
+        assert option in check, option
+    assert [line for line in script.splitlines() if line.startswith("up ")] == \
+        ["up node1 2 &", "up node2 2 &", "up node3 2 &"]
+    assert not (tmp_path / "el").exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mode", "horovod", "--min-hosts", "1"], "--min-hosts/--max-hosts: only with --elastic"),
+    (["--mode", "ps", "--elastic"], "--elastic: Horovod mode only"),
+    (["--mode", "horovod", "--elastic", "--controller", "mpi"], "--elastic: Horovod Elastic runs on Gloo only"),
+    (["--mode", "horovod", "--elastic", "--max-hosts", "3"], "expected 1 <= min-hosts <= max-hosts <= 2"),
+    (["--mode", "horovod", "--elastic", "--min-hosts", "2", "--max-hosts", "1"], "got 2 and 1"),
+    (["--mode", "horovod", "--elastic", "--set", "cluster.elastic_cooldown_s=[0,10]"], "cluster.elastic_cooldown_s"),
+])
+def test_bad_elastic_flags_are_refused_in_one_line(tmp_path, flags, message):
+    result = run_bounded(unet_train_cmd("distributed", "--hosts", "node1,node2", *flags, "--dry-run",
+                                        "--set", f"train.run_dir={tmp_path}"), 120, cwd=tmp_path)
+    assert result.returncode != 0 and message in result.stdout, result.stdout[-2000:]
+    assert "Traceback" not in result.stdout
+
+
+def _discover(script: Path) -> list[str]:
+    result = subprocess.run([str(script)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr  # never an error: horovodrun would end the job
+    return sorted(result.stdout.split())
+
+
+@needs_sshd
+def test_discovery_script_lists_the_hosts_that_answer_ssh(tmp_path):
+    """The rendered script, run as horovodrun runs it, against real sshd hosts: both listed; one
+    sshd stopped: only the other; that sshd back: both again (a host that returns can rejoin)."""
+    from launcher.discovery import render_discovery_script, write_discovery_script
+    from trainer.config.settings import ClusterSettings
+
+    hosts = ("127.0.0.5", "127.0.0.6")  # their own sshd: the stop must not hit other tests' hosts
+    sshd = start_sshd_hosts(tmp_path / "sshd", hosts)
+    try:
+        cluster = ClusterSettings(ssh_port=sshd.port, ssh_key=sshd.key, known_hosts_file=str(sshd.known_hosts),
+                                  connect_timeout_s=5)
+        script = write_discovery_script(tmp_path / "stage" / "discover-hosts.sh",
+                                        render_discovery_script("disc", hosts, 2, cluster))
+        assert os.access(script, os.X_OK)
+        assert _discover(script) == ["127.0.0.5:2", "127.0.0.6:2"]
+        sshd.stop_host("127.0.0.6")
+        start = time.monotonic()
+        assert _discover(script) == ["127.0.0.5:2"]
+        assert time.monotonic() - start < 10  # refused at once; a silent host costs ConnectTimeout at most
+        sshd.start_host("127.0.0.6")
+        assert _discover(script) == ["127.0.0.5:2", "127.0.0.6:2"]
+        sshd.stop_host("127.0.0.5")
+        sshd.stop_host("127.0.0.6")
+        assert _discover(script) == []  # nobody answers: an empty list, exit 0
+    finally:
+        sshd.stop()
+    # The host keys are checked: a known_hosts file without the hosts' key lists nobody.
+    (tmp_path / "empty_known_hosts").write_text("")
+    sshd = start_sshd_hosts(tmp_path / "sshd2", hosts[:1])
+    try:
+        strict = ClusterSettings(ssh_port=sshd.port, ssh_key=sshd.key, connect_timeout_s=5,
+                                 known_hosts_file=str(tmp_path / "empty_known_hosts"))
+        script = write_discovery_script(tmp_path / "stage2" / "discover-hosts.sh",
+                                        render_discovery_script("disc", hosts[:1], 1, strict))
+        assert _discover(script) == []
+        assert (tmp_path / "empty_known_hosts").read_text() == ""
+    finally:
+        sshd.stop()
+
+
+def test_elastic_rank_lines_name_the_rank_only():
+    """Elastic ranks move between hosts as hosts come and go: no host is guessed for them."""
+    from launcher.plan import label_rank_line
+
+    assert label_rank_line("[3]<stdout>:epoch 1", None) == "[rank 3] epoch 1"
+    assert label_rank_line("Launching horovod task function", None) is None
+
+
+@needs_sshd
+def test_two_host_elastic_horovod_launch_runs_with_host_discovery(ssh_hosts, prepared_brats, tmp_path):
+    """The launch plumbing with a real elastic horovodrun: the discovery script is synced executable to
+    the first host, horovodrun runs it over the hosts' sshd and starts one rank on each host, and the
+    training command carries train.elastic=true. (No host is lost here: what training does then is
+    the elastic runtime's, train.elastic.)"""
+    workdir = tmp_path / "remote"
+    flags = cluster_flags(ssh_hosts, workdir, tmp_path) + ["--set", "cluster.tensorboard=false"]
+    try:
+        result = run_bounded(unet_train_cmd("distributed", "--hosts", ",".join(HOSTS), "--mode", "horovod",
+                                            "--elastic", "--min-hosts", "1", "--run-name", "elastic", "--epochs", "1",
+                                            *flags, *tiny_training(prepared_brats)), 420, cwd=tmp_path)
+        assert result.returncode == 0, result.stdout[-5000:]
+        script = workdir / ".launch" / "elastic" / "discover-hosts.sh"
+        assert os.access(script, os.X_OK) and "up 127.0.0.2 1 &" in script.read_text()
+        assert "--host-discovery-script" in result.stdout and "--set train.elastic=true" in result.stdout
+        assert "[rank 0] " in result.stdout and "rank 0/2," in result.stdout  # both discovered hosts joined
+        assert "2 worker(s) x batch 2 = global batch 4" in result.stdout
+        assert (tmp_path / "local-runs" / "elastic" / "checkpoints" / "last" / "epoch-1.index").exists()
+        assert wait_gone(workdir) == []
+    finally:
+        if leftover_processes(workdir):
+            stop_run("elastic", flags, tmp_path)

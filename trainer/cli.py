@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--ps-hosts", default=None, help="parameter-server hosts (default: the first host)")
     dist.add_argument("--slots-per-host", type=_positive_int, default=1, help="horovod: ranks per host")
     dist.add_argument("--controller", choices=["gloo", "mpi"], default="gloo", help="horovodrun controller")
+    dist.add_argument("--elastic", action="store_true",
+                      help="horovod: Horovod Elastic on Gloo; hosts that answer SSH join, lost hosts drop out")
+    dist.add_argument("--min-hosts", type=_positive_int, default=None, help="--elastic: hosts the job needs (default 1)")
+    dist.add_argument("--max-hosts", type=_positive_int, default=None,
+                      help="--elastic: hosts the job may use (default: every host)")
     dist.add_argument("--run-name", default=None)
     dist.add_argument("--model", choices=["2d", "3d"], default=None)
     dist.add_argument("--epochs", type=_positive_int, default=None)
@@ -197,6 +202,8 @@ def _slurm_launcher(args: argparse.Namespace, settings):
         return None
     if args.hosts:
         raise UserError("--hosts: not used with --scheduler slurm (Slurm picks the nodes; see --nodes, --partition)")
+    if getattr(args, "elastic", False):
+        raise UserError("--elastic: SSH hosts only (--scheduler ssh); a Slurm job has a fixed set of nodes")
     return SlurmLauncher(settings, args.mode or settings.cluster.mode)
 
 
@@ -211,7 +218,9 @@ def _launcher(args: argparse.Namespace, settings, hosts_required: bool = True):
                             ps_hosts=getattr(args, "ps_hosts", None),
                             dry_run=getattr(args, "dry_run", False),
                             slots_per_host=getattr(args, "slots_per_host", 1),
-                            controller=getattr(args, "controller", "gloo"))
+                            controller=getattr(args, "controller", "gloo"),
+                            elastic=getattr(args, "elastic", False),
+                            min_hosts=getattr(args, "min_hosts", None), max_hosts=getattr(args, "max_hosts", None))
     return Launcher(settings, request)
 
 
@@ -475,17 +484,20 @@ def _report_and_exit(command: str, error: Exception) -> None:
 
 def _cmd_server_role(args: argparse.Namespace) -> int:
     settings = load_cli_settings(args)
-    from trainer.runtime.ps.roles import serve
+    from trainer.runtime.ps.roles import declare_finished, serve
 
-    code = 1
+    code, finished = 1, False  # finished: a supervisor must not restart this role (see declare_finished)
     try:
         code = serve(settings, args.role, args.index)
+        finished = True  # the chief said stop, or went away
     except (UserError, InfrastructureError) as exc:
         print(f"unet-train {args.role}: error: {exc}", file=sys.stderr)
-        code = exc.exit_code
+        code, finished = exc.exit_code, isinstance(exc, UserError)
     except KeyboardInterrupt:
-        code = 130
+        code, finished = 130, True
     finally:
+        if finished:
+            declare_finished()
         _exit_now(code)  # gRPC server threads never join: leave explicitly, whatever happened
     return code
 

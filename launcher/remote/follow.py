@@ -1,7 +1,7 @@
 """follow.py STATE_DIR ROLE... : print the new complete log lines of each role since the
-last call (offsets kept in STATE_DIR), then each role's state, as JSON lines, and
-__FINISHED__ once every role has exited. The launcher calls it every second through
-Ansible and streams what it prints."""
+last call (offsets kept in STATE_DIR), then each role's state (exited, exit code, restarts
+by supervise.sh), as JSON lines, and __FINISHED__ once every role has exited. The launcher
+calls it every second through Ansible and streams what it prints."""
 import json
 import os
 import sys
@@ -25,6 +25,11 @@ def exit_code(rc_file):
         return int(open(rc_file).read().strip())
     except (OSError, ValueError):
         return None
+
+
+def restarts(state, role):
+    """How often supervise.sh restarted the role (0: never, or not supervised)."""
+    return exit_code(os.path.join(state, role + ".restarts")) or 0
 
 
 state, roles = sys.argv[1], sys.argv[2:]
@@ -56,7 +61,7 @@ for role in roles:
         for line in chunk[:end].decode("utf-8", "replace").splitlines():
             print(json.dumps({"role": role, "line": line}))
     more = len(chunk) == CHUNK  # a backlog larger than one read: keep following
-    print(json.dumps({"role": role, "exited": exited, "rc": rc}))
+    print(json.dumps({"role": role, "exited": exited, "rc": rc, "restarts": restarts(state, role)}))
     finished = finished and exited and not more
 if finished:
     print("__FINISHED__")

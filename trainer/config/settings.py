@@ -282,6 +282,10 @@ class ClusterSettings(_Section):
     asynchronous: bool = Field(False, alias="async")
     startup_timeout_s: float = Field(60.0, gt=0.0)
     step_timeout_s: float = Field(300.0, gt=0.0)
+    max_restarts: int = Field(3, ge=0, le=1000, description="SSH launcher, PS mode: times a worker process that "
+                                                            "died is started again on its host and port (0 = off)")
+    elastic_cooldown_s: tuple[int, int] = Field((10, 300), description="elastic Horovod: a host whose ranks failed "
+                                                "is left out for about min x 2^failures s, at most max, then may rejoin")
     # never starting with '-': ssh/rsync would read the user as an option
     ssh_user: str = Field("", pattern=r"^(?:[A-Za-z0-9._][A-Za-z0-9._-]*)?$")
     ssh_key: Optional[Path] = None
@@ -312,6 +316,13 @@ class ClusterSettings(_Section):
         if value is not None and not re.fullmatch(ABSOLUTE_PATH, str(value)):
             raise ValueError("expected an absolute path of letters, digits, '_', '.' and '-' (no spaces, "
                              "quotes or shell characters: horovodrun passes it through /bin/sh)")
+        return value
+
+    @field_validator("elastic_cooldown_s")
+    @classmethod
+    def _cooldown_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= value[0] <= value[1] <= 3600:  # horovodrun's own bounds
+            raise ValueError(f"expected [min, max] seconds with 1 <= min <= max <= 3600, got {list(value)}")
         return value
 
     @field_validator("ps_hosts", "worker_hosts")

@@ -18,6 +18,10 @@ Seen before this: ``printf 'HELLO ps 0\\n' | nc chief 2226`` and a disconnect ma
 report PS 0 lost (and stop the job); 400 idle connections made 400 threads; a 64 MiB line
 without a newline grew the chief by 65 MiB. So: a bounded line (4 KiB), a handshake timeout,
 a cap on unauthenticated connections, and a live task's registration is never replaced.
+
+A task whose connection is gone may register again (a supervised worker restarted on its host
+and port, see launcher/remote/supervise.sh). The chief logs it as back: it leaves ``lost``
+and joins ``returned``. A newcomer for a task whose connection is still live is refused as before.
 """
 from __future__ import annotations
 
@@ -112,7 +116,8 @@ class ControlServer:
         self._pending = threading.BoundedSemaphore(max_pending)  # handshakes in progress
         self.refused = 0
         self._refusals: deque[str] = deque(maxlen=5)
-        self.lost: list[Task] = []
+        self.lost: list[Task] = []      # tasks whose connection dropped and that have not registered again
+        self.returned: list[Task] = []  # lost tasks that registered again, in order
         self.on_lost: Callable[[Task], None] | None = None
         self._closing = False
         threading.Thread(target=self._accept, name="control-accept", daemon=True).start()
@@ -151,12 +156,13 @@ class ControlServer:
         if count <= 10:  # an attacker must not be able to flood the log
             log.warning("control channel: refused a connection from %s: %s", peer[0], reason)
 
-    def _handshake(self, conn: socket.socket, peer) -> tuple[Task, _Registration] | None:
+    def _handshake(self, conn: socket.socket, peer) -> tuple[Task, _Registration, bool] | None:
         conn.settimeout(self._handshake_timeout_s)
         with conn.makefile("rb") as reader:
             return self._check_hello(conn, reader, peer)
 
-    def _check_hello(self, conn: socket.socket, reader, peer) -> tuple[Task, _Registration] | None:
+    def _check_hello(self, conn: socket.socket, reader, peer) -> tuple[Task, _Registration, bool] | None:
+        """(task, registration, back): back is True when the task had been lost before."""
         chief_nonce = secrets.token_hex(16)
         try:
             conn.sendall(f"CHALLENGE {chief_nonce}\n".encode("ascii"))
@@ -180,8 +186,12 @@ class ControlServer:
         registration = _Registration(conn, chief_nonce, role_nonce)
         with self._lock:
             taken = task in self._registered or self._closing
+            back = not taken and task in self.lost
             if not taken:
                 self._registered[task] = registration
+                if back:
+                    self.lost.remove(task)
+                    self.returned.append(task)
         if taken:  # a live task keeps its registration; the newcomer is turned away
             self._refuse(peer, f"{job} {index} is already registered by a live connection")
             return None
@@ -190,7 +200,7 @@ class ControlServer:
                          .encode("ascii"))
         except OSError:
             pass  # gone already: the loop in _serve sees EOF and reports it lost
-        return task, registration
+        return task, registration, back
 
     def _serve(self, conn: socket.socket, peer) -> None:
         try:
@@ -200,11 +210,14 @@ class ControlServer:
         if registered is None:
             conn.close()
             return
-        task, registration = registered
-        log.info("%s %d registered", *task)
-        conn.settimeout(None)
-        _keepalive(conn)
-        try:
+        task, registration, back = registered
+        if back:
+            log.info("%s %d back (registered again after loss)", *task)
+        else:
+            log.info("%s %d registered", *task)
+        try:  # stop_all may close the connection at any moment from here on (EBADF)
+            conn.settimeout(None)
+            _keepalive(conn)
             while conn.recv(MAX_LINE):  # roles send nothing more; EOF means the role is gone
                 pass
         except OSError:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from trainer.config.settings import Settings
@@ -13,6 +14,17 @@ from trainer.runtime.ps.control import ControlClient
 from trainer.runtime.ps.token import load_or_create_token
 
 log = logging.getLogger(__name__)
+# Set by launcher/remote/supervise.sh: the file that says "this role ended on purpose, do not restart it".
+FINISHED_FILE_ENV = "UNET_ROLE_FINISHED_FILE"
+
+
+def declare_finished() -> None:
+    """Tell a supervisor that this role ended for a reason a restart cannot fix (the chief said
+    stop or went away, or the role's own input is wrong). Without the file, a non-zero exit means
+    the process died (killed, crashed) and the supervisor starts it again on the same port."""
+    path = os.environ.get(FINISHED_FILE_ENV)
+    if path:
+        Path(path).touch()
 
 
 def serve(settings: Settings, job: str, index: int) -> int:
