@@ -733,3 +733,54 @@ def test_two_host_elastic_horovod_launch_runs_with_host_discovery(ssh_hosts, pre
     finally:
         if leftover_processes(workdir):
             stop_run("elastic", flags, tmp_path)
+
+
+@needs_sshd
+def test_elastic_launch_survives_losing_every_process_on_one_host(prepared_brats, tmp_path):
+    """Everything on the second host dies mid-run (its rank and its sshd): Horovod re-forms the
+    world on the first host, training rolls back to its last commit and finishes there, and the
+    merged training.log names the lost host."""
+    hosts = ("127.0.0.9", "127.0.0.10")
+    sshd = start_sshd_hosts(tmp_path / "sshd", hosts)
+    workdir = tmp_path / "remote"
+    ssh = {"port": sshd.port, "key": sshd.key, "known_hosts": sshd.known_hosts}
+    flags = cluster_flags(ssh, workdir, tmp_path) + ["--set", "cluster.tensorboard=false"]
+    training = tiny_training(prepared_brats) + ["--set", "train.steps_per_epoch=8", "--set",
+                                                "train.elastic_commit_steps=1", "--set",
+                                                "train.checkpoint_every_steps=1"]
+    out = tmp_path / "launcher.out"
+    proc = subprocess.Popen([str(a) for a in unet_train_cmd(
+        "distributed", "--hosts", ",".join(hosts), "--mode", "horovod", "--elastic", "--min-hosts", "1",
+        "--run-name", "lose", "--epochs", "2", *flags, *training)], cwd=tmp_path, env=child_env(),
+        stdout=open(out, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        run = tmp_path / "local-runs" / "lose"
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoints" / "steps" / "checkpoint").exists() or "rank 0/2," not in out.read_text():
+            assert proc.poll() is None, out.read_text()[-4000:]
+            assert time.monotonic() < deadline, "training never started on both hosts"
+            time.sleep(0.2)
+        victims = [p for p in psutil.process_iter(["cmdline"]) if "trainer.cli" in " ".join(p.info["cmdline"] or [])
+                   and _environ(p).get("HOROVOD_HOSTNAME") == hosts[1]]
+        assert victims, "no rank runs on the second host"
+        sshd.stop_host(hosts[1])
+        for victim in victims:
+            victim.kill()
+        assert proc.wait(timeout=300) == 0, out.read_text()[-5000:]
+        merged = (run / "training.log").read_text()
+        assert "world size 2 -> 1 at step" in merged and f"lost {hosts[1]}[0]" in merged, merged[-4000:]
+        assert (run / "checkpoints" / "last" / "epoch-2.index").exists()
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+        if leftover_processes(workdir):
+            stop_run("lose", flags, tmp_path)
+        sshd.stop()
+    assert wait_gone(workdir) == []
+
+
+def _environ(proc: psutil.Process) -> dict:
+    try:
+        return proc.environ()
+    except psutil.Error:
+        return {}
