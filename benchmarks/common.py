@@ -25,21 +25,21 @@ def env(**extra: str) -> dict[str, str]:
 LOCK = os.environ.get("UNET_BENCH_LOCK")
 
 
-def timed(cmd: list, log: Path | None = None, **extra_env: str) -> float:
+def timed(cmd: list, log: Path | None = None, cwd: Path = ROOT, **extra_env: str) -> float:
     """Run a command to completion (raising on failure); return wall seconds (lock wait excluded)."""
     if LOCK:
         import fcntl
 
         with open(LOCK, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            return _timed(cmd, log, **extra_env)
-    return _timed(cmd, log, **extra_env)
+            return _timed(cmd, log, cwd, **extra_env)
+    return _timed(cmd, log, cwd, **extra_env)
 
 
-def _timed(cmd: list, log: Path | None, **extra_env: str) -> float:
+def _timed(cmd: list, log: Path | None, cwd: Path, **extra_env: str) -> float:
     start = time.perf_counter()
     with open(log or os.devnull, "a") as handle:
-        subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env(**extra_env), check=True,
+        subprocess.run([str(c) for c in cmd], cwd=cwd, env=env(**extra_env), check=True,
                        stdout=handle, stderr=subprocess.STDOUT)
     return time.perf_counter() - start
 
