@@ -46,3 +46,28 @@ def run_bounded(cmd: list, timeout: float, cwd: Path | None = None, **env: str) 
 
 def unet_train_cmd(*args) -> list:
     return [sys.executable, "-m", "trainer.cli", *args]
+
+
+def processes_mentioning(text, exclude_self: bool = True) -> list[str]:
+    """'PID: command line' of every process whose command line contains ``text`` (a path, say)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or [])
+        except psutil.Error:
+            continue
+        if str(text) in cmdline and not (exclude_self and proc.pid == os.getpid()):
+            found.append(f"{proc.pid}: {cmdline[:200]}")
+    return found
+
+
+def wait_until_gone(text, timeout: float = 30) -> list[str]:
+    """Poll until no process mentions ``text``; what is left after ``timeout`` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (left := processes_mentioning(text)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left

@@ -13,7 +13,7 @@ import psutil
 import pytest
 import yaml
 
-from procs import REPO_ROOT, child_env, kill_group, run_bounded, unet_train_cmd
+from procs import REPO_ROOT, child_env, kill_group, processes_mentioning, run_bounded, unet_train_cmd, wait_until_gone
 from sshd_hosts import HOSTS, SSHD, free_port_on, start_sshd_hosts
 
 needs_sshd = pytest.mark.skipif(not Path(SSHD).exists(), reason="openssh-server not installed (scripts/setup.sh)")
@@ -46,15 +46,7 @@ def tiny_training(prepared_brats) -> list[str]:
 
 
 def leftover_processes(workdir: Path) -> list[str]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            cmdline = " ".join(proc.info["cmdline"] or [])
-        except psutil.Error:
-            continue
-        if str(workdir) in cmdline and proc.pid != os.getpid():
-            found.append(f"{proc.pid}: {cmdline[:200]}")
-    return found
+    return processes_mentioning(workdir)
 
 
 def stop_run(run: str, flags: list, tmp_path: Path):
@@ -62,10 +54,7 @@ def stop_run(run: str, flags: list, tmp_path: Path):
 
 
 def wait_gone(workdir: Path, timeout: float = 30) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while (left := leftover_processes(workdir)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return left
+    return wait_until_gone(workdir, timeout)
 
 
 def test_dry_run_prints_inventory_and_commands(tmp_path):

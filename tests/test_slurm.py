@@ -11,10 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from procs import child_env, kill_group, run_bounded, unet_train_cmd
+from procs import child_env, kill_group, processes_mentioning, run_bounded, unet_train_cmd, wait_until_gone
 from slurm_cluster import NODE, PARTITION, available, start_slurm_cluster
 
 needs_slurm = pytest.mark.skipif(not available(), reason="slurm-wlm/munge not installed or not root (scripts/setup.sh)")
@@ -65,22 +64,11 @@ def tiny(prepared_brats, tmp_path, epochs: int = 1) -> list[str]:
 
 def job_processes(settings_file: Path) -> list[str]:
     """Processes of a run's job: every task's command line names the run's settings file."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            cmdline = " ".join(proc.info["cmdline"] or [])
-        except psutil.Error:
-            continue
-        if str(settings_file) in cmdline and proc.pid != os.getpid():
-            found.append(f"{proc.pid}: {cmdline[:200]}")
-    return found
+    return processes_mentioning(settings_file)
 
 
 def wait_gone(settings_file: Path, timeout: float = 30) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while (left := job_processes(settings_file)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return left
+    return wait_until_gone(settings_file, timeout)
 
 
 # ---------------------------------------------------------------- no cluster needed

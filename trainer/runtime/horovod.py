@@ -29,16 +29,15 @@ from horovod.common.elastic import State
 from horovod.common.exceptions import HorovodInternalError
 from horovod.runner.elastic.worker import HostUpdateResult
 
-from trainer.data.pipeline import Shard
 from trainer.errors import ConfigError, InfrastructureError, TrainingError
-from trainer.runtime.steps import KerasStepper
+from trainer.runtime.replica import ReplicaProcess
 
 log = logging.getLogger(__name__)
 MEMBER_BYTES = 96
 
 
 @dataclass
-class HorovodRuntime:
+class HorovodRuntime(ReplicaProcess):
     rank: int = 0
     size: int = 1
     elastic: bool = False
@@ -60,21 +59,6 @@ class HorovodRuntime:
                               "'unet-train distributed --mode horovod --elastic')")
         return cls(rank=hvd.rank(), size=hvd.size(), elastic=elastic, commit_steps=commit_steps,
                    name="horovod-elastic" if elastic else "horovod")
-
-    @property
-    def is_chief(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def synchronous(self) -> bool:
-        return True
-
-    @property
-    def data_shard(self) -> Shard:
-        return Shard(self.rank, self.size)
-
-    def variable_scope(self):
-        return contextlib.nullcontext()
 
     def wrap_optimizer(self, optimizer):
         return hvd.DistributedOptimizer(optimizer)
@@ -126,9 +110,6 @@ class HorovodRuntime:
         row = np.frombuffer(me.ljust(MEMBER_BYTES, b"\0"), np.uint8)
         gathered = hvd_tf.allgather(tf.constant(row[None, :])).numpy()
         return [bytes(r).rstrip(b"\0").decode(errors="replace") for r in gathered]
-
-    def make_stepper(self, model, optimizer, settings):
-        return KerasStepper(model, settings)
 
     @contextlib.contextmanager
     def guard(self):

@@ -6,30 +6,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trainer.data.pipeline import Shard
-from trainer.runtime.steps import KerasStepper
+from trainer.runtime.replica import ReplicaProcess
 
 
 @dataclass
-class SingleRuntime:
+class SingleRuntime(ReplicaProcess):
     name: str = "single"
     rank: int = 0
     size: int = 1
-
-    @property
-    def is_chief(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def synchronous(self) -> bool:
-        return True
-
-    @property
-    def data_shard(self) -> Shard:
-        return Shard(self.rank, self.size)
-
-    def variable_scope(self):
-        return contextlib.nullcontext()
 
     def wrap_optimizer(self, optimizer):
         return optimizer
@@ -45,9 +29,6 @@ class SingleRuntime:
 
     def callbacks(self) -> list:
         return []
-
-    def make_stepper(self, model, optimizer, settings):
-        return KerasStepper(model, settings)
 
     def run(self, loop, variables, step):
         return loop()
