@@ -81,6 +81,7 @@ def run_one(model: str, mode: str, isa: str, seed: int, args, log) -> dict:
     summary = json.loads((run_path / "evaluation" / "summary.json").read_text())
     trained = json.loads((run_path / "summary.json").read_text())
     validation = json.loads((run_path / "validation.json").read_text())  # written by train (full volumes)
+    history = json.loads((run_path / "history.json").read_text())["epochs"]
     regions = summary["regions"]
     per_region = {region: {key: summary[f"{key}_{region}"]["mean"] for key in ("dice", "hd95", "dice_raw", "hd95_raw")}
                   for region in regions} if len(regions) > 1 else None
@@ -88,6 +89,7 @@ def run_one(model: str, mode: str, isa: str, seed: int, args, log) -> dict:
         for region in regions:
             per_region[region]["dice_min_case"] = summary[f"dice_{region}"]["min"]
     result = {"name": name, "mode": mode, "isa": isa, "seed": seed, "train_s": train_s,
+              "epochs_seconds_sum": sum(e["epoch_seconds"] for e in history),
               "test_dice": summary["dice"]["mean"], "test_dice_min_case": summary["dice"]["min"],
               "test_hd95": summary["hd95"]["mean"], "test_dice_raw": summary["dice_raw"]["mean"],
               "test_hd95_raw": summary["hd95_raw"]["mean"], "regions": per_region,
