@@ -9,11 +9,11 @@ bash scripts/setup.sh
 export TF_CPP_MIN_LOG_LEVEL=2
 CLI=.venv/bin/unet-train
 CASES=${DEMO_CASES:-20}
-EPOCHS=${DEMO_EPOCHS:-4}
+EPOCHS=${DEMO_EPOCHS:-5}
 STEPS=${DEMO_STEPS:-40}
 RAW=data/raw/MICCAI_BraTS_2019_Data_Training
 SLICES=data/brats_slices.h5
-RUN=(--run-name demo --set "train.steps_per_epoch=$STEPS" --set train.validation_steps=10)
+RUN=(--run-name demo --set "train.steps_per_epoch=$STEPS")
 
 [ -d "$RAW" ] || $CLI synth --format brats --out "$RAW" --cases "$CASES" --seed 0
 [ -f "$SLICES" ] || $CLI prepare --format brats --src "$RAW" --out "$SLICES"
@@ -23,4 +23,5 @@ echo
 echo "TensorBoard logs : runs/demo/tensorboard   (.venv/bin/tensorboard --logdir runs/demo/tensorboard --host 127.0.0.1)"
 echo "Predictions      : runs/demo/evaluation/predictions/*.nii.gz (source geometry)"
 echo "Metrics          : runs/demo/evaluation/per_case.csv, runs/demo/evaluation/summary.json"
+echo "Validation       : runs/demo/validation.json (best checkpoint on the whole validation volumes)"
 echo "Checkpoints      : runs/demo/checkpoints/{last,best}; history: runs/demo/history.csv"

@@ -453,7 +453,8 @@ def _validate_full_volumes(settings, result, progress: bool) -> None:
     if result.epochs_run == 0 and path.exists():
         return
     try:
-        report = validation_report(settings, progress, engine="auto", precision="fp32")
+        # TensorFlow: for a handful of volumes, converting the model for OpenVINO costs more than it saves
+        report = validation_report(settings, progress, engine="tf", precision="fp32")
     except UserError as exc:  # e.g. the raw volumes are not on this host: training itself succeeded
         logging.getLogger(__name__).warning("no full-volume validation: %s", exc)
         return
