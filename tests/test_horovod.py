@@ -146,3 +146,21 @@ def test_region_model_two_ranks_equal_one_process_at_double_batch(prepared_brats
     assert any(v.ndim == 4 and v.shape[-1] == 3 for v in single.values())  # one output channel per region
     worst = max(float(np.abs(single[k] - distributed[k]).max()) for k in single)
     assert worst < 2e-5, f"2-rank region SGD diverged from 1-process SGD by {worst}"
+
+
+def expected_auto_policy() -> str:
+    """What train.precision=auto must pick on this machine (its CPU flags, oneDNN on, no ISA cap)."""
+    from trainer.runtime.cpu import cpu_flags, native_bf16_support
+
+    return "mixed_bfloat16" if native_bf16_support(cpu_flags(), True).native else "float32"
+
+
+def test_two_ranks_train_at_the_automatic_precision_and_say_which(prepared_brats, tmp_path):
+    """bf16 where the CPU has it (variables and gradients stay float32), fp32 elsewhere; logged."""
+    run, log = horovod(tmp_path, "gloo", "auto", 2, prepared_brats, *SGD_EXACT, "--set", "train.precision=auto")
+    policy = expected_auto_policy()
+    assert f"precision: {policy} (auto:" in log and f"{policy}, regions wt" in log
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["precision"] == policy and summary["workers"] == 2
+    weights = model_weights(run)
+    assert all(v.dtype == np.float32 for v in weights.values())  # the variables stay float32

@@ -237,3 +237,16 @@ def test_ps_region_model_equals_one_process_at_double_batch(cluster, prepared_br
     distributed = model_weights(tmp_path / "runs" / "ps")
     worst = max(float(np.abs(single[k] - distributed[k]).max()) for k in single)
     assert worst < 2e-5, f"PS region SGD diverged from 1-process SGD by {worst}"
+
+
+def test_ps_trains_at_the_automatic_precision_and_says_which(cluster, prepared_brats, tmp_path):
+    from test_horovod import expected_auto_policy
+
+    c = cluster()
+    c.start_servers()
+    c.chief("--run-name", "auto", "--epochs", "1", "--batch-size", "2", *data_flags(prepared_brats), *SGD_EXACT,
+            "--set", "train.precision=auto")
+    assert set(c.wait_all().values()) == {0}, c.log("chief")[-3000:]
+    policy = expected_auto_policy()
+    assert f"precision: {policy} (auto:" in c.log("chief") and f"{policy}, regions wt" in c.log("chief")
+    assert all(v.dtype == np.float32 for v in model_weights(tmp_path / "runs" / "auto").values())

@@ -193,3 +193,34 @@ def test_early_stopping_counter_resets_on_improvement_and_is_off_at_zero():
     assert run_early_stopping([0.3, 0.2, 0.4, 0.3, 0.5, 0.1], patience=2)[0] is None
     assert run_early_stopping([0.5, 0.1, 0.1, 0.1, 0.1], patience=0)[0] is None
     assert run_early_stopping([0.5, None, None], patience=2)[0] == 3  # no val Dice = no gain
+
+
+def test_best_checkpoint_follows_case_level_dice_where_per_slice_dice_disagrees():
+    """Two epochs' validation of one case of 10 slices (counts per slice: tp, fp, fn, tn).
+    Epoch A predicts nothing: the 8 tumour-free slices score 1 each, the 2 tumour slices 0, so the
+    per-slice mean is 0.8 but the case-level Dice is 0. Epoch B finds the tumour and adds small
+    false positives on the empty slices: per-slice mean 0.2, case-level Dice 200/240. Checkpoint
+    selection must pick B."""
+    import numpy as np
+
+    from trainer.metrics import count_ratios
+    from trainer.training.validation import case_level_logs
+
+    empty_ok, tumour_missed = [0, 0, 0, 100], [0, 0, 50, 50]
+    empty_fp, tumour_found = [0, 5, 0, 95], [50, 0, 0, 50]
+    epochs = {"A": np.array([empty_ok] * 8 + [tumour_missed] * 2, float),
+              "B": np.array([empty_fp] * 8 + [tumour_found] * 2, float)}
+    logs = {}
+    for name, per_slice in epochs.items():
+        slice_dice = float(count_ratios(per_slice[:, None, :])["dice"].mean())
+        logs[name] = {**case_level_logs(per_slice.sum(axis=0)[None, None, :], ("wt",)), "val_slice_dice": slice_dice}
+    assert logs["A"]["val_slice_dice"] > logs["B"]["val_slice_dice"]  # per-slice ranking: A
+    assert logs["B"]["val_dice"] > logs["A"]["val_dice"]  # case-level ranking: B
+    assert logs["A"]["val_dice"] == pytest.approx(0.0) and logs["B"]["val_dice"] == pytest.approx(200 / 240)
+
+    state = TrainingState()
+    checkpoint = EpochCheckpoint(None, state, patience=0)
+    checkpoint.set_model(tiny_model())
+    for epoch, name in enumerate(("A", "B")):
+        checkpoint.on_epoch_end(epoch, dict(logs[name]))
+    assert int(state.best_epoch.numpy()) == 2 and float(state.best_dice.numpy()) == pytest.approx(200 / 240)
