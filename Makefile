@@ -7,6 +7,6 @@ demo:
 test:
 	bash scripts/test.sh
 bench:
-	bash scripts/setup.sh && cd benchmarks && for b in data_prep throughput quality_targets distributed_modes launch_overhead slurm_overhead; do ../.venv/bin/python $$b.py || exit 1; done
+	bash scripts/setup.sh && cd benchmarks && for b in data_prep throughput quality_targets distributed_modes region_heads resilience launch_overhead slurm_overhead; do ../.venv/bin/python $$b.py || exit 1; done
 clean:
 	rm -rf data runs .pytest_cache
