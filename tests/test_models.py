@@ -27,8 +27,10 @@ def test_unet2d_shapes(channels):
 
 
 def test_unet2d_default_size_and_levels():
-    model = UNet2D(ModelSettings(), 4)
-    assert model.count_params() == 7_760_385  # 4 poolings, 32 base filters, transposed decoder
+    plain = UNet2D(ModelSettings(norm_2d="none"), 4)
+    assert plain.count_params() == 7_760_385  # 4 poolings, 32 base filters, transposed decoder
+    model = UNet2D(ModelSettings(), 4)  # instance norm: each of the 2,944 conv channels drops its bias, gains gamma and beta
+    assert model.count_params() == 7_760_385 - 2_944 + 2 * 2_944
     assert len([l for l in model.layers if "pool" in l.name]) == 4
 
 
