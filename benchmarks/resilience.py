@@ -52,8 +52,9 @@ def horovod(name: str, elastic: bool) -> float:
     discovery = RESULTS / "discover-2.sh"
     discovery.write_text("#!/bin/sh\necho localhost:2\n")
     discovery.chmod(0o755)
-    launch = ([HOROVODRUN, "--gloo", "-np", "2", "--min-np", "2", "--max-np", "2", "--host-discovery-script",
-               discovery] if elastic else [HOROVODRUN, "--gloo", "-np", "2", "-H", "localhost:2"])
+    # one host: horovodrun's elastic start needs a named NIC, or it waits for a second host (600 s)
+    launch = ([HOROVODRUN, "--gloo", "-np", "2", "--min-np", "2", "--max-np", "2", "--network-interface", "lo",
+               "--host-discovery-script", discovery] if elastic else [HOROVODRUN, "--gloo", "-np", "2", "-H", "localhost:2"])
     timed([*launch, *CLI, "train", "--dist", "horovod", *TRAIN, "--batch-size", "8", "--run-dir", RUNS,
            "--run-name", name, *(["--elastic", "--set", "train.elastic_commit_steps=1"] if elastic else [])],
           RESULTS / "resilience.log")

@@ -214,6 +214,13 @@ def build_plan(settings: Settings, hosts: tuple[str, ...], mode: str, ps_hosts: 
             argv = [horovodrun, "-np", str(low), "--min-np", str(low), "--max-np", str(high),
                     "--slots-per-host", str(slots_per_host), "--host-discovery-script", f"{state_dir}/{DISCOVERY_SCRIPT}",
                     "--blacklist-cooldown-range", *(str(s) for s in elastic.cooldown_s)]
+        if cluster.network_interface:
+            argv += ["--network-interface", cluster.network_interface]
+        elif elastic is not None and len(hosts) < 2:
+            # horovodrun resolves the common NICs of two hosts before an elastic job starts: with one
+            # host it waits (600 s) and fails. A named interface skips that check.
+            raise UserError("--elastic with one host: set cluster.network_interface (e.g. eth0); Horovod Elastic "
+                            "otherwise waits for a second host to resolve the network interfaces")
         argv += ["-p", str(cluster.ssh_port), f"--{controller}"]
         if cluster.ssh_key:
             argv += ["-i", str(cluster.ssh_key)]

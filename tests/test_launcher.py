@@ -644,6 +644,22 @@ def test_bad_elastic_flags_are_refused_in_one_line(tmp_path, flags, message):
     assert "Traceback" not in result.stdout
 
 
+def test_elastic_on_one_host_needs_a_named_interface(tmp_path):
+    """horovodrun resolves the common NICs of two hosts before an elastic job starts: on one host it
+    waited 600 s and failed (seen with `echo localhost:2` discovery). A named interface skips that."""
+    common = ("distributed", "--hosts", "node1", "--mode", "horovod", "--elastic", "--dry-run", "--run-name", "one",
+              "--set", f"train.run_dir={tmp_path}")
+    refused = run_bounded(unet_train_cmd(*common), 120, cwd=tmp_path)
+    assert refused.returncode != 0 and "set cluster.network_interface" in refused.stdout, refused.stdout[-2000:]
+    assert "Traceback" not in refused.stdout
+    named = run_bounded(unet_train_cmd(*common, "--set", "cluster.network_interface=eth0"), 120, cwd=tmp_path)
+    assert named.returncode == 0, named.stdout[-3000:]
+    horovodrun = next(line for line in named.stdout.splitlines() if "] horovod: " in line)
+    assert " --network-interface eth0 -p 22 --gloo " in horovodrun, horovodrun
+    bad = run_bounded(unet_train_cmd(*common, "--set", "cluster.network_interface=eth0;reboot"), 120, cwd=tmp_path)
+    assert bad.returncode != 0 and "cluster.network_interface" in bad.stdout and "Traceback" not in bad.stdout
+
+
 def _discover(script: Path) -> list[str]:
     result = subprocess.run([str(script)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr  # never an error: horovodrun would end the job

@@ -288,6 +288,9 @@ class ClusterSettings(_Section):
                                                             "died is started again on its host and port (0 = off)")
     elastic_cooldown_s: tuple[int, int] = Field((10, 300), description="elastic Horovod: a host whose ranks failed "
                                                 "is left out for about min x 2^failures s, at most max, then may rejoin")
+    network_interface: str = Field("", pattern=r"^([A-Za-z][A-Za-z0-9_.:-]{0,14}(,[A-Za-z][A-Za-z0-9_.:-]{0,14})*)?$",
+                                   description="Horovod: NIC(s) the ranks talk over, e.g. eth0 or ib0,eth0 "
+                                               "(horovodrun --network-interface); '' = Horovod finds common ones")
     # never starting with '-': ssh/rsync would read the user as an option
     ssh_user: str = Field("", pattern=r"^(?:[A-Za-z0-9._][A-Za-z0-9._-]*)?$")
     ssh_key: Optional[Path] = None
