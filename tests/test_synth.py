@@ -13,8 +13,8 @@ from conftest import (BRATS_CASES, DECATHLON_CASES, DECATHLON_TEST_CASES, SHAPE,
 from trainer.data.brats import BRATS_LABEL_SET, discover_brats
 from trainer.data.decathlon import read_index
 from trainer.data.nifti import check_header, identity_geometry, read_volume
-from trainer.data.synth.phantom import (BACKGROUND, ENHANCING, MODALITY_ORDER, NECROTIC, OEDEMA, REAL_SHAPE,
-                                        make_case)
+from trainer.data.synth.phantom import (BACKGROUND, ENHANCING, MAX_TUMOUR_FRACTION, MODALITY_ORDER, NECROTIC,
+                                        OEDEMA, REAL_SHAPE, _cap_tumour_volume, make_case)
 from trainer.data.synth.writers import brats_geometry, decathlon_geometry
 from trainer.errors import DataError
 
@@ -141,6 +141,27 @@ def test_tumour_position_varies_across_seeds():
     assert off_diagonal.min() > 0.5, "two seeds put the tumour in the same place"
     assert off_diagonal.max() > 0.15 * min(PHANTOM_SHAPE)
     assert centroids.std(axis=0).max() > 2.0
+
+
+def test_no_default_case_is_mostly_tumour():
+    """The default data's 20 cases (seed 0): uncapped, three were 42-85 % tumour."""
+    fractions = []
+    for case_id in range(1, 21):
+        case = make_case((0, case_id), (60, 60, 40))
+        fractions.append((case.classes > 0).sum() / (case.images["t1"] != 0).sum())
+    assert max(fractions) < 0.35, fractions
+    assert min(fractions) < 0.05 and sorted(fractions)[-3] > 0.15, "the cap must not flatten the size range"
+
+
+def test_tumour_cap_leaves_small_tumours_untouched_and_shrinks_large_ones():
+    brain = np.array([68.0, 84.0, 62.0])
+    core = np.array([15.0, 12.0, 14.0])
+    assert _cap_tumour_volume(core, 2.0, brain) == (core, 2.0)  # same objects: no change at all
+    big_core, big_halo = np.array([32.0, 30.0, 31.0]), 2.4
+    capped_core, capped_halo = _cap_tumour_volume(big_core, big_halo, brain)
+    share = np.prod(capped_core * capped_halo) / np.prod(brain)
+    assert share == pytest.approx(MAX_TUMOUR_FRACTION, rel=1e-6)
+    assert capped_halo < big_halo
 
 
 def test_brain_size_and_position_vary_across_seeds():
