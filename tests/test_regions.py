@@ -67,6 +67,26 @@ def test_post_processing_is_chosen_only_where_validation_dice_rises():
     assert np.array_equal(cleaned[..., 0], truth)
 
 
+def test_a_small_false_enhancing_tumour_is_dropped_only_when_validation_has_such_a_case():
+    """BraTS's ET rule: a case without ET scores 0 for any predicted ET, 1 for none."""
+    shape, spacing = (40, 40, 40), (1.0, 1.0, 1.0)
+    empty = np.zeros(shape, bool)
+    false_et = _blob(shape, (4, 4, 4), 7) | _blob(shape, (20, 20, 20), 6)   # 343 + 216 voxels, two parts
+    true_et = _blob(shape, (10, 10, 10), 9)                 # a small real ET, 729 mm^3 in one part
+    low_grade = postprocess.score_case(empty[..., None], false_et[..., None], spacing, ["et"])
+    high_grade = postprocess.score_case(true_et[..., None], true_et[..., None], spacing, ["et"])
+    assert low_grade["et"]["min_mm3:100"] == 0.0 and low_grade["et"]["drop_below_mm3:500"] == 0.0  # 559 mm^3
+    smaller_false_et = _blob(shape, (4, 4, 4), 7) | _blob(shape, (20, 20, 20), 5)   # 468 mm^3 in all
+    low_grade = postprocess.score_case(empty[..., None], smaller_false_et[..., None], spacing, ["et"])
+    assert low_grade["et"]["min_mm3:100"] == 0.0 and low_grade["et"]["drop_below_mm3:500"] == 1.0
+    chosen, = postprocess.decide([low_grade, high_grade], ["et"])
+    assert chosen.action == "drop_below_mm3:500"  # min_mm3:1000 would also remove the real 729 mm^3 ET
+    assert (chosen.val_dice_before, chosen.val_dice_after) == (0.5, 1.0)
+    assert postprocess.decide([high_grade], ["et"])[0].action == "none"  # no such case: no action
+    assert np.array_equal(postprocess.apply_action(true_et, "drop_below_mm3:500", spacing), true_et)
+    assert not postprocess.apply_action(true_et, "drop_below_mm3:1000", spacing).any()
+
+
 def test_the_decision_is_stored_for_its_checkpoint(tmp_path):
     decisions = [postprocess.RegionDecision("wt", "largest", 0.8, 0.9, 3)]
     postprocess.save(tmp_path, "ckpt-1", decisions)

@@ -21,8 +21,11 @@ from trainer.fsutil import write_json
 
 log = logging.getLogger(__name__)
 # Candidate actions, tried on the validation split: "largest" keeps one component; "min_mm3:V"
-# removes components smaller than V cubic millimetres (small distant false positives).
-CANDIDATES = ("none", "largest", "min_mm3:100", "min_mm3:1000")
+# removes components smaller than V cubic millimetres (small distant false positives);
+# "drop_below_mm3:V" empties the region when its whole predicted volume is under V mm^3, the
+# BraTS rule for enhancing tumour (Isensee et al.: ET under 500 voxels becomes necrosis, so the
+# voxels stay in TC): a low-grade case with no ET scores 0 for any false ET and 1 for none.
+CANDIDATES = ("none", "largest", "min_mm3:100", "min_mm3:1000", "drop_below_mm3:500")
 FILE_NAME = "postprocessing.json"
 
 
@@ -39,6 +42,9 @@ def apply_action(mask: np.ndarray, action: str, spacing: Sequence[float]) -> np.
     """One region's binary (x, y, z) mask after ``action`` (face-connected components)."""
     if action == "none" or not mask.any():
         return mask
+    if action.startswith("drop_below_mm3:"):
+        volume_mm3 = float(mask.sum()) * float(np.prod(spacing))
+        return np.zeros_like(mask) if volume_mm3 < float(action.split(":", 1)[1]) else mask
     import SimpleITK as sitk
 
     image = sitk.GetImageFromArray(np.transpose(mask).astype(np.uint8))
