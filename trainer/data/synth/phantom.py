@@ -154,12 +154,13 @@ def _cap_tumour_volume(core_radii, halo, brain_radii):
     validation split decided the validation figure alone. Shrinking draws no random
     numbers, so every case under the cap stays bit-identical.
     """
-    excess = np.prod(core_radii * halo) / np.prod(brain_radii) / MAX_TUMOUR_FRACTION
-    if excess <= 1.0:
+    def excess(halo_now):
+        return np.prod(core_radii * halo_now) / np.prod(brain_radii) / MAX_TUMOUR_FRACTION
+
+    if excess(halo) <= 1.0:
         return core_radii, halo
-    capped_halo = max(_MIN_HALO, halo / excess ** (1 / 3))
-    core_excess = np.prod(core_radii * capped_halo) / np.prod(brain_radii) / MAX_TUMOUR_FRACTION
-    return core_radii / max(1.0, core_excess) ** (1 / 3), capped_halo
+    capped_halo = max(_MIN_HALO, halo / excess(halo) ** (1 / 3))
+    return core_radii / max(1.0, excess(capped_halo)) ** (1 / 3), capped_halo
 
 
 def _bounding_box(centre, reach, grid, shape):
