@@ -9,6 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import run_cli
+from trainer.errors import TrainingError
 from trainer.inference import postprocess
 from trainer.regions import BRATS, DECATHLON, RegionSet
 
@@ -85,6 +86,12 @@ def test_a_small_false_enhancing_tumour_is_dropped_only_when_validation_has_such
     assert postprocess.decide([high_grade], ["et"])[0].action == "none"  # no such case: no action
     assert np.array_equal(postprocess.apply_action(true_et, "drop_below_mm3:500", spacing), true_et)
     assert not postprocess.apply_action(true_et, "drop_below_mm3:1000", spacing).any()
+
+
+def test_a_stored_decision_with_an_unknown_action_is_refused_by_name(tmp_path):
+    postprocess.save(tmp_path, "ckpt-1", [postprocess.RegionDecision("et", "drop_below_mm3:abc", 0.5, 1.0, 3)])
+    with pytest.raises(TrainingError, match=r"postprocessing\.json: unknown post-processing action.*drop_below_mm3:abc"):
+        postprocess.load(tmp_path, "ckpt-1")
 
 
 def test_the_decision_is_stored_for_its_checkpoint(tmp_path):

@@ -123,6 +123,11 @@ def load(run_path: Path, checkpoint: str) -> dict[str, str] | None:
         data = json.loads(path.read_text())
         if data.get("checkpoint") != checkpoint:
             return None  # decided for another checkpoint: decide again
-        return {region: entry["action"] for region, entry in data["regions"].items()}
+        actions = {region: entry["action"] for region, entry in data["regions"].items()}
     except (ValueError, KeyError, TypeError) as exc:
         raise TrainingError(f"{path}: malformed post-processing decision ({exc}); delete it to decide again") from None
+    unknown = sorted(set(actions.values()) - set(CANDIDATES))
+    if unknown:
+        raise TrainingError(f"{path}: unknown post-processing action(s) {', '.join(map(repr, unknown))}; expected one of "
+                            f"{', '.join(CANDIDATES)}; delete it to decide again")
+    return actions
