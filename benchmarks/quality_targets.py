@@ -10,8 +10,12 @@ difference of means against single with its seed-to-seed spread.
 ISA paths: "native" is oneDNN's choice on this CPU; "avx2" sets ONEDNN_MAX_CPU_ISA=AVX2,
 which reproduces an AVX2-only CPU's kernels (and rounding).
 
+Precision is settings.yaml's (`auto`: bf16 where the CPU has it natively), recorded per run; pin it
+with --set train.precision=fp32|bf16 to compare the two.
+
 Usage (results land in benchmarks/results/quality_<tag>.json; finished runs are reused):
-    python benchmarks/quality_targets.py --model 2d --seeds 1,2,3 --isas native,avx2
+    python benchmarks/quality_targets.py --model 2d --seeds 1,2,3 --isas native,avx2 --set train.precision=fp32
+    python benchmarks/quality_targets.py --model 2d --seeds 1,2 --isas native --tag bf16_2d --set train.precision=bf16
     python benchmarks/quality_targets.py --model 2d --seeds 1,2,3 --modes single,horovod,ps --tag dist2d
     python benchmarks/quality_targets.py --model 3d --seeds 1,2 --isas native,avx2
 """

@@ -126,9 +126,9 @@ def test_cpu_flags_are_read_from_the_flags_line():
     assert native_bf16_support(cpu_flags(cpuinfo), onednn=True, env={}).native
 
 
-def test_settings_default_stays_fp32_and_the_old_boolean_key_points_to_the_new_one():
-    assert load_settings(None).train.precision == "fp32"
-    assert load_settings(None, ["train.precision=auto"]).train.precision == "auto"
+def test_settings_default_is_auto_and_the_old_boolean_key_points_to_the_new_one():
+    assert load_settings(None).train.precision == "auto"
+    assert load_settings(None, ["train.precision=fp32"]).train.precision == "fp32"
     for old in ("true", "false"):
         with pytest.raises(ConfigError) as caught:
             load_settings(None, [f"train.mixed_precision={old}"])

@@ -181,7 +181,7 @@ class TrainSettings(_Section):
     elastic_commit_steps: int = Field(10, ge=1, description="elastic: commit the in-memory state every N steps")
     image_every_epochs: int = Field(1, ge=0, description="0 = no TensorBoard image panels")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "fp32", description="auto = bf16 on CPUs with native bf16, fp16 on GPUs, else fp32")
+        "auto", description="auto = bf16 on CPUs with native bf16, fp16 on GPUs, else fp32")
     # The old boolean key could not say "auto"; it stays in the schema only to point old files
     # at the new key (excluded from dumps, so `config show` and run settings never carry it).
     mixed_precision: Any = Field(None, exclude=True)
