@@ -100,3 +100,25 @@ def _ps_job(chief_args: list, extra: list, log: Path, workers: int, **extra_env:
                     role.kill()
                     role.wait()
     return time.perf_counter() - start
+
+
+DATA = ROOT / "data"
+DATASETS = {
+    "2d": (["synth", "--format", "brats", "--out", DATA / "raw/MICCAI_BraTS_2019_Data_Training", "--cases", "20",
+            "--seed", "0"],
+           ["prepare", "--format", "brats", "--src", DATA / "raw/MICCAI_BraTS_2019_Data_Training",
+            "--out", DATA / "brats_slices.h5"], DATA / "brats_slices.h5"),
+    "3d": (["synth", "--format", "decathlon", "--out", DATA / "raw/Task01_BrainTumour", "--cases", "20",
+            "--seed", "0"],
+           ["prepare", "--format", "decathlon", "--src", DATA / "raw/Task01_BrainTumour",
+            "--out", DATA / "cache/decathlon"], DATA / "decathlon.split.json"),
+}
+
+
+def ensure_data(model: str, log: Path | None = None) -> None:
+    """The synthetic default (20 full-size cases, seed 0, the demo's) for `model`, made once."""
+    synth, prepare, marker = DATASETS[model]
+    if not marker.exists():
+        if not synth[synth.index("--out") + 1].exists():
+            timed(CLI + synth + ["--quiet"], log)
+        timed(CLI + prepare + ["--quiet"], log)

@@ -26,9 +26,8 @@ import json
 import statistics
 import time
 
-from common import CLI, HOROVODRUN, ROOT, RESULTS, ps_job, save, timed
+from common import CLI, HOROVODRUN, ROOT, RESULTS, ensure_data, ps_job, save, timed
 
-DATA = ROOT / "data"
 RUNS = ROOT / "runs" / "quality"
 ISA_ENV = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2"}}
 # The demo's recipe (scripts/demo.sh) and the budgets: 2D 5 x 40 steps at batch 16,
@@ -37,24 +36,6 @@ RECIPES = {
     "2d": {"epochs": 5, "steps": 40, "batch": 16, "extra": []},
     "3d": {"epochs": 10, "steps": 30, "batch": 2, "extra": ["--set", "data.crop_size=[64,64,64]"]},
 }
-DATASETS = {
-    "2d": (["synth", "--format", "brats", "--out", DATA / "raw/MICCAI_BraTS_2019_Data_Training", "--cases", "20",
-            "--seed", "0"],
-           ["prepare", "--format", "brats", "--src", DATA / "raw/MICCAI_BraTS_2019_Data_Training",
-            "--out", DATA / "brats_slices.h5"], DATA / "brats_slices.h5"),
-    "3d": (["synth", "--format", "decathlon", "--out", DATA / "raw/Task01_BrainTumour", "--cases", "20",
-            "--seed", "0"],
-           ["prepare", "--format", "decathlon", "--src", DATA / "raw/Task01_BrainTumour",
-            "--out", DATA / "cache/decathlon"], DATA / "decathlon.split.json"),
-}
-
-
-def ensure_data(model: str, log) -> None:
-    synth, prepare, marker = DATASETS[model]
-    if not marker.exists():
-        if not synth[synth.index("--out") + 1].exists():
-            timed(CLI + synth + ["--quiet"], log)
-        timed(CLI + prepare + ["--quiet"], log)
 
 
 def run_one(model: str, mode: str, isa: str, seed: int, args, log) -> dict:

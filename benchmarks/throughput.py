@@ -18,7 +18,7 @@ import shutil
 import statistics
 import subprocess
 
-from common import CLI, ROOT, RESULTS, env, save, timed
+from common import CLI, ROOT, RESULTS, ensure_data, env, save, timed
 
 SHAPES = {
     "2d": {"batch": 16, "steps": 20, "extra": []},
@@ -77,19 +77,23 @@ def main() -> None:
     parser.add_argument("--models", default="2d,3d")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    for model in args.models.split(","):
+        ensure_data(model, RESULTS / "throughput.log")
     isas = {"native": {}, **({"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2"}} if args.avx2 else {})}
     rows: dict[str, list[dict]] = {}
     for round_ in range(args.rounds):
         for isa, isa_env in isas.items():
+            # Odd rounds run the precisions in the other order, so drift does not favour one side.
+            precisions = ("fp32", "auto") if round_ % 2 == 0 else ("auto", "fp32")
             for model in args.models.split(","):
-                for precision in ("fp32", "auto"):
+                for precision in precisions:
                     key = f"{model}/{isa}/{precision}"
                     out = RESULTS / f"throughput_{model}_{isa}_{precision}_{round_}.json"
                     rows.setdefault(f"{key}/in_memory", []).append(ceiling(model, precision, out, isa_env))
                     rows.setdefault(f"{key}/train", []).append(
                         end_to_end(model, precision, f"{model}_{isa}_{precision}", isa_env))
                 if model == "3d":
-                    for precision in ("fp32", "auto"):
+                    for precision in precisions:
                         rows.setdefault(f"3d_144/{isa}/{precision}", []).append(
                             memory_144(precision, RESULTS / f"throughput_144_{isa}_{precision}_{round_}.json", isa_env))
     summary = {key: {"images_per_sec_median": statistics.median(r["images_per_sec"] for r in runs)
