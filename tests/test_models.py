@@ -54,3 +54,47 @@ def test_unet3d_any_size_divisible_by_16_and_rejects_others():
     assert model(np.zeros((1, 16, 32, 48, 2), np.float32)).shape == (1, 16, 32, 48, 1)
     with pytest.raises(ValueError, match="divisible by 16"):
         UNet3D(ModelSettings(base_filters_3d=4), 2, (60, 64, 64))
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 12, 5), (2, 8, 6, 4, 3)])
+def test_instance_norm_equals_keras_group_norm_with_a_group_per_channel(shape):
+    """Same maths as GroupNormalization(groups=-1), per sample and channel over the spatial axes."""
+    import tensorflow as tf
+
+    from trainer.models.instance_norm import InstanceNormalization
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=shape) * rng.uniform(0.5, 4, size=shape[-1]) + rng.normal(size=shape[-1]) * 3)
+    x = x.astype(np.float32)
+    ours, keras = InstanceNormalization(epsilon=1e-5), tf.keras.layers.GroupNormalization(groups=-1, epsilon=1e-5)
+    ours.build(shape), keras.build(shape)
+    gamma, beta = rng.normal(size=shape[-1]).astype(np.float32), rng.normal(size=shape[-1]).astype(np.float32)
+    for layer in (ours, keras):
+        layer.gamma.assign(gamma), layer.beta.assign(beta)
+    expected = keras(x).numpy()
+    assert np.abs(ours(x).numpy() - expected).max() < 1e-4
+    normalised = InstanceNormalization()(x).numpy()  # gamma 1, beta 0: zero mean, unit variance
+    axes = tuple(range(1, len(shape) - 1))
+    assert np.abs(normalised.mean(axis=axes)).max() < 1e-5 and np.abs(normalised.std(axis=axes) - 1).max() < 1e-3
+
+
+def test_a_checkpoint_of_the_keras_group_norm_model_restores_into_the_instance_norm_model(tmp_path):
+    """Runs trained before the layer was rewritten keep working: same variable names and shapes."""
+    import tensorflow as tf
+
+    from trainer.models.instance_norm import InstanceNormalization
+
+    def model(norm):
+        inputs = tf.keras.Input((16, 16, 2))
+        x = tf.keras.layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
+        return tf.keras.Model(inputs, norm(epsilon=1e-5, name="enc0_in1")(x))
+
+    old = model(lambda **kw: tf.keras.layers.GroupNormalization(groups=-1, **kw))
+    old.get_layer("enc0_in1").gamma.assign(np.linspace(0.5, 2, 4, dtype=np.float32))
+    old.get_layer("enc0_in1").beta.assign(np.linspace(-1, 1, 4, dtype=np.float32))
+    path = tf.train.Checkpoint(model=old).save(str(tmp_path / "ckpt"))
+    new = model(InstanceNormalization)
+    tf.train.Checkpoint(model=new).restore(path).assert_existing_objects_matched()
+    x = np.random.default_rng(1).normal(size=(2, 16, 16, 2)).astype(np.float32)
+    assert np.abs(new(x).numpy() - old(x).numpy()).max() < 1e-4
+    np.testing.assert_array_equal(new.get_layer("enc0_in1").beta.numpy(), np.linspace(-1, 1, 4, dtype=np.float32))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import tensorflow as tf
 
 from trainer.config.settings import ModelSettings
+from trainer.models.instance_norm import InstanceNormalization
 
 LEVELS = 4  # pooling levels
 
@@ -38,8 +39,8 @@ _OPS = {
 def _norm(kind: str, name: str, bn_momentum: float):
     if kind == "batch":
         return tf.keras.layers.BatchNormalization(momentum=bn_momentum, name=name)
-    # Instance norm: per sample and channel over the spatial axes (a group per channel).
-    return tf.keras.layers.GroupNormalization(groups=-1, epsilon=1e-5, name=name)
+    # Instance norm: per sample and channel over the spatial axes.
+    return InstanceNormalization(epsilon=1e-5, name=name)
 
 
 def _unet(input_shape: tuple[int, ...], base_filters: int, norm: str, dropout: float,
