@@ -10,6 +10,7 @@ share every number the loop computes.
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import sys
 import time
@@ -21,6 +22,7 @@ import tensorflow as tf
 from trainer.checkpoints import weights_checksum
 from trainer.config import Settings, settings_to_yaml
 from trainer.data.streams import Streams, build_streams
+from trainer.errors import TrainingError
 from trainer.fsutil import write_json, write_text
 from trainer.runtime.contract import Runtime, Stepper
 from trainer.training.callbacks import (EpochCheckpoint, EpochLine, JsonHistory, LearningRateController,
@@ -117,6 +119,7 @@ def _run_epochs(settings: Settings, runtime: Runtime, session: Session, stepper:
                 callbacks.on_train_end()
                 return epochs_run
         logs.update(stepper.train_logs())
+        _refuse_diverged(logs, epoch, session)
         logs["input_wait_share"] = waited / max(waited + computed, 1e-9)
         logs.update(validator.run())
         callbacks.on_epoch_end(epoch, logs)
@@ -125,6 +128,17 @@ def _run_epochs(settings: Settings, runtime: Runtime, session: Session, stepper:
             break
     callbacks.on_train_end()
     return epochs_run
+
+
+def _refuse_diverged(logs: dict, epoch: int, session: Session) -> None:
+    """Stop before a diverged epoch is validated or checkpointed: NaN weights would become the
+    run's last checkpoint (and its summary.json unwritable), and every later epoch is lost anyway."""
+    loss = logs.get("loss")
+    if loss is not None and not math.isfinite(loss):
+        raise TrainingError(
+            f"epoch {epoch + 1}: the training loss is {loss} (the weights diverged) at precision {session.policy}; "
+            "this epoch was not checkpointed. Retry in a new --run-name with a lower train.learning_rate, "
+            "or with --set train.precision=fp32 if bf16/fp16 was in use")
 
 
 def _callbacks(settings: Settings, runtime: Runtime, session: Session, streams: Streams) -> list:
