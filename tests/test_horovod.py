@@ -19,7 +19,8 @@ pytestmark = pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI
 # Plain synchronous SGD on a fixed data order: no dropout, BN, augmentation or shuffling,
 # and no LR scaling, so N ranks x batch b must equal one process x batch N*b. float32 pinned:
 # the default precision (auto) is bf16 on CPUs that have it, whose rounding differs by batch split.
-SGD_EXACT = ["--set", "train.precision=fp32", "--set", "train.optimizer=sgd", "--set", "train.learning_rate=0.5", "--set", "model.dropout=0",
+SGD_EXACT = ["--set", "train.precision=fp32",
+             "--set", "train.optimizer=sgd", "--set", "train.learning_rate=0.5", "--set", "model.dropout=0",
              "--set", "model.norm_2d=none", "--set", "data.augment=false", "--set", "data.shuffle=false",
              "--set", "train.scale_lr=false", "--set", "train.warmup_epochs=0", "--set", "train.steps_per_epoch=3",
              "--set", "train.validation_steps=1", "--set", "model.base_filters_2d=4",
