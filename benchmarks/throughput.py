@@ -50,6 +50,7 @@ def end_to_end(model: str, precision: str, name: str, isa_env: dict) -> dict:
     history = json.loads((RUNS / name / "history.json").read_text())["epochs"]
     summary = json.loads((RUNS / name / "summary.json").read_text())
     return {"images_per_sec": history[-1]["images_per_sec"], "input_wait_share": history[-1]["input_wait_share"],
+            "startup_seconds": history[-1]["startup_seconds"], "epoch_seconds": history[-1]["epoch_seconds"],
             "precision": summary["precision"]}
 
 

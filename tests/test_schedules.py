@@ -1,4 +1,4 @@
-"""LearningRateController schedules / warm-up and EpochCheckpoint early stopping, driven by hand.
+"""LearningRateController schedules / warm-up, EpochCheckpoint early stopping and Throughput, driven by hand.
 
 No ``fit``: the callbacks are called directly on a one-weight model, and every expected LR is
 written out by hand from the schedule's definition.
@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from trainer.config.settings import ScheduleSettings
-from trainer.training.callbacks import EpochCheckpoint, LearningRateController
+from trainer.training.callbacks import EpochCheckpoint, LearningRateController, Throughput
 from trainer.checkpoints import CheckpointStore
 from trainer.training.state import TrainingState
 
@@ -224,3 +224,21 @@ def test_best_checkpoint_follows_case_level_dice_where_per_slice_dice_disagrees(
     for epoch, name in enumerate(("A", "B")):
         checkpoint.on_epoch_end(epoch, dict(logs[name]))
     assert int(state.best_epoch.numpy()) == 2 and float(state.best_dice.numpy()) == pytest.approx(200 / 240)
+
+
+def test_throughput_counts_wall_clock_from_the_epoch_start_and_reports_the_input_startup_apart():
+    now = [0.0]
+    cb = Throughput(global_batch=2, clock=lambda: now[0])
+    cb.on_epoch_begin(0)
+    now[0] = 5.0  # iterator created and first batch fetched
+    for step in range(4):
+        cb.on_train_batch_begin(step)
+        now[0] += 1.0
+        cb.on_train_batch_end(step)
+    now[0] += 3.0  # validation: not training time
+    logs: dict = {}
+    cb.on_epoch_end(0, logs)
+    assert logs == {"images_per_sec": 8 / 9.0, "startup_seconds": 5.0, "epoch_seconds": 12.0}
+    cb.on_epoch_begin(1)  # the next epoch starts from zero again
+    cb.on_epoch_end(1, logs)
+    assert logs["startup_seconds"] == 0.0 and logs["images_per_sec"] == 0.0

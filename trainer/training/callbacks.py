@@ -21,25 +21,34 @@ MONITOR = "val_dice"
 
 
 class Throughput(tf.keras.callbacks.Callback):
-    """images/s over the epoch's training steps (all workers), added to the epoch logs."""
+    """images/s over the epoch's training steps (all workers), wall clock from the epoch's start,
+    added to the epoch logs; ``startup_seconds`` (epoch start to the first batch in hand) shows
+    how much of it went to starting the input stream rather than to steps."""
 
-    def __init__(self, global_batch: int):
+    def __init__(self, global_batch: int, clock=time.perf_counter):
         super().__init__()
-        self.global_batch = global_batch
+        self.global_batch, self.clock = global_batch, clock
         self._start = self._train_end = 0.0
+        self._first_batch: float | None = None
         self._steps = 0
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._start = self._train_end = time.perf_counter()
+        self._start = self._train_end = self.clock()
+        self._first_batch = None
         self._steps = 0
 
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._first_batch is None:
+            self._first_batch = self.clock()
+
     def on_train_batch_end(self, batch, logs=None):
-        self._train_end = time.perf_counter()
+        self._train_end = self.clock()
         self._steps += 1  # a resumed epoch runs only its remaining steps
 
     def on_epoch_end(self, epoch, logs=None):
         logs["images_per_sec"] = self.global_batch * self._steps / max(self._train_end - self._start, 1e-9)
-        logs["epoch_seconds"] = time.perf_counter() - self._start
+        logs["startup_seconds"] = (self._start if self._first_batch is None else self._first_batch) - self._start
+        logs["epoch_seconds"] = self.clock() - self._start
 
 
 class StepCheckpoint(tf.keras.callbacks.Callback):

@@ -100,6 +100,8 @@ def _run_epochs(settings: Settings, runtime: Runtime, session: Session, stepper:
         bar = tf.keras.utils.Progbar(streams.steps_per_epoch, verbose=1 if sys.stdout.isatty() else 2,
                                      unit_name="step") if show else None
         waited = computed = 0.0
+        # Released at the epoch's end (del below), so its input threads are gone before the
+        # next epoch's iterator starts its own.
         batches = iter(streams.train(epoch, start))
         for step in range(start, streams.steps_per_epoch):
             started = time.perf_counter()
@@ -118,6 +120,7 @@ def _run_epochs(settings: Settings, runtime: Runtime, session: Session, stepper:
                              session.store.save_step(session.step))
                 callbacks.on_train_end()
                 return epochs_run
+        del batches
         logs.update(stepper.train_logs())
         _refuse_diverged(logs, epoch, session)
         logs["input_wait_share"] = waited / max(waited + computed, 1e-9)
