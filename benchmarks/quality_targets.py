@@ -18,6 +18,8 @@ Usage (results land in benchmarks/results/quality_<tag>.json; finished runs are 
     python benchmarks/quality_targets.py --model 2d --seeds 1,2 --isas native --tag bf16_2d --set train.precision=bf16
     python benchmarks/quality_targets.py --model 2d --seeds 1,2,3 --modes single,horovod,ps --tag dist2d
     python benchmarks/quality_targets.py --model 3d --seeds 1,2 --isas native,avx2
+    python benchmarks/quality_targets.py --model 2d --seeds 1,2 --isas native --regions wt,tc,et --epochs 10 \
+        --tag regions2d_e10
 """
 from __future__ import annotations
 
@@ -38,13 +40,17 @@ RECIPES = {
 }
 
 
+def recipe_for(model: str, epochs: int | None) -> dict:
+    return {**RECIPES[model], "epochs": epochs or RECIPES[model]["epochs"]}
+
+
 def run_one(model: str, mode: str, isa: str, seed: int, args, log) -> dict:
     """Train and evaluate one configuration (or reuse its finished result)."""
     name = f"{args.tag}_{mode}_{isa}_s{seed}"
     record = RUNS / f"{name}.result.json"
     if record.exists():
         return json.loads(record.read_text())
-    recipe = RECIPES[model]
+    recipe = recipe_for(model, args.epochs)
     workers = 1 if mode == "single" else 2
     model_flags = ["--model", model, "--run-dir", RUNS, "--run-name", name, *recipe["extra"],
                    "--set", f"model.regions=[{','.join(args.regions)}]", *args.set_flags]
@@ -73,6 +79,7 @@ def run_one(model: str, mode: str, isa: str, seed: int, args, log) -> dict:
     if per_region:
         for region in regions:
             per_region[region]["dice_min_case"] = summary[f"dice_{region}"]["min"]
+            per_region[region]["val_minus_test"] = validation[f"dice_{region}"] - summary[f"dice_{region}"]["mean"]
     result = {"name": name, "mode": mode, "isa": isa, "seed": seed, "train_s": train_s,
               "epochs_seconds_sum": sum(e["epoch_seconds"] for e in history),
               "test_dice": summary["dice"]["mean"], "test_dice_min_case": summary["dice"]["min"],
@@ -102,6 +109,8 @@ def summarise(runs: list[dict]) -> dict:
                         "test_dice_sd": statistics.stdev(dice) if len(dice) > 1 else 0.0,
                         "val_minus_test_mean": statistics.mean(gaps),
                         "val_minus_test_max_abs": max(abs(g) for g in gaps)}
+        if members[0].get("regions"):
+            summary[key]["per_region"] = per_region_summary(members)
     single = summary.get("single/all")
     for mode in ("horovod", "ps"):
         other = summary.get(f"{mode}/all")
@@ -112,6 +121,23 @@ def summarise(runs: list[dict]) -> dict:
     return summary
 
 
+def per_region_summary(members: list[dict]) -> dict:
+    """Per region over the runs: held-out Dice mean and min (of run means, and the worst case),
+    HD95 before and after the post-processing chosen on validation, and validation - test."""
+    out = {}
+    for region in members[0]["regions"]:
+        rows = [m["regions"][region] for m in members]
+        out[region] = {"test_dice_mean": statistics.mean(r["dice"] for r in rows),
+                       "test_dice_min": min(r["dice"] for r in rows),
+                       "test_dice_min_case": min(r["dice_min_case"] for r in rows),
+                       "test_dice_raw_mean": statistics.mean(r["dice_raw"] for r in rows),
+                       "hd95_raw_mean": statistics.mean(r["hd95_raw"] for r in rows),
+                       "hd95_mean": statistics.mean(r["hd95"] for r in rows),
+                       "val_minus_test": [r.get("val_minus_test") for r in rows],
+                       "postprocessing": [m["postprocessing"][region] for m in members]}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["2d", "3d"], default="2d")
@@ -120,6 +146,8 @@ def main() -> None:
     parser.add_argument("--modes", default="single")
     parser.add_argument("--dist-isas", default=None, help="ISA paths for horovod/ps rows (default: --isas)")
     parser.add_argument("--regions", default="wt")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="train longer than the demo's recipe (recorded in the JSON; use a new --tag)")
     parser.add_argument("--tag", default=None, help="result name (default quality_<model>)")
     parser.add_argument("--set", dest="set_flags", action="append", default=[],
                         help="extra --set KEY=VALUE for every run (e.g. train.precision=bf16)")
@@ -135,7 +163,8 @@ def main() -> None:
 
     runs = [run_one(args.model, mode, isa, int(seed), args, log)
             for mode in args.modes.split(",") for seed in args.seeds.split(",") for isa in isas(mode)]
-    save(f"quality_{args.tag}", {"model": args.model, "recipe": RECIPES[args.model], "regions": args.regions,
+    save(f"quality_{args.tag}", {"model": args.model, "recipe": recipe_for(args.model, args.epochs),
+                                 "regions": args.regions,
                                  "extra_settings": args.set_flags, "runs": runs, "summary": summarise(runs)})
 
 
