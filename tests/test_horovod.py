@@ -68,6 +68,8 @@ def test_two_ranks_equal_one_process_at_double_batch(controller, prepared_brats,
     ranks, log = horovod(tmp_path, controller, "hvd", 2, prepared_brats, *SGD_EXACT)
     distributed = model_weights(ranks)
     assert "2 worker(s) x batch 2 = global batch 4" in log
+    epoch_line = next(line for line in log.splitlines() if "epoch 1/1:" in line)
+    assert "loss: " in epoch_line and "val_dice: " in epoch_line  # Horovod's averaged (numpy) metrics shown too
     assert single.keys() == distributed.keys() and len(single) > 10
     worst = max(float(np.abs(single[k] - distributed[k]).max()) for k in single)
     assert worst < 2e-5, f"2-rank SGD diverged from 1-process SGD by {worst}"
@@ -166,3 +168,26 @@ def test_two_ranks_train_at_the_automatic_precision_and_say_which(prepared_brats
     assert summary["precision"] == policy and summary["workers"] == 2
     weights = model_weights(run)
     assert all(v.dtype == np.float32 for v in weights.values())  # the variables stay float32
+
+
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step_with_a_clear_error(prepared_brats, tmp_path):
+    """Only one rank reads the poisoned slice; both must stop at that step with the trainer's
+    message (not a collective timeout), and no checkpoint may hold the diverged weights."""
+    import h5py
+
+    poisoned = tmp_path / "slices.h5"
+    shutil.copy(prepared_brats, poisoned)
+    with h5py.File(poisoned, "r+") as h5:
+        h5["train"]["images"][0] = np.nan  # in the first global batch (no shuffling), on one rank's shard
+    cmd = [HOROVODRUN, "-np", "2", "-H", "localhost:2", "--gloo", *unet_train_cmd(
+        "train", "--dist", "horovod", "--model", "2d", "--epochs", "2", "--batch-size", 2, "--run-dir",
+        tmp_path / "runs", "--run-name", "nan", *data_flags(poisoned), *SGD_EXACT,
+        "--set", "train.checkpoint_every_steps=1")]
+    result = run_bounded(cmd, TIMEOUT, cwd=tmp_path)
+    assert result.returncode != 0, result.stdout[-3000:]
+    # Rank 0 read the NaN slice; ReLU hides it from the loss, not from the averaged gradient, so
+    # both ranks hold NaN weights after step 1 and both say so, at that step.
+    rank_lines = [line for line in result.stdout.splitlines() if "epoch 1, step 1: the weights are not finite" in line]
+    assert {line[:3] for line in rank_lines} == {"[0]", "[1]"}, result.stdout[-4000:]
+    assert not any("Traceback" in line for line in result.stdout.splitlines() if line.startswith(("[0]", "[1]")))
+    assert not list((tmp_path / "runs" / "nan").rglob("*.index"))

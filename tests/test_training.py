@@ -275,12 +275,13 @@ def test_a_diverged_run_stops_with_a_clear_error_and_no_nan_checkpoint(prepared_
     with h5py.File(poisoned, "r+") as h5:
         h5["train"]["images"][0] = np.nan  # the first training slice: a NaN loss from the first step on
     result = run_cli("train", "--epochs", "2", "--model", "2d", "--run-dir", tmp_path / "runs", "--run-name", "d",
-                     *TINY_2D, "--set", "data.shuffle=false", *data_flags_2d(poisoned, brats_dataset),
-                     cwd=tmp_path, timeout=300)
+                     *TINY_2D, "--set", "data.shuffle=false", "--set", "train.checkpoint_every_steps=1",
+                     *data_flags_2d(poisoned, brats_dataset), cwd=tmp_path, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert "epoch 1: the training loss is nan (the weights diverged)" in result.stderr
+    assert "epoch 1, step 1: the training loss is nan: the run diverged" in result.stderr
     assert "Traceback" not in result.stderr and "train.learning_rate" in result.stderr
-    assert not list((tmp_path / "runs" / "d").rglob("epoch-*.index"))  # nothing diverged was checkpointed
+    # nothing diverged was checkpointed, not even the step checkpoint due after every step
+    assert not list((tmp_path / "runs" / "d").rglob("*.index"))
 
 
 def test_missing_prepared_data_is_a_clear_error(tmp_path):

@@ -230,7 +230,14 @@ class EpochLine(tf.keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         print(f"epoch {epoch + 1}/{self.epochs}: " + " - ".join(
-            f"{k}: {v:.4g}" for k, v in (logs or {}).items() if isinstance(v, (float, int))), flush=True)
+            f"{k}: {float(v):.4g}" for k, v in (logs or {}).items() if _is_number(v)), flush=True)
+
+
+def _is_number(value) -> bool:
+    """Python/numpy numbers and scalar tensors: Horovod's metric averaging leaves numpy scalars."""
+    if isinstance(value, tf.Tensor):
+        return value.shape.rank == 0 and (value.dtype.is_floating or value.dtype.is_integer)
+    return isinstance(value, (int, float, np.number)) or (isinstance(value, np.ndarray) and value.ndim == 0)
 
 
 def _jsonable(value):

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 
 from trainer.checkpoints import weights_checksum
@@ -85,6 +86,7 @@ def _run_epochs(settings: Settings, runtime: Runtime, session: Session, stepper:
     callbacks = tf.keras.callbacks.CallbackList(_callbacks(settings, runtime, session, streams), model=session.model)
     callbacks.set_params({"epochs": settings.train.epochs, "steps": streams.steps_per_epoch, "verbose": 0})
     validator = CaseValidator(streams, stepper, runtime)
+    weights_finite = _finite_check(session.model)
     show = progress and runtime.is_chief
     max_steps, state = settings.train.max_steps, session.state
     first_epoch, first_step = session.initial_epoch, int(state.step_in_epoch.numpy())
@@ -109,6 +111,7 @@ def _run_epochs(settings: Settings, runtime: Runtime, session: Session, stepper:
             fetched = time.perf_counter()
             callbacks.on_train_batch_begin(step)
             loss = stepper.train_step(images, masks)
+            _refuse_diverged(runtime, loss, weights_finite, epoch, step, session)
             state.step_in_epoch.assign(step + 1)
             callbacks.on_train_batch_end(step, {"loss": loss})
             waited, computed = waited + fetched - started, computed + time.perf_counter() - fetched
@@ -122,7 +125,6 @@ def _run_epochs(settings: Settings, runtime: Runtime, session: Session, stepper:
                 return epochs_run
         del batches
         logs.update(stepper.train_logs())
-        _refuse_diverged(logs, epoch, session)
         logs["input_wait_share"] = waited / max(waited + computed, 1e-9)
         logs.update(validator.run())
         callbacks.on_epoch_end(epoch, logs)
@@ -133,15 +135,39 @@ def _run_epochs(settings: Settings, runtime: Runtime, session: Session, stepper:
     return epochs_run
 
 
-def _refuse_diverged(logs: dict, epoch: int, session: Session) -> None:
-    """Stop before a diverged epoch is validated or checkpointed: NaN weights would become the
-    run's last checkpoint (and its summary.json unwritable), and every later epoch is lost anyway."""
-    loss = logs.get("loss")
-    if loss is not None and not math.isfinite(loss):
+def _finite_check(model: tf.keras.Model):
+    """A function: are all trainable weights finite? Each variable is checked where it lives (on
+    a parameter server too), so only one boolean per variable travels."""
+    @tf.function
+    def weights_finite():
+        flags = []
+        for variable in model.trainable_variables:
+            with tf.device(variable.device):
+                flags.append(tf.reduce_all(tf.math.is_finite(variable)))
+        return tf.reduce_all(tf.stack(flags))
+    return weights_finite
+
+
+def _refuse_diverged(runtime: Runtime, loss: float, weights_finite, epoch: int, step: int, session: Session) -> None:
+    """Stop at the first non-finite loss or weight, before the step is counted, logged or
+    checkpointed: NaN weights would become the run's last checkpoint (and its summary.json
+    unwritable), and every later step is lost anyway. The loss alone is not enough: a NaN input
+    gives NaN gradients while ReLU can hide it from the loss. Every worker takes the decision
+    together (a one-number sum per step), so a NaN that shows first on one Horovod rank stops all
+    of them here, with this message, not in a later collective's timeout."""
+    finite_loss, finite_weights = math.isfinite(loss), bool(weights_finite())
+    workers = int(runtime.sum_over_workers(np.array([0.0 if finite_loss and finite_weights else 1.0]))[0])
+    if workers:
+        if not finite_loss:
+            what = f"the training loss is {loss}"
+        elif not finite_weights:
+            what = f"the weights are not finite (loss {loss:.4g})"
+        else:
+            what = f"the loss or weights are not finite on {workers} of {runtime.size} workers"
         raise TrainingError(
-            f"epoch {epoch + 1}: the training loss is {loss} (the weights diverged) at precision {session.policy}; "
-            "this epoch was not checkpointed. Retry in a new --run-name with a lower train.learning_rate, "
-            "or with --set train.precision=fp32 if bf16/fp16 was in use")
+            f"epoch {epoch + 1}, step {step + 1}: {what}: the run diverged at precision {session.policy}; "
+            "nothing from this step on was checkpointed. Check the data for NaN/inf values, or retry in a new "
+            "--run-name with a lower train.learning_rate (or --set train.precision=fp32 if bf16/fp16 was in use)")
 
 
 def _callbacks(settings: Settings, runtime: Runtime, session: Session, streams: Streams) -> list:
