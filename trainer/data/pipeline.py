@@ -25,6 +25,7 @@ from trainer.errors import DataError
 from trainer.regions import RegionSet
 
 SLICES_FORMAT = 2
+LABEL_CHUNK_CACHE_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -83,16 +84,26 @@ class SliceSource:
 
     def read(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(images (n, S, S, C) float32, region masks (n, S, S, R) float32) for ``positions``."""
-        # h5py needs increasing, unique indices; a batch may repeat a slice.
         unique, inverse = np.unique(np.asarray(positions, np.int64), return_inverse=True)
         with self._lock:
             if self._file is None:
-                self._file = h5py.File(self.path, "r")
+                # A chunk cache that holds a file's label chunks (64 slices each in files prepared
+                # before labels were chunked per slice), so random slices do not re-inflate them.
+                self._file = h5py.File(self.path, "r", rdcc_nbytes=LABEL_CHUNK_CACHE_BYTES)
             group = self._file[self.split]
-            images = group["images"][unique]
-            labels = group["labels"][unique]
+            images = _read_rows(group["images"], unique)
+            labels = _read_rows(group["labels"], unique)
         masks = self.regions.masks(labels[inverse]).astype(np.float32)
         return images[inverse][..., self.channels].astype(np.float32), masks
+
+
+def _read_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    """``dataset[rows]`` one row at a time: h5py's fancy indexing built a point selection that
+    took 5x longer for 16 scattered slices (87 ms against 17 ms, 2D batch of 16)."""
+    out = np.empty((len(rows), *dataset.shape[1:]), dataset.dtype)
+    for at, row in enumerate(rows):
+        dataset.read_direct(out, np.s_[int(row)], np.s_[at])
+    return out
 
 
 # ---------------------------------------------------------------- 3D: Decathlon crops

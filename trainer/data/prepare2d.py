@@ -122,7 +122,7 @@ def _create_group(h5: h5py.File, name: str, size: int, case_ids: list[str]) -> h
     group.create_dataset("images", shape=(0, size, size, channels), maxshape=(None, size, size, channels),
                          dtype="float32", chunks=(1, size, size, channels), compression="lzf")
     group.create_dataset("labels", shape=(0, size, size), maxshape=(None, size, size),
-                         dtype="uint8", chunks=(64, size, size), compression="lzf")
+                         dtype="uint8", chunks=(1, size, size), compression="lzf")  # random access
     group.create_dataset("region_voxels", shape=(0, len(REGION_NAMES)), maxshape=(None, len(REGION_NAMES)),
                          dtype="int32", chunks=(4096, len(REGION_NAMES)))
     group.create_dataset("case", shape=(0,), maxshape=(None,), dtype="int32", chunks=(4096,))
