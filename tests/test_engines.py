@@ -154,6 +154,58 @@ def test_predictor_keeps_every_output_channel(kind):
     assert not np.allclose(channels[..., 0], channels[..., 1])  # two real outputs, not one copied
 
 
+class _RampEngine:
+    """A stand-in engine whose output depends on where a voxel sits (a ramp along every spatial axis
+    times the first channel): not flip-equivariant, so each mirror gives a different answer."""
+
+    def __init__(self, spatial_dims: int):
+        self.input_shape = (None,) * spatial_dims + (4,)
+        self.calls = 0
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        ramp = sum(np.linspace(0.0, 1.0, n).reshape([-1 if a == i else 1 for a in range(batch.ndim - 2)])
+                   for i, n in enumerate(batch.shape[1:-1]))
+        return (1.0 / (1.0 + np.exp(-batch[..., :1] * ramp[None, ..., None]))).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["2d", "3d"])
+def test_test_time_mirroring_averages_the_flipped_predictions_flipped_back(kind):
+    from trainer.inference.predictor import Predictor
+
+    dims = 2 if kind == "2d" else 3
+    image = np.random.default_rng(5).normal(size=(20, 18, 12, 4)).astype(np.float32)
+
+    def predictor(engine, axes):
+        return Predictor(engine, kind, [0, 1, 2, 3], 16, (16, 16, 16), mirror_axes=axes)
+
+    plain_engine = _RampEngine(dims)
+    plain = predictor(plain_engine, ()).predict_channels(image)
+    by_hand = np.mean([np.flip(predictor(_RampEngine(dims), ()).predict_channels(np.flip(image, axes).copy()), axes)
+                       for axes in [(), (0,), (1,), (0, 1)]], axis=0)
+    mirrored_engine = _RampEngine(dims)
+    mirrored = predictor(mirrored_engine, (0, 1)).predict_channels(image)
+    assert mirrored.shape == plain.shape == (20, 18, 12, 1)
+    assert np.allclose(mirrored, by_hand, atol=1e-6)
+    assert not np.allclose(mirrored, plain, atol=1e-3)  # the mirrors really changed the answer
+    assert mirrored_engine.calls == 4 * plain_engine.calls
+    # the 2D model sees slices one at a time: a flip of their order is not a new pass
+    through_plane = predictor(_RampEngine(dims), (0, 1, 2))
+    assert len(through_plane.mirrors()) == (4 if kind == "2d" else 8)
+
+
+def test_mirror_axes_are_checked_in_settings():
+    from pydantic import ValidationError
+
+    from trainer.config.settings import ModelSettings
+
+    assert ModelSettings().mirror_axes == (0, 1)
+    assert ModelSettings(mirror_axes=[2, 0]).mirror_axes == (0, 2)
+    for bad in ([0, 0], [3], [0, 1, 2, 0]):
+        with pytest.raises(ValidationError, match="mirror_axes"):
+            ModelSettings(mirror_axes=bad)
+
+
 def test_read_ir_errors_name_the_file(tmp_path):
     from trainer.config.settings import ModelSettings
     from trainer.models import UNet2D

@@ -88,17 +88,29 @@ def test_a_small_false_enhancing_tumour_is_dropped_only_when_validation_has_such
     assert not postprocess.apply_action(true_et, "drop_below_mm3:1000", spacing).any()
 
 
+MIRRORED = postprocess.procedure(0.5, [(), (0,), (1,), (0, 1)])
+
+
 def test_a_stored_decision_with_an_unknown_action_is_refused_by_name(tmp_path):
-    postprocess.save(tmp_path, "ckpt-1", [postprocess.RegionDecision("et", "drop_below_mm3:abc", 0.5, 1.0, 3)])
+    postprocess.save(tmp_path, "ckpt-1", [postprocess.RegionDecision("et", "drop_below_mm3:abc", 0.5, 1.0, 3)],
+                     MIRRORED)
     with pytest.raises(TrainingError, match=r"postprocessing\.json: unknown post-processing action.*drop_below_mm3:abc"):
-        postprocess.load(tmp_path, "ckpt-1")
+        postprocess.load(tmp_path, "ckpt-1", MIRRORED)
 
 
-def test_the_decision_is_stored_for_its_checkpoint(tmp_path):
+def test_the_decision_is_stored_for_its_checkpoint_and_inference_procedure(tmp_path):
     decisions = [postprocess.RegionDecision("wt", "largest", 0.8, 0.9, 3)]
-    postprocess.save(tmp_path, "ckpt-1", decisions)
-    assert postprocess.load(tmp_path, "ckpt-1") == {"wt": "largest"}
-    assert postprocess.load(tmp_path, "ckpt-2") is None  # another checkpoint: decide again
+    postprocess.save(tmp_path, "ckpt-1", decisions, MIRRORED)
+    assert MIRRORED == {"threshold": 0.5, "mirror_axes": [0, 1]}
+    assert postprocess.load(tmp_path, "ckpt-1", MIRRORED) == {"wt": "largest"}
+    assert postprocess.load(tmp_path, "ckpt-2", MIRRORED) is None  # another checkpoint: decide again
+    # masks made another way (no mirroring, another threshold) were not what validation judged
+    assert postprocess.load(tmp_path, "ckpt-1", postprocess.procedure(0.5, [()])) is None
+    assert postprocess.load(tmp_path, "ckpt-1", postprocess.procedure(0.4, [(), (0,), (1,), (0, 1)])) is None
+    legacy = json.loads((tmp_path / postprocess.FILE_NAME).read_text())
+    del legacy["inference"]  # written before mirroring existed
+    (tmp_path / postprocess.FILE_NAME).write_text(json.dumps(legacy))
+    assert postprocess.load(tmp_path, "ckpt-1", MIRRORED) is None
 
 
 # ---------------------------------------------------------------- a real region model, end to end

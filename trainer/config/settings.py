@@ -119,6 +119,12 @@ class ModelSettings(_Section):
     # validation of a short run at batch 1-2 (the 3D model) is then garbage. 0.9 tracks in ~20 steps.
     batch_norm_momentum: float = Field(0.9, gt=0.0, lt=1.0)
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    # Test-time mirroring (nnU-Net's default): predictions are averaged over every combination of
+    # flips along these volume axes (0 = x, 1 = y, 2 = z), 2**k passes. Training flips every axis,
+    # so each pass is an input the model has learnt. On the 2D regions benchmark it removed a 3-voxel
+    # false enhancing tumour (ET probability 0.61 -> 0.27) that scored a low-grade case 0. The 2D
+    # model predicts slice by slice, so it ignores axis 2 (a flip there changes nothing).
+    mirror_axes: tuple[Literal[0, 1, 2], ...] = Field((0, 1), max_length=3)
 
     # The old boolean key stays in the schema only to point old files at norm_2d (never dumped).
     batch_norm_2d: Any = Field(None, exclude=True)
@@ -130,6 +136,13 @@ class ModelSettings(_Section):
             raise ValueError("replaced by model.norm_2d: none | batch | instance "
                              "(batch_norm_2d: true -> norm_2d: batch; false -> norm_2d: none)")
         return None
+
+    @field_validator("mirror_axes")
+    @classmethod
+    def _distinct_mirror_axes(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"mirror_axes must not repeat, got {list(value)}")
+        return tuple(sorted(value))
 
     @field_validator("regions")
     @classmethod

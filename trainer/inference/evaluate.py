@@ -156,7 +156,8 @@ def validation_report(settings: Settings, progress: bool = True, **predictor_opt
 
 def postprocessing_for(settings: Settings, predictor: Predictor, checkpoint: str, progress: bool) -> dict[str, str]:
     """The run's post-processing for ``checkpoint``: stored, or decided now on the validation split."""
-    stored = postprocess.load(settings.run_path, checkpoint)
+    inference = postprocess.procedure(settings.model.threshold, predictor.mirrors())
+    stored = postprocess.load(settings.run_path, checkpoint, inference)
     if stored is not None:
         return stored
     regions = RegionSet(settings.model.regions)
@@ -169,7 +170,7 @@ def postprocessing_for(settings: Settings, predictor: Predictor, checkpoint: str
         raw = predictor.predict_channels(case.image) > settings.model.threshold
         scores.append(postprocess.score_case(regions.masks(case.labels), raw, case.geometry.spacing, regions.names))
     decisions = postprocess.decide(scores, regions.names)
-    path = postprocess.save(settings.run_path, checkpoint, decisions)
+    path = postprocess.save(settings.run_path, checkpoint, decisions, inference)
     log.info("post-processing decided on %d validation case(s), stored in %s", count, path)
     return {d.region: d.action for d in decisions}
 

@@ -99,10 +99,16 @@ def decide(case_scores: Sequence[dict[str, dict[str, float]]], regions: Sequence
     return decisions
 
 
-def save(run_path: Path, checkpoint: str, decisions: Sequence[RegionDecision]) -> Path:
+def procedure(threshold: float, mirrors: Sequence[Sequence[int]]) -> dict:
+    """What turns probabilities into the masks a decision was made on. A decision is only valid
+    for the same procedure: test-time mirroring, for one, removes small false components itself."""
+    return {"threshold": float(threshold), "mirror_axes": sorted({axis for mirror in mirrors for axis in mirror})}
+
+
+def save(run_path: Path, checkpoint: str, decisions: Sequence[RegionDecision], inference: dict) -> Path:
     path = Path(run_path) / FILE_NAME
-    write_json(path, {"checkpoint": checkpoint, "split": "val", "candidates": list(CANDIDATES),
-                      "regions": {d.region: asdict(d) for d in decisions}})
+    write_json(path, {"checkpoint": checkpoint, "inference": inference, "split": "val",
+                      "candidates": list(CANDIDATES), "regions": {d.region: asdict(d) for d in decisions}})
     return path
 
 
@@ -112,8 +118,9 @@ def stored(run_path: Path) -> dict:
     return json.loads((Path(run_path) / FILE_NAME).read_text())
 
 
-def load(run_path: Path, checkpoint: str) -> dict[str, str] | None:
-    """region -> action decided for ``checkpoint``; None when there is no decision for it yet."""
+def load(run_path: Path, checkpoint: str, inference: dict) -> dict[str, str] | None:
+    """region -> action decided for ``checkpoint`` under the ``inference`` procedure; None when
+    there is no such decision yet (a file from before mirroring existed has no procedure: decide again)."""
     import json
 
     path = Path(run_path) / FILE_NAME
@@ -121,8 +128,8 @@ def load(run_path: Path, checkpoint: str) -> dict[str, str] | None:
         return None
     try:
         data = json.loads(path.read_text())
-        if data.get("checkpoint") != checkpoint:
-            return None  # decided for another checkpoint: decide again
+        if data.get("checkpoint") != checkpoint or data.get("inference") != inference:
+            return None  # decided for another checkpoint or procedure: decide again
         actions = {region: entry["action"] for region, entry in data["regions"].items()}
     except (ValueError, KeyError, TypeError) as exc:
         raise TrainingError(f"{path}: malformed post-processing decision ({exc}); delete it to decide again") from None

@@ -50,10 +50,12 @@ def load_input(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS
 def predict_files(settings: Settings, inputs: list[Path], out: Path, **predictor_options) -> list[Path]:
     regions = RegionSet(settings.model.regions)
     predictor, checkpoint = Predictor.from_run(settings, **predictor_options)
-    decisions = postprocess.load(settings.run_path, checkpoint)
+    inference = postprocess.procedure(settings.model.threshold, predictor.mirrors())
+    decisions = postprocess.load(settings.run_path, checkpoint, inference)
     if decisions is None:
-        log.warning("%s: no post-processing decided for %s yet ('unet-train evaluate' decides it on the "
-                    "validation split); writing the raw masks", settings.run_path, checkpoint)
+        log.warning("%s: no post-processing decided for %s with threshold %s and mirror_axes %s yet "
+                    "('unet-train evaluate' decides it on the validation split); writing the raw masks",
+                    settings.run_path, checkpoint, inference["threshold"], inference["mirror_axes"])
         decisions = {}
     written = []
     for path in inputs:

@@ -1,4 +1,5 @@
-"""Whole-volume prediction: 2D slice by slice, 3D by sliding window with blending, on any engine."""
+"""Whole-volume prediction: 2D slice by slice, 3D by sliding window with blending, on any engine,
+averaged over test-time mirrors (``model.mirror_axes``)."""
 from __future__ import annotations
 
 import itertools
@@ -25,6 +26,7 @@ class Predictor:
     overlap: float = 0.5
     blending: str = "gaussian"
     batch_size: int = 0  # 0 = 32 slices (2D) or 8 windows (3D)
+    mirror_axes: tuple[int, ...] = ()  # volume axes flipped at test time; every combination is averaged
 
     @classmethod
     def from_run(cls, settings: Settings, which: str = "best", engine: str = "auto", precision: str = "auto",
@@ -32,16 +34,31 @@ class Predictor:
         data = settings.data
         runner, source = open_engine(settings, EngineRequest(engine, precision, ir), which)
         return cls(runner, settings.train.model, [MODALITIES.index(c) for c in data.channels],
-                   data.image_size, tuple(data.crop_size), **options), source
+                   data.image_size, tuple(data.crop_size), mirror_axes=tuple(settings.model.mirror_axes),
+                   **options), source
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         """The whole-tumour probability (x, y, z): the models' output channel 0."""
         return self.predict_channels(image)[..., 0]
 
     def predict_channels(self, image: np.ndarray) -> np.ndarray:
-        """Every output channel's probability, (x, y, z, K)."""
+        """Every output channel's probability, (x, y, z, K): the mean over the test-time mirrors."""
         image = image[..., self.channels]
-        return self._predict_2d(image) if self.kind == "2d" else self._predict_3d(image)
+        predict_once = self._predict_2d if self.kind == "2d" else self._predict_3d
+        mirrors = self.mirrors()
+        total = None
+        for axes in mirrors:
+            flipped = np.ascontiguousarray(np.flip(image, axes)) if axes else image
+            probability = predict_once(flipped)
+            probability = np.flip(probability, axes) if axes else probability
+            total = probability if total is None else total + probability
+        return total if len(mirrors) == 1 else total / np.float32(len(mirrors))
+
+    def mirrors(self) -> list[tuple[int, ...]]:
+        """Every subset of the mirrored axes, the identity first. The 2D model sees slices one by
+        one, so flipping their order (axis 2) would only repeat a pass."""
+        axes = [a for a in self.mirror_axes if not (self.kind == "2d" and a == 2)]
+        return [combo for size in range(len(axes) + 1) for combo in itertools.combinations(axes, size)]
 
     def _batches(self, items, default: int):
         size = self.batch_size or default
