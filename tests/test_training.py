@@ -280,6 +280,7 @@ def test_a_diverged_run_stops_with_a_clear_error_and_no_nan_checkpoint(prepared_
     assert result.returncode == 2, result.stderr[-3000:]
     assert "epoch 1, step 1: the training loss is nan: the run diverged" in result.stderr
     assert "Traceback" not in result.stderr and "train.learning_rate" in result.stderr
+    assert f"Check the data ({poisoned}) for NaN/inf values" in result.stderr  # the file to look at
     # nothing diverged was checkpointed, not even the step checkpoint due after every step
     assert not list((tmp_path / "runs" / "d").rglob("*.index"))
 

@@ -87,6 +87,7 @@ def _run_epochs(settings: Settings, runtime: Runtime, session: Session, stepper:
     callbacks.set_params({"epochs": settings.train.epochs, "steps": streams.steps_per_epoch, "verbose": 0})
     validator = CaseValidator(streams, stepper, runtime)
     weights_finite = _finite_check(session.model)
+    data_source = settings.data.slices_h5 if settings.train.model == "2d" else settings.data.decathlon_dir
     show = progress and runtime.is_chief
     max_steps, state = settings.train.max_steps, session.state
     first_epoch, first_step = session.initial_epoch, int(state.step_in_epoch.numpy())
@@ -111,7 +112,7 @@ def _run_epochs(settings: Settings, runtime: Runtime, session: Session, stepper:
             fetched = time.perf_counter()
             callbacks.on_train_batch_begin(step)
             loss = stepper.train_step(images, masks)
-            _refuse_diverged(runtime, loss, weights_finite, epoch, step, session)
+            _refuse_diverged(runtime, loss, weights_finite, epoch, step, session, data_source)
             state.step_in_epoch.assign(step + 1)
             callbacks.on_train_batch_end(step, {"loss": loss})
             waited, computed = waited + fetched - started, computed + time.perf_counter() - fetched
@@ -148,7 +149,8 @@ def _finite_check(model: tf.keras.Model):
     return weights_finite
 
 
-def _refuse_diverged(runtime: Runtime, loss: float, weights_finite, epoch: int, step: int, session: Session) -> None:
+def _refuse_diverged(runtime: Runtime, loss: float, weights_finite, epoch: int, step: int, session: Session,
+                     data_source: Path) -> None:
     """Stop at the first non-finite loss or weight, before the step is counted, logged or
     checkpointed: NaN weights would become the run's last checkpoint (and its summary.json
     unwritable), and every later step is lost anyway. The loss alone is not enough: a NaN input
@@ -166,7 +168,7 @@ def _refuse_diverged(runtime: Runtime, loss: float, weights_finite, epoch: int, 
             what = f"the loss or weights are not finite on {workers} of {runtime.size} workers"
         raise TrainingError(
             f"epoch {epoch + 1}, step {step + 1}: {what}: the run diverged at precision {session.policy}; "
-            "nothing from this step on was checkpointed. Check the data for NaN/inf values, or retry in a new "
+            f"nothing from this step on was checkpointed. Check the data ({data_source}) for NaN/inf values, or retry in a new "
             "--run-name with a lower train.learning_rate (or --set train.precision=fp32 if bf16/fp16 was in use)")
 
 
