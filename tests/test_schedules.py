@@ -242,3 +242,33 @@ def test_throughput_counts_wall_clock_from_the_epoch_start_and_reports_the_input
     cb.on_epoch_begin(1)  # the next epoch starts from zero again
     cb.on_epoch_end(1, logs)
     assert logs["startup_seconds"] == 0.0 and logs["images_per_sec"] == 0.0
+
+
+def test_history_csv_keeps_values_under_their_headers_when_a_resumed_run_logs_a_new_column(tmp_path):
+    """A run resumed by a version that logs one more figure: the CSV gains the column, older rows
+    get an empty cell, and no value lands under another column's header (appending under the first
+    header did that). A re-run epoch replaces its row."""
+    import csv
+    import json
+    from types import SimpleNamespace
+
+    from trainer.training.callbacks import JsonHistory
+
+    old = [{"epoch": 1, "step": 10, "loss": 0.9, "val_dice": 0.5}, {"epoch": 2, "step": 20, "loss": 0.7, "val_dice": 0.6}]
+    (tmp_path / "history.json").write_text(json.dumps({"epochs": old}))
+    (tmp_path / "history.csv").write_text("epoch,loss,val_dice\n0,0.9,0.5\n1,0.7,0.6\n")
+    history = JsonHistory(tmp_path / "history.json", csv_path=tmp_path / "history.csv")
+    iterations = tf.Variable(30, dtype=tf.int64)
+    history.set_model(SimpleNamespace(optimizer=SimpleNamespace(iterations=iterations)))
+    history.on_epoch_end(2, {"loss": 0.5, "startup_seconds": 0.25, "val_dice": 0.7})
+    with open(tmp_path / "history.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["epoch", "step", "loss", "startup_seconds", "val_dice"]
+    assert [(r["epoch"], r["loss"], r["startup_seconds"], r["val_dice"]) for r in rows] == [
+        ("1", "0.9", "", "0.5"), ("2", "0.7", "", "0.6"), ("3", "0.5", "0.25", "0.7")]
+    iterations.assign(25)
+    history.on_epoch_end(1, {"loss": 0.65, "startup_seconds": 0.2, "val_dice": 0.62})  # epoch 2 again
+    with open(tmp_path / "history.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["epoch"], r["step"], r["loss"]) for r in rows] == [("1", "10", "0.9"), ("2", "25", "0.65")]
+    assert json.loads((tmp_path / "history.json").read_text())["epochs"][-1]["startup_seconds"] == 0.2

@@ -1,6 +1,7 @@
 """Keras callbacks: each cross-cutting concern of a run is one pluggable handler."""
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -11,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.config.settings import ScheduleSettings
-from trainer.fsutil import write_json
+from trainer.fsutil import atomic_file, write_json
 from trainer.checkpoints import CheckpointStore
 from trainer.panels import enlarge, panel, volume_panel
 from trainer.training.state import TrainingState
@@ -164,11 +165,14 @@ class EpochCheckpoint(tf.keras.callbacks.Callback):
 
 
 class JsonHistory(tf.keras.callbacks.Callback):
-    """history.json: one entry per epoch, appended across resumes, written atomically."""
+    """history.json (and history.csv from the same entries): one entry per epoch, appended across
+    resumes, written atomically. The CSV is rewritten whole with the union of the columns, so a run
+    resumed by a version that logs a new figure gets an empty cell in its older rows rather than
+    values under the wrong header (what appending under the first header did)."""
 
-    def __init__(self, path: Path, extra: dict | None = None):
+    def __init__(self, path: Path, extra: dict | None = None, csv_path: Path | None = None):
         super().__init__()
-        self.path, self.extra = Path(path), extra or {}
+        self.path, self.extra, self.csv_path = Path(path), extra or {}, csv_path
         try:
             self.entries = json.loads(self.path.read_text())["epochs"]
         except (OSError, ValueError, KeyError):
@@ -179,6 +183,17 @@ class JsonHistory(tf.keras.callbacks.Callback):
         entry.update({k: _jsonable(v) for k, v in (logs or {}).items()})
         self.entries = [e for e in self.entries if e["epoch"] < epoch + 1] + [entry]
         write_json(self.path, {**self.extra, "epochs": self.entries})
+        if self.csv_path is not None:
+            write_csv_rows(self.csv_path, self.entries, first=("epoch", "step"))
+
+
+def write_csv_rows(path: Path, rows: list[dict], first: tuple[str, ...]) -> None:
+    """Rows under the union of their keys (``first`` leading, the rest sorted), atomically."""
+    columns = [*first, *sorted({key for row in rows for key in row} - set(first))]
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 class TensorBoard(tf.keras.callbacks.Callback):

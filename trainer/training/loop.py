@@ -188,8 +188,8 @@ def _callbacks(settings: Settings, runtime: Runtime, session: Session, streams: 
             callbacks.append(StepCheckpoint(session.store, session.state, session.optimizer,
                                             train_cfg.checkpoint_every_steps, train_cfg.checkpoint_every_minutes))
         callbacks += [
-            tf.keras.callbacks.CSVLogger(str(run_path / "history.csv"), append=True),
-            JsonHistory(run_path / "history.json", {"dist": runtime.name, "workers": runtime.size}),
+            JsonHistory(run_path / "history.json", {"dist": runtime.name, "workers": runtime.size},
+                        csv_path=run_path / "history.csv"),
             TensorBoard(run_path / "tensorboard", panels, train_cfg.image_every_epochs, settings.model.threshold,
                         streams.regions.names),
             EpochLine(train_cfg.epochs),
