@@ -199,11 +199,13 @@ def test_mirror_axes_are_checked_in_settings():
 
     from trainer.config.settings import ModelSettings
 
-    assert ModelSettings().mirror_axes == (0, 1)
-    assert ModelSettings(mirror_axes=[2, 0]).mirror_axes == (0, 2)
-    for bad in ([0, 0], [3], [0, 1, 2, 0]):
-        with pytest.raises(ValidationError, match="mirror_axes"):
-            ModelSettings(mirror_axes=bad)
+    defaults = ModelSettings()
+    assert (defaults.mirror_axes("2d"), defaults.mirror_axes("3d")) == ((0, 1), ())
+    assert ModelSettings(mirror_axes_3d=[2, 0]).mirror_axes("3d") == (0, 2)
+    for key, bad in (("mirror_axes_2d", [0, 0]), ("mirror_axes_2d", [2]), ("mirror_axes_3d", [3]),
+                     ("mirror_axes_3d", [0, 1, 2, 0])):
+        with pytest.raises(ValidationError, match=key):
+            ModelSettings(**{key: bad})
 
 
 def test_read_ir_errors_name_the_file(tmp_path):

@@ -1,5 +1,5 @@
 """Whole-volume prediction: 2D slice by slice, 3D by sliding window with blending, on any engine,
-averaged over test-time mirrors (``model.mirror_axes``)."""
+averaged over test-time mirrors (``model.mirror_axes_2d`` / ``mirror_axes_3d``)."""
 from __future__ import annotations
 
 import itertools
@@ -34,7 +34,7 @@ class Predictor:
         data = settings.data
         runner, source = open_engine(settings, EngineRequest(engine, precision, ir), which)
         return cls(runner, settings.train.model, [MODALITIES.index(c) for c in data.channels],
-                   data.image_size, tuple(data.crop_size), mirror_axes=tuple(settings.model.mirror_axes),
+                   data.image_size, tuple(data.crop_size), mirror_axes=settings.model.mirror_axes(settings.train.model),
                    **options), source
 
     def predict(self, image: np.ndarray) -> np.ndarray:
