@@ -88,7 +88,7 @@ def test_a_small_false_enhancing_tumour_is_dropped_only_when_validation_has_such
     assert not postprocess.apply_action(true_et, "drop_below_mm3:1000", spacing).any()
 
 
-MIRRORED = postprocess.procedure(0.5, [(), (0,), (1,), (0, 1)])
+MIRRORED = postprocess.procedure(0.5, (1, 0))
 
 
 def test_a_stored_decision_with_an_unknown_action_is_refused_by_name(tmp_path):
@@ -105,8 +105,8 @@ def test_the_decision_is_stored_for_its_checkpoint_and_inference_procedure(tmp_p
     assert postprocess.load(tmp_path, "ckpt-1", MIRRORED) == {"wt": "largest"}
     assert postprocess.load(tmp_path, "ckpt-2", MIRRORED) is None  # another checkpoint: decide again
     # masks made another way (no mirroring, another threshold) were not what validation judged
-    assert postprocess.load(tmp_path, "ckpt-1", postprocess.procedure(0.5, [()])) is None
-    assert postprocess.load(tmp_path, "ckpt-1", postprocess.procedure(0.4, [(), (0,), (1,), (0, 1)])) is None
+    assert postprocess.load(tmp_path, "ckpt-1", postprocess.procedure(0.5, ())) is None
+    assert postprocess.load(tmp_path, "ckpt-1", postprocess.procedure(0.4, (0, 1))) is None
     legacy = json.loads((tmp_path / postprocess.FILE_NAME).read_text())
     del legacy["inference"]  # written before mirroring existed
     (tmp_path / postprocess.FILE_NAME).write_text(json.dumps(legacy))

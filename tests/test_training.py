@@ -184,7 +184,7 @@ def test_evaluate_3d_geometry_and_undefined_hd95_with_a_stub_model(decathlon_dat
 
     monkeypatch.setattr(evaluation, "Predictor", SimpleNamespace(
         from_run=lambda settings, **options: (SimpleNamespace(
-            predict_channels=lambda image: predict(image)[..., None], mirrors=lambda: [()],
+            predict_channels=lambda image: predict(image)[..., None], mirrored_axes=lambda: (),
             engine=SimpleNamespace(name="stub", precision="fp32", source="stub")), "stub-checkpoint")))
     ids = ["BRATS_001", "BRATS_002", "BRATS_003"]
     summary = evaluation.evaluate(_evaluation_settings_3d(decathlon_dataset, tmp_path, ids), "test", progress=False)

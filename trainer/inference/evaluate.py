@@ -6,7 +6,6 @@ as ``*_raw`` columns, so its effect (on HD95 above all) is visible.
 """
 from __future__ import annotations
 
-import csv
 import logging
 import math
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from trainer.data.nifti import Geometry, write_volume
 from trainer.data.normalize import zscore_brain
 from trainer.data.split import load_split, split_path_for
 from trainer.errors import DataError
-from trainer.fsutil import atomic_file, write_json
+from trainer.fsutil import write_csv, write_json
 from trainer.inference import postprocess
 from trainer.inference.engines import describe
 from trainer.inference.predictor import Predictor
@@ -156,7 +155,7 @@ def validation_report(settings: Settings, progress: bool = True, **predictor_opt
 
 def postprocessing_for(settings: Settings, predictor: Predictor, checkpoint: str, progress: bool) -> dict[str, str]:
     """The run's post-processing for ``checkpoint``: stored, or decided now on the validation split."""
-    inference = postprocess.procedure(settings.model.threshold, predictor.mirrors())
+    inference = postprocess.procedure(settings.model.threshold, predictor.mirrored_axes())
     stored = postprocess.load(settings.run_path, checkpoint, inference)
     if stored is not None:
         return stored
@@ -194,8 +193,5 @@ def _stats(values: list[float]) -> dict:
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
     """One row per case; an undefined value is written as ``nan`` (float() and pandas read it back)."""
-    with atomic_file(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("nan" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    write_csv(path, list(rows[0]), [{k: ("nan" if isinstance(v, float) and math.isnan(v) else v)
+                                     for k, v in row.items()} for row in rows])

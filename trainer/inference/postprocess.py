@@ -99,10 +99,10 @@ def decide(case_scores: Sequence[dict[str, dict[str, float]]], regions: Sequence
     return decisions
 
 
-def procedure(threshold: float, mirrors: Sequence[Sequence[int]]) -> dict:
+def procedure(threshold: float, mirror_axes: Sequence[int]) -> dict:
     """What turns probabilities into the masks a decision was made on. A decision is only valid
     for the same procedure: test-time mirroring, for one, removes small false components itself."""
-    return {"threshold": float(threshold), "mirror_axes": sorted({axis for mirror in mirrors for axis in mirror})}
+    return {"threshold": float(threshold), "mirror_axes": sorted(mirror_axes)}
 
 
 def save(run_path: Path, checkpoint: str, decisions: Sequence[RegionDecision], inference: dict) -> Path:

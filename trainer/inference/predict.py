@@ -50,7 +50,7 @@ def load_input(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS
 def predict_files(settings: Settings, inputs: list[Path], out: Path, **predictor_options) -> list[Path]:
     regions = RegionSet(settings.model.regions)
     predictor, checkpoint = Predictor.from_run(settings, **predictor_options)
-    inference = postprocess.procedure(settings.model.threshold, predictor.mirrors())
+    inference = postprocess.procedure(settings.model.threshold, predictor.mirrored_axes())
     decisions = postprocess.load(settings.run_path, checkpoint, inference)
     if decisions is None:
         log.warning("%s: no post-processing decided for %s with threshold %s and mirror_axes %s yet "

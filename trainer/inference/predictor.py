@@ -54,10 +54,14 @@ class Predictor:
             total = probability if total is None else total + probability
         return total if len(mirrors) == 1 else total / np.float32(len(mirrors))
 
+    def mirrored_axes(self) -> tuple[int, ...]:
+        """The axes really mirrored: the 2D model sees slices one by one, so flipping their order
+        (axis 2) would only repeat a pass."""
+        return tuple(a for a in self.mirror_axes if not (self.kind == "2d" and a == 2))
+
     def mirrors(self) -> list[tuple[int, ...]]:
-        """Every subset of the mirrored axes, the identity first. The 2D model sees slices one by
-        one, so flipping their order (axis 2) would only repeat a pass."""
-        axes = [a for a in self.mirror_axes if not (self.kind == "2d" and a == 2)]
+        """Every subset of the mirrored axes, the identity first."""
+        axes = self.mirrored_axes()
         return [combo for size in range(len(axes) + 1) for combo in itertools.combinations(axes, size)]
 
     def _batches(self, items, default: int):

@@ -1,7 +1,6 @@
 """Keras callbacks: each cross-cutting concern of a run is one pluggable handler."""
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -12,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.config.settings import ScheduleSettings
-from trainer.fsutil import atomic_file, write_json
+from trainer.fsutil import write_csv, write_json
 from trainer.checkpoints import CheckpointStore
 from trainer.panels import enlarge, panel, volume_panel
 from trainer.training.state import TrainingState
@@ -183,17 +182,10 @@ class JsonHistory(tf.keras.callbacks.Callback):
         entry.update({k: _jsonable(v) for k, v in (logs or {}).items()})
         self.entries = [e for e in self.entries if e["epoch"] < epoch + 1] + [entry]
         write_json(self.path, {**self.extra, "epochs": self.entries})
-        if self.csv_path is not None:
-            write_csv_rows(self.csv_path, self.entries, first=("epoch", "step"))
-
-
-def write_csv_rows(path: Path, rows: list[dict], first: tuple[str, ...]) -> None:
-    """Rows under the union of their keys (``first`` leading, the rest sorted), atomically."""
-    columns = [*first, *sorted({key for row in rows for key in row} - set(first))]
-    with atomic_file(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+        if self.csv_path is not None:  # every column any epoch logged: epoch and step first, then sorted
+            first = ["epoch", "step"]
+            columns = first + sorted({key for entry in self.entries for key in entry} - set(first))
+            write_csv(self.csv_path, columns, self.entries)
 
 
 class TensorBoard(tf.keras.callbacks.Callback):
