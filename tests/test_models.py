@@ -117,3 +117,74 @@ def test_instance_norm_keeps_float32_statistics_under_mixed_bfloat16():
     assert out.dtype == tf.bfloat16 and layer.gamma.dtype == tf.float32
     # bfloat16 keeps 8 significant bits: rounding the exact result alone costs up to 2^-8 of |x|.
     assert np.abs(tf.cast(out, tf.float32).numpy() - exact).max() < 0.04
+
+
+def _instance_norm_forward_and_gradients(layer, x, upstream, training, signature=None):
+    import tensorflow as tf
+
+    def run(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=training)
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) * upstream)
+        return (y, *tape.gradient(loss, [x, layer.gamma, layer.beta]))
+
+    if signature is not None:  # a graph with unknown spatial sizes, as the 3D sliding window builds
+        run = tf.function(run, input_signature=[signature])
+    return [tf.cast(t, tf.float32).numpy() for t in run(x)]
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 12, 5), (2, 8, 6, 4, 3)])
+@pytest.mark.parametrize("unknown_spatial_size", [False, True])
+def test_instance_norm_training_gradient_equals_the_automatic_gradient_of_the_inference_formula(
+        shape, unknown_spatial_size):
+    """The hand-written backward pass (training=True) against TensorFlow's gradient of the
+    formula that inference and exports use, for the input, gamma and beta."""
+    import tensorflow as tf
+
+    from trainer.models.instance_norm import InstanceNormalization
+
+    rng = np.random.default_rng(2)
+    x = (rng.normal(size=shape) * rng.uniform(0.5, 4, size=shape[-1]) + rng.normal(size=shape[-1]) * 3)
+    x = tf.constant(x.astype(np.float32))
+    upstream = tf.constant(rng.normal(size=shape).astype(np.float32))
+    layer = InstanceNormalization(epsilon=1e-5)
+    layer.build(shape)
+    layer.gamma.assign(rng.uniform(0.5, 2, size=shape[-1]).astype(np.float32))
+    layer.beta.assign(rng.normal(size=shape[-1]).astype(np.float32))
+    signature = tf.TensorSpec((None, *[None] * (len(shape) - 2), shape[-1]), tf.float32) if unknown_spatial_size else None
+    fast = _instance_norm_forward_and_gradients(layer, x, upstream, True, signature)
+    reference = _instance_norm_forward_and_gradients(layer, x, upstream, False, signature)
+    for name, ours, expected in zip(("output", "d input", "d gamma", "d beta"), fast, reference):
+        scale = max(1.0, np.abs(expected).max())
+        assert np.abs(ours - expected).max() < 1e-4 * scale, name
+
+
+def test_instance_norm_training_path_under_mixed_bfloat16_matches_float32():
+    """bf16 activations in and out, float32 statistics and weight gradients, within bf16 rounding."""
+    import tensorflow as tf
+
+    from trainer.models.instance_norm import InstanceNormalization
+
+    rng = np.random.default_rng(3)
+    shape = (2, 32, 32, 4)
+    x = (rng.normal(size=shape) * 3 + 5).astype(np.float32)
+    upstream = tf.constant(rng.normal(size=shape).astype(np.float32))
+    exact = _instance_norm_forward_and_gradients(InstanceNormalization(), tf.constant(x), upstream, False)
+    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        layer = InstanceNormalization()
+        bf16_input = tf.cast(x, tf.bfloat16)
+        with tf.GradientTape() as tape:
+            tape.watch(bf16_input)
+            y = layer(bf16_input, training=True)
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) * upstream)
+        dx, dgamma, dbeta = tape.gradient(loss, [bf16_input, layer.gamma, layer.beta])
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+    assert y.dtype == tf.bfloat16 and dx.dtype == tf.bfloat16 and dgamma.dtype == tf.float32
+    # the input itself is rounded to bf16 (2^-8 of |x| ~ 0.03 here, over a std of 3)
+    assert np.abs(tf.cast(y, tf.float32).numpy() - exact[0]).max() < 0.05
+    assert np.abs(tf.cast(dx, tf.float32).numpy() - exact[1]).max() < 0.02 * np.abs(exact[1]).max()
+    for ours, expected in ((dgamma, exact[2]), (dbeta, exact[3])):
+        assert np.abs(ours.numpy() - expected).max() < 0.02 * np.abs(expected).max()
