@@ -188,3 +188,37 @@ def test_instance_norm_training_path_under_mixed_bfloat16_matches_float32():
     assert np.abs(tf.cast(dx, tf.float32).numpy() - exact[1]).max() < 0.02 * np.abs(exact[1]).max()
     for ours, expected in ((dgamma, exact[2]), (dbeta, exact[3])):
         assert np.abs(ours.numpy() - expected).max() < 0.02 * np.abs(expected).max()
+
+
+def test_instance_norm_training_path_in_bfloat16_has_no_error_that_grows_with_mean_over_std():
+    """Channels with a mean 100x their std, half way between two bf16 numbers: a mean rounded to
+    bf16 would shift the normalised output by ~0.3 (0.014 / 0.05). Compared with float64 maths on
+    the same bf16 input, the output may only carry its own two bf16 roundings (|y| < 4: 2 x 0.008)."""
+    import tensorflow as tf
+
+    from trainer.models.instance_norm import InstanceNormalization
+
+    rng = np.random.default_rng(4)
+    shape = (2, 48, 40, 3)
+    x = tf.cast(rng.normal(5.014, 0.05, size=shape).astype(np.float32), tf.bfloat16)
+    upstream = tf.cast(rng.normal(size=shape).astype(np.float32), tf.bfloat16)
+    exact_in = tf.cast(x, tf.float64)
+    with tf.GradientTape() as tape:
+        tape.watch(exact_in)
+        mean, variance = tf.nn.moments(exact_in, [1, 2], keepdims=True)
+        exact = (exact_in - mean) / tf.sqrt(variance + 1e-5)
+        loss = tf.reduce_sum(exact * tf.cast(upstream, tf.float64))
+    exact_dx = tape.gradient(loss, exact_in).numpy()
+    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        layer = InstanceNormalization()
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) * tf.cast(upstream, tf.float32))
+        dx = tape.gradient(loss, x)
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+    y, dx = tf.cast(y, tf.float64).numpy(), tf.cast(dx, tf.float64).numpy()
+    assert np.abs(y - exact.numpy()).max() < 0.03
+    assert np.abs(dx - exact_dx).max() < 0.02 * np.abs(exact_dx).max()

@@ -13,7 +13,8 @@ formula above walks the activation about twenty times (each broadcast op and its
 these layers were the largest part of the 2D step outside oneDNN, and the same in bf16 as in
 fp32, since the statistics are fp32 either way. ``_normalise_for_training`` writes the forward
 pass as one scale and shift per sample and channel and the backward pass as
-``dx = scale * dy + k * x + k0``, which halves the layers' time (benchmarks/throughput.py).
+``dx = scale * dy + k * x + k0``, with float32 statistics but full-size tensors in the compute
+dtype, which halves the layers' time in fp32 and more in bf16 (benchmarks/throughput.py).
 Inference (``training`` false, and every export) keeps the formula above.
 
 Under mixed precision the statistics are computed in float32 and only the output is cast to
@@ -29,25 +30,42 @@ def _spatial_axes(x: tf.Tensor) -> list[int]:
     return list(range(1, x.shape.rank - 1))
 
 
+def _spatial_mean(t: tf.Tensor, axes: list[int], count: tf.Tensor) -> tf.Tensor:
+    """float32 mean per sample and channel. TensorFlow sums bfloat16 with a float accumulator
+    and rounds only the sum (its bfloat16 reduce_mean is unusable: off by the whole mean)."""
+    return tf.cast(tf.reduce_sum(t, axis=axes, keepdims=True), tf.float32) / count
+
+
 @tf.custom_gradient
 def _normalise_for_training(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsilon: float):
-    """Instance norm of ``x`` with its gradient in four passes over the activation, not twenty."""
+    """Instance norm of ``x`` and its gradient, with every full-size tensor in ``x``'s dtype.
+
+    The activation is centred on a pivot: the mean rounded to ``x``'s dtype. ``d = x - pivot``
+    is then exact or rounded relative to itself, so in bfloat16 no cancellation error scales
+    with mean/std, and the pivot's own rounding error is measured on ``d`` (``mean_d``) and
+    kept in float32. In float32 the pivot is the mean and ``mean_d`` is 0. Statistics and
+    per-channel coefficients are float32; only the elementwise passes run in bfloat16, which
+    halves their memory traffic (they are bandwidth-bound).
+    """
     axes = _spatial_axes(x)
-    x32 = tf.cast(x, tf.float32)
-    mean, variance = tf.nn.moments(x32, axes, keepdims=True)
+    count = tf.cast(tf.reduce_prod(tf.shape(x)[1:-1]), tf.float32)
+    pivot = tf.cast(_spatial_mean(x, axes, count), x.dtype)
+    d = x - pivot
+    mean_d = _spatial_mean(d, axes, count) if x.dtype != tf.float32 else tf.zeros_like(pivot)
+    variance = tf.maximum(_spatial_mean(d * d, axes, count) - tf.square(mean_d), 0.0)
     inv_std = tf.math.rsqrt(variance + epsilon)
     scale = gamma * inv_std
-    y = tf.cast(x32 * scale + (beta - mean * scale), x.dtype)
+    y = d * tf.cast(scale, x.dtype) + tf.cast(beta - mean_d * scale, x.dtype)
 
     def gradient(dy: tf.Tensor):
-        # With xhat = (x - mean) * inv_std and means over the spatial axes:
-        #   dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)),  mean(dy * xhat) = inv_std * (mean(dy x) - mean * mean(dy))
-        dy32 = tf.cast(dy, tf.float32)
-        mean_dy = tf.reduce_mean(dy32, axis=axes, keepdims=True)
-        mean_dy_xhat = inv_std * (tf.reduce_mean(dy32 * x32, axis=axes, keepdims=True) - mean * mean_dy)
+        # With xhat = (d - mean_d) * inv_std and means over the spatial axes:
+        #   dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)),
+        #   mean(dy * xhat) = inv_std * (mean(dy * d) - mean_d * mean(dy))
+        mean_dy = _spatial_mean(dy, axes, count)
+        mean_dy_xhat = inv_std * (_spatial_mean(dy * d, axes, count) - mean_d * mean_dy)
         k = -scale * inv_std * mean_dy_xhat
-        dx = tf.cast(dy32 * scale + (x32 * k + (-scale * mean_dy - k * mean)), x.dtype)
-        count = tf.cast(tf.reduce_prod(tf.shape(x)[1:-1]), tf.float32)
+        offset = -scale * mean_dy - k * mean_d
+        dx = dy * tf.cast(scale, x.dtype) + (d * tf.cast(k, x.dtype) + tf.cast(offset, x.dtype))
         batch_and_space = [0, *axes]
         dgamma = tf.reshape(tf.reduce_sum(mean_dy_xhat, axis=batch_and_space) * count, tf.shape(gamma))
         dbeta = tf.reshape(tf.reduce_sum(mean_dy, axis=batch_and_space) * count, tf.shape(beta))
