@@ -222,3 +222,30 @@ def test_instance_norm_training_path_in_bfloat16_has_no_error_that_grows_with_me
     y, dx = tf.cast(y, tf.float64).numpy(), tf.cast(dx, tf.float64).numpy()
     assert np.abs(y - exact.numpy()).max() < 0.03
     assert np.abs(dx - exact_dx).max() < 0.02 * np.abs(exact_dx).max()
+
+
+def test_instance_norm_training_path_in_float16_does_not_overflow():
+    """mixed_float16 (GPU nodes): sums of squares over 64x64 values of size ~30 pass float16's
+    65504, so the full-size work runs in float32 there."""
+    import tensorflow as tf
+
+    from trainer.models.instance_norm import InstanceNormalization
+
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=(2, 64, 64, 3)) * 30 + 100).astype(np.float32)
+    upstream = tf.constant(rng.normal(size=x.shape).astype(np.float32))
+    exact = _instance_norm_forward_and_gradients(InstanceNormalization(), tf.constant(x), upstream, False)
+    tf.keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        layer = InstanceNormalization()
+        half = tf.cast(x, tf.float16)
+        with tf.GradientTape() as tape:
+            tape.watch(half)
+            y = layer(half, training=True)
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) * upstream)
+        dx = tape.gradient(loss, half)
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+    assert y.dtype == tf.float16 and dx.dtype == tf.float16
+    assert np.abs(tf.cast(y, tf.float32).numpy() - exact[0]).max() < 0.01
+    assert np.abs(tf.cast(dx, tf.float32).numpy() - exact[1]).max() < 0.01 * np.abs(exact[1]).max()

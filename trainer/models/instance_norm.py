@@ -38,34 +38,38 @@ def _spatial_mean(t: tf.Tensor, axes: list[int], count: tf.Tensor) -> tf.Tensor:
 
 @tf.custom_gradient
 def _normalise_for_training(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsilon: float):
-    """Instance norm of ``x`` and its gradient, with every full-size tensor in ``x``'s dtype.
+    """Instance norm of ``x`` and its gradient, with the full-size tensors in bfloat16 when
+    ``x`` is bfloat16 and in float32 otherwise (float16 would overflow in sums of squares).
 
-    The activation is centred on a pivot: the mean rounded to ``x``'s dtype. ``d = x - pivot``
+    The activation is centred on a pivot: the mean rounded to that dtype. ``d = x - pivot``
     is then exact or rounded relative to itself, so in bfloat16 no cancellation error scales
     with mean/std, and the pivot's own rounding error is measured on ``d`` (``mean_d``) and
     kept in float32. In float32 the pivot is the mean and ``mean_d`` is 0. Statistics and
     per-channel coefficients are float32; only the elementwise passes run in bfloat16, which
     halves their memory traffic (they are bandwidth-bound).
     """
+    work = tf.bfloat16 if x.dtype == tf.bfloat16 else tf.float32
     axes = _spatial_axes(x)
     count = tf.cast(tf.reduce_prod(tf.shape(x)[1:-1]), tf.float32)
-    pivot = tf.cast(_spatial_mean(x, axes, count), x.dtype)
-    d = x - pivot
-    mean_d = _spatial_mean(d, axes, count) if x.dtype != tf.float32 else tf.zeros_like(pivot)
+    x_work = tf.cast(x, work)
+    pivot = tf.cast(_spatial_mean(x_work, axes, count), work)
+    d = x_work - pivot
+    mean_d = _spatial_mean(d, axes, count) if work != tf.float32 else tf.zeros_like(pivot)
     variance = tf.maximum(_spatial_mean(d * d, axes, count) - tf.square(mean_d), 0.0)
     inv_std = tf.math.rsqrt(variance + epsilon)
     scale = gamma * inv_std
-    y = d * tf.cast(scale, x.dtype) + tf.cast(beta - mean_d * scale, x.dtype)
+    y = tf.cast(d * tf.cast(scale, work) + tf.cast(beta - mean_d * scale, work), x.dtype)
 
     def gradient(dy: tf.Tensor):
         # With xhat = (d - mean_d) * inv_std and means over the spatial axes:
         #   dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)),
         #   mean(dy * xhat) = inv_std * (mean(dy * d) - mean_d * mean(dy))
+        dy = tf.cast(dy, work)
         mean_dy = _spatial_mean(dy, axes, count)
         mean_dy_xhat = inv_std * (_spatial_mean(dy * d, axes, count) - mean_d * mean_dy)
         k = -scale * inv_std * mean_dy_xhat
         offset = -scale * mean_dy - k * mean_d
-        dx = dy * tf.cast(scale, x.dtype) + (d * tf.cast(k, x.dtype) + tf.cast(offset, x.dtype))
+        dx = tf.cast(dy * tf.cast(scale, work) + (d * tf.cast(k, work) + tf.cast(offset, work)), x.dtype)
         batch_and_space = [0, *axes]
         dgamma = tf.reshape(tf.reduce_sum(mean_dy_xhat, axis=batch_and_space) * count, tf.shape(gamma))
         dbeta = tf.reshape(tf.reduce_sum(mean_dy, axis=batch_and_space) * count, tf.shape(beta))
