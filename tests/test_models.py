@@ -134,6 +134,24 @@ def _instance_norm_forward_and_gradients(layer, x, upstream, training, signature
     return [tf.cast(t, tf.float32).numpy() for t in run(x)]
 
 
+def _instance_norm_training_path_under_policy(policy: str, x, upstream):
+    """The layer's training path under a mixed-precision policy: output, d input, d gamma, d beta."""
+    import tensorflow as tf
+
+    from trainer.models.instance_norm import InstanceNormalization
+
+    tf.keras.mixed_precision.set_global_policy(policy)
+    try:
+        layer = InstanceNormalization()
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) * tf.cast(upstream, tf.float32))
+        return (y, *tape.gradient(loss, [x, layer.gamma, layer.beta]))
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+
+
 @pytest.mark.parametrize("shape", [(3, 16, 12, 5), (2, 8, 6, 4, 3)])
 @pytest.mark.parametrize("unknown_spatial_size", [False, True])
 def test_instance_norm_training_gradient_equals_the_automatic_gradient_of_the_inference_formula(
@@ -171,17 +189,7 @@ def test_instance_norm_training_path_under_mixed_bfloat16_matches_float32():
     x = (rng.normal(size=shape) * 3 + 5).astype(np.float32)
     upstream = tf.constant(rng.normal(size=shape).astype(np.float32))
     exact = _instance_norm_forward_and_gradients(InstanceNormalization(), tf.constant(x), upstream, False)
-    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
-        layer = InstanceNormalization()
-        bf16_input = tf.cast(x, tf.bfloat16)
-        with tf.GradientTape() as tape:
-            tape.watch(bf16_input)
-            y = layer(bf16_input, training=True)
-            loss = tf.reduce_sum(tf.cast(y, tf.float32) * upstream)
-        dx, dgamma, dbeta = tape.gradient(loss, [bf16_input, layer.gamma, layer.beta])
-    finally:
-        tf.keras.mixed_precision.set_global_policy("float32")
+    y, dx, dgamma, dbeta = _instance_norm_training_path_under_policy("mixed_bfloat16", tf.cast(x, tf.bfloat16), upstream)
     assert y.dtype == tf.bfloat16 and dx.dtype == tf.bfloat16 and dgamma.dtype == tf.float32
     # the input itself is rounded to bf16 (2^-8 of |x| ~ 0.03 here, over a std of 3)
     assert np.abs(tf.cast(y, tf.float32).numpy() - exact[0]).max() < 0.05
@@ -196,8 +204,6 @@ def test_instance_norm_training_path_in_bfloat16_has_no_error_that_grows_with_me
     the same bf16 input, the output may only carry its own two bf16 roundings (|y| < 4: 2 x 0.008)."""
     import tensorflow as tf
 
-    from trainer.models.instance_norm import InstanceNormalization
-
     rng = np.random.default_rng(4)
     shape = (2, 48, 40, 3)
     x = tf.cast(rng.normal(5.014, 0.05, size=shape).astype(np.float32), tf.bfloat16)
@@ -209,16 +215,7 @@ def test_instance_norm_training_path_in_bfloat16_has_no_error_that_grows_with_me
         exact = (exact_in - mean) / tf.sqrt(variance + 1e-5)
         loss = tf.reduce_sum(exact * tf.cast(upstream, tf.float64))
     exact_dx = tape.gradient(loss, exact_in).numpy()
-    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
-        layer = InstanceNormalization()
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = layer(x, training=True)
-            loss = tf.reduce_sum(tf.cast(y, tf.float32) * tf.cast(upstream, tf.float32))
-        dx = tape.gradient(loss, x)
-    finally:
-        tf.keras.mixed_precision.set_global_policy("float32")
+    y, dx, _, _ = _instance_norm_training_path_under_policy("mixed_bfloat16", x, upstream)
     y, dx = tf.cast(y, tf.float64).numpy(), tf.cast(dx, tf.float64).numpy()
     assert np.abs(y - exact.numpy()).max() < 0.03
     assert np.abs(dx - exact_dx).max() < 0.02 * np.abs(exact_dx).max()
@@ -235,17 +232,7 @@ def test_instance_norm_training_path_in_float16_does_not_overflow():
     x = (rng.normal(size=(2, 64, 64, 3)) * 30 + 100).astype(np.float32)
     upstream = tf.constant(rng.normal(size=x.shape).astype(np.float32))
     exact = _instance_norm_forward_and_gradients(InstanceNormalization(), tf.constant(x), upstream, False)
-    tf.keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
-        layer = InstanceNormalization()
-        half = tf.cast(x, tf.float16)
-        with tf.GradientTape() as tape:
-            tape.watch(half)
-            y = layer(half, training=True)
-            loss = tf.reduce_sum(tf.cast(y, tf.float32) * upstream)
-        dx = tape.gradient(loss, half)
-    finally:
-        tf.keras.mixed_precision.set_global_policy("float32")
+    y, dx, _, _ = _instance_norm_training_path_under_policy("mixed_float16", tf.cast(x, tf.float16), upstream)
     assert y.dtype == tf.float16 and dx.dtype == tf.float16
     assert np.abs(tf.cast(y, tf.float32).numpy() - exact[0]).max() < 0.01
     assert np.abs(tf.cast(dx, tf.float32).numpy() - exact[1]).max() < 0.01 * np.abs(exact[1]).max()
