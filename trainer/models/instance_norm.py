@@ -14,12 +14,14 @@ these layers were the largest part of the 2D step outside oneDNN, and the same i
 fp32, since the statistics are fp32 either way. ``_normalise_for_training`` writes the forward
 pass as one scale and shift per sample and channel and the backward pass as
 ``dx = scale * dy + k * x + k0``, with float32 statistics but full-size tensors in the compute
-dtype, which halves the layers' time in fp32 and more in bf16 (benchmarks/throughput.py).
+dtype, which halved the layers' time in fp32 and cut it further in bf16 (a scratch
+micro-benchmark; the step's figures are in benchmarks/results/throughput_2d.json).
 Inference (``training`` false, and every export) keeps the formula above.
 
-Under mixed precision the statistics are computed in float32 and only the output is cast to
-the compute dtype: a bfloat16 mean of inputs around 5 is off by ~0.03, enough to leave a small
-2D UNet unable to learn.
+Under mixed precision the statistics are float32 on both routes: a bfloat16 mean of inputs
+around 5 is off by ~0.03, enough to leave a small 2D UNet unable to learn. Inference computes
+in float32 and casts only the output; training keeps its elementwise passes in bfloat16 and
+corrects for the rounded mean (see ``_normalise_for_training``).
 """
 from __future__ import annotations
 
