@@ -43,10 +43,15 @@ def test_unet2d_options_change_structure():
 
 @pytest.mark.parametrize("crop", [(64, 64, 64), (32, 48, 64)])
 def test_unet3d_shapes(crop):
+    import tensorflow as tf
+
+    from trainer.models.batch_norm import VolumeBatchNormalization
+
     model = UNet3D(ModelSettings(base_filters_3d=4, batch_norm_momentum=0.8), 4, crop)
     assert model.output_shape == (None, *crop, 1)
-    norms = [l for l in model.layers if type(l).__name__ == "BatchNormalization"]
+    norms = [l for l in model.layers if isinstance(l, tf.keras.layers.BatchNormalization)]
     assert len(norms) == 2 * (2 * 4 + 1) and {l.momentum for l in norms} == {0.8}  # 2 per block, 9 blocks
+    assert all(isinstance(l, VolumeBatchNormalization) for l in norms)
 
 
 def test_unet3d_any_size_divisible_by_16_and_rejects_others():

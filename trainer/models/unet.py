@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import tensorflow as tf
 
 from trainer.config.settings import ModelSettings
+from trainer.models.batch_norm import VolumeBatchNormalization
 from trainer.models.instance_norm import InstanceNormalization
 
 LEVELS = 4  # pooling levels
@@ -38,7 +39,7 @@ _OPS = {
 
 def _norm(kind: str, name: str, bn_momentum: float):
     if kind == "batch":
-        return tf.keras.layers.BatchNormalization(momentum=bn_momentum, name=name)
+        return VolumeBatchNormalization(momentum=bn_momentum, name=name)  # Keras' own, trained by oneDNN in 3D
     # Instance norm: per sample and channel over the spatial axes.
     return InstanceNormalization(epsilon=1e-5, name=name)
 
