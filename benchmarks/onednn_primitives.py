@@ -7,7 +7,8 @@ primitive execution with its implementation and milliseconds, with one inter-op 
 ops run one at a time and their times add up to the step's). The log is cut into steps
 (a step starts at the first layer's forward convolution), the first steps are dropped
 (primitive creation, first touch), and the rest are averaged per
-(primitive, direction, implementation). "outside oneDNN" is the step's wall time minus
+(primitive, direction, implementation), and per convolution problem (direction and shape) for the
+largest ones. "outside oneDNN" is the step's wall time minus
 the oneDNN sum: TensorFlow's own kernels (normalisation, activations, casts, the loss, the
 optimizer) and the framework. Verbose logging itself costs a little in both precisions.
 
@@ -28,10 +29,23 @@ from common import CLI, RESULTS, ensure_data, save, timed
 SHAPES = {"2d": {"batch": 16, "extra": []},
           "3d": {"batch": 2, "extra": ["--set", "data.crop_size=[64,64,64]"]}}
 WARMUP, STEPS, DROPPED = 2, 4, 2
+TOP_PROBLEMS = 16  # convolution problems listed one by one, largest first
 
 
-def parse_steps(lines: list[str]) -> list[list[tuple[str, str, str, float]]]:
-    """oneDNN verbose ``exec`` lines -> steps of (primitive, direction, implementation, ms)."""
+def problem_key(direction: str, problem: str) -> str:
+    """'backward_weights mb2_ic32oc16_id64...' -> 'backward_weights ic32oc16 64x64x64 k3 s1' (batch, in, out, kernel)."""
+    import re
+
+    channels = re.search(r"ic\d+oc\d+", problem)
+    sizes = re.findall(r"i([dhw])(\d+)", problem)
+    kernel, stride = re.search(r"k[dh](\d+)", problem), re.search(r"s[dh](\d+)", problem)
+    edges = "x".join(size for _, size in sizes)
+    return (f"{direction} {channels.group(0) if channels else '?'} {edges or '?'}"
+            f" k{kernel.group(1) if kernel else '?'} s{stride.group(1) if stride else '?'}")
+
+
+def parse_steps(lines: list[str]) -> list[list[tuple[str, str, str, str, float]]]:
+    """oneDNN verbose ``exec`` lines -> steps of (primitive, direction, implementation, problem, ms)."""
     executions = []
     for line in lines:
         fields = line.strip().split(",")
@@ -47,7 +61,7 @@ def parse_steps(lines: list[str]) -> list[list[tuple[str, str, str, float]]]:
         if (primitive, direction, problem) == (first[0], first[1], first[3]):
             steps.append([])
         if steps:  # what ran before the first step (reorders of the fed batch) is not a step's
-            steps[-1].append((primitive, direction, implementation, ms))
+            steps[-1].append((primitive, direction, implementation, problem, ms))
     return steps
 
 
@@ -62,18 +76,22 @@ def breakdown(model: str, precision: str) -> dict:
         steps = parse_steps(log.read_text().splitlines())
     kept = steps[DROPPED:]
     per_kind: dict[str, float] = collections.defaultdict(float)
+    per_problem: dict[str, float] = collections.defaultdict(float)
     implementations: dict[str, set] = collections.defaultdict(set)
     for step in kept:
-        for primitive, direction, implementation, ms in step:
+        for primitive, direction, implementation, problem, ms in step:
             key = f"{primitive}/{direction}" if primitive == "convolution" else primitive
             per_kind[key] += ms / len(kept)
             implementations[key].add(implementation)
+            if primitive == "convolution":
+                per_problem[problem_key(direction, problem)] += ms / len(kept)
     wall_ms = report["train_in_memory"]["p50_ms"]
     onednn_ms = sum(per_kind.values())
     return {"precision": report["precision"], "step_p50_ms": wall_ms, "steps_parsed": len(steps),
             "steps_averaged": len(kept), "onednn_ms_per_step": onednn_ms,
             "outside_onednn_ms_per_step": wall_ms - onednn_ms,
             "ms_per_step": dict(sorted(per_kind.items(), key=lambda kv: -kv[1])),
+            "convolution_ms_per_step": dict(sorted(per_problem.items(), key=lambda kv: -kv[1])),
             "implementations": {k: sorted(v) for k, v in implementations.items()}}
 
 
@@ -85,13 +103,22 @@ def ratios(fp32: dict, bf16: dict) -> dict:
     out["onednn_total"] = fp32["onednn_ms_per_step"] / bf16["onednn_ms_per_step"]
     out["outside_onednn"] = fp32["outside_onednn_ms_per_step"] / max(bf16["outside_onednn_ms_per_step"], 1e-9)
     out["step_wall"] = fp32["step_p50_ms"] / bf16["step_p50_ms"]
+    largest = sorted(fp32["convolution_ms_per_step"], key=lambda k: -fp32["convolution_ms_per_step"][k])
+    out["convolutions"] = {k: {"fp32_ms": fp32["convolution_ms_per_step"][k],
+                               "bf16_ms": bf16["convolution_ms_per_step"].get(k, 0.0),
+                               "fp32_over_bf16": fp32["convolution_ms_per_step"][k]
+                               / max(bf16["convolution_ms_per_step"].get(k, 0.0), 1e-9)}
+                           for k in largest[:TOP_PROBLEMS] if k in bf16["convolution_ms_per_step"]}
     return out
 
 
 def median_run(runs: list[dict]) -> dict:
     """Per-key medians over rounds (implementations from the first round)."""
     kinds = set().union(*(r["ms_per_step"] for r in runs))
+    problems = set().union(*(r["convolution_ms_per_step"] for r in runs))
     return {**runs[0], "rounds": len(runs),
+            "convolution_ms_per_step": {k: statistics.median(r["convolution_ms_per_step"].get(k, 0.0) for r in runs)
+                                        for k in problems},
             "step_p50_ms": statistics.median(r["step_p50_ms"] for r in runs),
             "onednn_ms_per_step": statistics.median(r["onednn_ms_per_step"] for r in runs),
             "outside_onednn_ms_per_step": statistics.median(r["outside_onednn_ms_per_step"] for r in runs),
