@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 
+from norm_layers import forward_and_gradients
+
 SHAPE = (2, 8, 6, 16, 5)  # N, D, H, W, C
 
 
@@ -27,18 +29,7 @@ def _layers(policy: str):
 
 def _train_once(layer, x, upstream, signature):
     """One training-mode call: output, d input, d gamma, d beta, and the updated moving statistics."""
-    import tensorflow as tf
-
-    def run(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = layer(x, training=True)
-            loss = tf.reduce_sum(tf.cast(y, tf.float32) * upstream)
-        return (y, *tape.gradient(loss, [x, layer.gamma, layer.beta]))
-
-    if signature is not None:  # unknown spatial sizes, as the 3D model accepts any crop
-        run = tf.function(run, input_signature=[signature])
-    outputs = [tf.cast(t, tf.float32).numpy() for t in run(x)]
+    outputs = forward_and_gradients(layer, x, upstream, True, signature)
     return outputs + [layer.moving_mean.numpy(), layer.moving_variance.numpy()]
 
 

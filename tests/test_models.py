@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pytest
 
+from norm_layers import forward_and_gradients
 from trainer.config.settings import ModelSettings
 from trainer.models import UNet2D, UNet3D
 
@@ -124,21 +125,6 @@ def test_instance_norm_keeps_float32_statistics_under_mixed_bfloat16():
     assert np.abs(tf.cast(out, tf.float32).numpy() - exact).max() < 0.04
 
 
-def _instance_norm_forward_and_gradients(layer, x, upstream, training, signature=None):
-    import tensorflow as tf
-
-    def run(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = layer(x, training=training)
-            loss = tf.reduce_sum(tf.cast(y, tf.float32) * upstream)
-        return (y, *tape.gradient(loss, [x, layer.gamma, layer.beta]))
-
-    if signature is not None:  # a graph with unknown spatial sizes, as the 3D sliding window builds
-        run = tf.function(run, input_signature=[signature])
-    return [tf.cast(t, tf.float32).numpy() for t in run(x)]
-
-
 def _instance_norm_training_path_under_policy(policy: str, x, upstream):
     """The layer's training path under a mixed-precision policy: output, d input, d gamma, d beta."""
     import tensorflow as tf
@@ -176,8 +162,8 @@ def test_instance_norm_training_gradient_equals_the_automatic_gradient_of_the_in
     layer.gamma.assign(rng.uniform(0.5, 2, size=shape[-1]).astype(np.float32))
     layer.beta.assign(rng.normal(size=shape[-1]).astype(np.float32))
     signature = tf.TensorSpec((None, *[None] * (len(shape) - 2), shape[-1]), tf.float32) if unknown_spatial_size else None
-    fast = _instance_norm_forward_and_gradients(layer, x, upstream, True, signature)
-    reference = _instance_norm_forward_and_gradients(layer, x, upstream, False, signature)
+    fast = forward_and_gradients(layer, x, upstream, True, signature)
+    reference = forward_and_gradients(layer, x, upstream, False, signature)
     for name, ours, expected in zip(("output", "d input", "d gamma", "d beta"), fast, reference):
         scale = max(1.0, np.abs(expected).max())
         assert np.abs(ours - expected).max() < 1e-4 * scale, name
@@ -193,7 +179,7 @@ def test_instance_norm_training_path_under_mixed_bfloat16_matches_float32():
     shape = (2, 32, 32, 4)
     x = (rng.normal(size=shape) * 3 + 5).astype(np.float32)
     upstream = tf.constant(rng.normal(size=shape).astype(np.float32))
-    exact = _instance_norm_forward_and_gradients(InstanceNormalization(), tf.constant(x), upstream, False)
+    exact = forward_and_gradients(InstanceNormalization(), tf.constant(x), upstream, False)
     y, dx, dgamma, dbeta = _instance_norm_training_path_under_policy("mixed_bfloat16", tf.cast(x, tf.bfloat16), upstream)
     assert y.dtype == tf.bfloat16 and dx.dtype == tf.bfloat16 and dgamma.dtype == tf.float32
     # the input itself is rounded to bf16 (2^-8 of |x| ~ 0.03 here, over a std of 3)
@@ -236,7 +222,7 @@ def test_instance_norm_training_path_in_float16_does_not_overflow():
     rng = np.random.default_rng(5)
     x = (rng.normal(size=(2, 64, 64, 3)) * 30 + 100).astype(np.float32)
     upstream = tf.constant(rng.normal(size=x.shape).astype(np.float32))
-    exact = _instance_norm_forward_and_gradients(InstanceNormalization(), tf.constant(x), upstream, False)
+    exact = forward_and_gradients(InstanceNormalization(), tf.constant(x), upstream, False)
     y, dx, _, _ = _instance_norm_training_path_under_policy("mixed_float16", tf.cast(x, tf.float16), upstream)
     assert y.dtype == tf.float16 and dx.dtype == tf.float16
     assert np.abs(tf.cast(y, tf.float32).numpy() - exact[0]).max() < 0.01
