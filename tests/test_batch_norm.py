@@ -1,4 +1,4 @@
-"""The 3D UNet's batch norm: Keras' numbers, trained through a 4D view (oneDNN's kernels)."""
+"""The 3D UNet's batch norm: Keras's numbers, trained through a 4D view (oneDNN's kernels)."""
 import numpy as np
 import pytest
 
@@ -8,7 +8,7 @@ SHAPE = (2, 8, 6, 16, 5)  # N, D, H, W, C
 
 
 def _layers(policy: str):
-    """Keras' BatchNormalization and ours, built alike under ``policy``, with the same weights."""
+    """Keras's BatchNormalization and ours, built alike under ``policy``, with the same weights."""
     import tensorflow as tf
 
     from trainer.models.batch_norm import VolumeBatchNormalization
@@ -65,12 +65,38 @@ def _fused_batch_norm_inputs(layer, training: bool, rank: int = 5):
 
 def test_training_runs_the_4d_kernel_and_inference_keeps_keras_graph():
     """TensorFlow hands FusedBatchNormV3 to oneDNN only in 4D: training must reach it through a
-    4D NHWC view; inference (and so every export) keeps Keras' own 5D op."""
+    4D NHWC view; inference (and so every serving signature) keeps Keras's own 5D op."""
     keras, ours = _layers("float32")
     assert _fused_batch_norm_inputs(ours, training=True) == [(4, "NHWC")]
+    assert ours._data_format == "NDHWC"  # the 4D layout lasts one call
     assert _fused_batch_norm_inputs(keras, training=True) == [(5, "NDHWC")]
     assert _fused_batch_norm_inputs(ours, training=False) == [(5, "NDHWC")]
-    assert _fused_batch_norm_inputs(ours, training=True) == [(4, "NHWC")]  # the layout is restored after each call
+
+
+def test_the_layout_is_restored_when_the_call_fails(monkeypatch):
+    import tensorflow as tf
+
+    _, ours = _layers("float32")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setattr(tf.keras.layers.BatchNormalization, "call", fail)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        ours(np.zeros(SHAPE, np.float32), training=True)
+    assert ours._data_format == "NDHWC"
+
+
+def test_a_frozen_layer_normalises_with_its_moving_statistics_as_keras_does():
+    """trainable=False overrides training=True in Keras (fine-tuning): no batch statistics, no update."""
+    keras, ours = _layers("float32")
+    for layer in (keras, ours):
+        layer.trainable = False
+    x = np.random.default_rng(10).normal(size=SHAPE).astype(np.float32) * 2 + 1
+    before = ours.moving_mean.numpy()
+    np.testing.assert_allclose(ours(x, training=True).numpy(), keras(x, training=True).numpy(), atol=1e-5)
+    np.testing.assert_array_equal(ours.moving_mean.numpy(), before)
+    assert _fused_batch_norm_inputs(ours, training=True) == [(5, "NDHWC")]
 
 
 def test_2d_input_is_keras_batch_norm_unchanged():
@@ -78,11 +104,15 @@ def test_2d_input_is_keras_batch_norm_unchanged():
 
     from trainer.models.batch_norm import VolumeBatchNormalization
 
-    layer = VolumeBatchNormalization()
-    layer.build((2, 16, 16, SHAPE[-1]))
+    shape = (2, 16, 16, SHAPE[-1])
+    layer, reference = VolumeBatchNormalization(), tf.keras.layers.BatchNormalization()
+    rng = np.random.default_rng(11)
+    weights = [rng.uniform(0.5, 2, SHAPE[-1]), rng.normal(size=SHAPE[-1]), np.zeros(SHAPE[-1]), np.ones(SHAPE[-1])]
+    for norm in (layer, reference):
+        norm.build(shape)
+        norm.set_weights([w.astype(np.float32) for w in weights])
     assert _fused_batch_norm_inputs(layer, training=True, rank=4) == [(4, "NHWC")]
-    x = tf.random.normal((2, 16, 16, SHAPE[-1]), seed=3)
-    reference = tf.keras.layers.BatchNormalization()
+    x = tf.constant(rng.normal(size=shape).astype(np.float32) * 3 + 2)
     np.testing.assert_allclose(layer(x, training=True).numpy(), reference(x, training=True).numpy(), atol=1e-5)
 
 
