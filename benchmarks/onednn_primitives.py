@@ -7,10 +7,10 @@ primitive execution with its implementation and milliseconds, with one inter-op 
 ops run one at a time and their times add up to the step's). The log is cut into steps
 (a step starts at the first layer's forward convolution), the first steps are dropped
 (primitive creation, first touch), and the rest are averaged per
-(primitive, direction, implementation), and per convolution problem (direction and shape) for the
-largest ones. "outside oneDNN" is the step's wall time minus
-the oneDNN sum: TensorFlow's own kernels (normalisation, activations, casts, the loss, the
-optimizer) and the framework. Verbose logging itself costs a little in both precisions.
+(primitive, direction, implementation), and per convolution problem (direction and shape; layers
+of the same shape share a row) for the largest ones. "outside oneDNN" is the step's wall time
+minus the oneDNN sum: TensorFlow's own kernels (activations, casts, the loss, the optimizer, and
+the 2D instance norm; 3D batch norm runs in oneDNN) and the framework. Verbose logging itself costs a little in both precisions.
 
 Usage: python benchmarks/onednn_primitives.py [--models 2d,3d] [--rounds 2]
        -> benchmarks/results/onednn_primitives.json
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import re
 import statistics
 import tempfile
 from pathlib import Path
@@ -33,9 +34,8 @@ TOP_PROBLEMS = 16  # convolution problems listed one by one, largest first
 
 
 def problem_key(direction: str, problem: str) -> str:
-    """'backward_weights mb2_ic32oc16_id64...' -> 'backward_weights ic32oc16 64x64x64 k3 s1' (batch, in, out, kernel)."""
-    import re
-
+    """'backward_weights mb2_ic32oc16_id64...' -> 'backward_weights ic32oc16 64x64x64 k3 s1': channels in and
+    out, input size, kernel and stride (of the first spatial axis; the UNets' kernels are cubic or square)."""
     channels = re.search(r"ic\d+oc\d+", problem)
     sizes = re.findall(r"i([dhw])(\d+)", problem)
     kernel, stride = re.search(r"k[dh](\d+)", problem), re.search(r"s[dh](\d+)", problem)
@@ -103,13 +103,16 @@ def ratios(fp32: dict, bf16: dict) -> dict:
     out["onednn_total"] = fp32["onednn_ms_per_step"] / bf16["onednn_ms_per_step"]
     out["outside_onednn"] = fp32["outside_onednn_ms_per_step"] / max(bf16["outside_onednn_ms_per_step"], 1e-9)
     out["step_wall"] = fp32["step_p50_ms"] / bf16["step_p50_ms"]
-    largest = sorted(fp32["convolution_ms_per_step"], key=lambda k: -fp32["convolution_ms_per_step"][k])
-    out["convolutions"] = {k: {"fp32_ms": fp32["convolution_ms_per_step"][k],
-                               "bf16_ms": bf16["convolution_ms_per_step"].get(k, 0.0),
-                               "fp32_over_bf16": fp32["convolution_ms_per_step"][k]
-                               / max(bf16["convolution_ms_per_step"].get(k, 0.0), 1e-9)}
-                           for k in largest[:TOP_PROBLEMS] if k in bf16["convolution_ms_per_step"]}
     return out
+
+
+def largest_convolutions(fp32: dict, bf16: dict) -> dict:
+    """The TOP_PROBLEMS convolutions that take fp32 longest, with both times and their ratio."""
+    both = [k for k in fp32["convolution_ms_per_step"] if bf16["convolution_ms_per_step"].get(k, 0.0) > 0]
+    largest = sorted(both, key=lambda k: -fp32["convolution_ms_per_step"][k])[:TOP_PROBLEMS]
+    return {k: {"fp32_ms": fp32["convolution_ms_per_step"][k], "bf16_ms": bf16["convolution_ms_per_step"][k],
+                "fp32_over_bf16": fp32["convolution_ms_per_step"][k] / bf16["convolution_ms_per_step"][k]}
+            for k in largest}
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -117,8 +120,9 @@ def median_run(runs: list[dict]) -> dict:
     kinds = set().union(*(r["ms_per_step"] for r in runs))
     problems = set().union(*(r["convolution_ms_per_step"] for r in runs))
     return {**runs[0], "rounds": len(runs),
-            "convolution_ms_per_step": {k: statistics.median(r["convolution_ms_per_step"].get(k, 0.0) for r in runs)
-                                        for k in problems},
+            "convolution_ms_per_step": dict(sorted(
+                ((k, statistics.median(r["convolution_ms_per_step"].get(k, 0.0) for r in runs)) for k in problems),
+                key=lambda kv: -kv[1])),
             "step_p50_ms": statistics.median(r["step_p50_ms"] for r in runs),
             "onednn_ms_per_step": statistics.median(r["onednn_ms_per_step"] for r in runs),
             "outside_onednn_ms_per_step": statistics.median(r["outside_onednn_ms_per_step"] for r in runs),
@@ -141,6 +145,7 @@ def main() -> None:
                 print(model, precision, round_index + 1, f"{runs[precision][-1]['step_p50_ms']:.0f} ms", flush=True)
         medians = {p: median_run(r) for p, r in runs.items()}
         results["models"][model] = {**medians, "fp32_over_bf16": ratios(medians["fp32"], medians["bf16"]),
+                                    "largest_convolutions": largest_convolutions(medians["fp32"], medians["bf16"]),
                                     "runs": runs}
     save("onednn_primitives", results)
 
