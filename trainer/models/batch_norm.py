@@ -1,8 +1,8 @@
 """Keras batch normalisation that trains volumes through oneDNN's kernels.
 
 TensorFlow hands ``FusedBatchNormV3`` (and its gradient) to oneDNN only for 4D tensors; a 5D
-NDHWC tensor falls back to the Eigen kernels, which were 2.3x slower than oneDNN's for the
-forward and backward pass of the 3D UNet's normalisation layers in fp32, and 2x in bfloat16
+NDHWC tensor falls back to the Eigen kernels, which were 2.9x slower than oneDNN's for the
+forward and backward pass of the 3D UNet's normalisation layers in fp32, and 3.4x in bfloat16
 (``benchmarks/batch_norm_kernels.py``, batch 2 at 64³, 2-core EPYC). Batch statistics are per
 channel over the batch and every spatial axis, so a (N, D, H*W, C) view of the same memory gives
 the same numbers: in training this layer normalises that view as NHWC and reshapes back
