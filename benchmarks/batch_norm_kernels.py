@@ -11,7 +11,6 @@ Usage: python benchmarks/batch_norm_kernels.py [--rounds 2] -> benchmarks/result
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import sys
 from common import ROOT, env, save
 
 SHAPES = [(2, 64, 64, 64, 16), (2, 32, 32, 32, 32), (2, 16, 16, 16, 64), (2, 8, 8, 8, 128), (2, 4, 4, 4, 256)]
-LAYERS = {"keras_5d": "tf.keras.layers.BatchNormalization", "volume_4d": "VolumeBatchNormalization"}
+LAYERS = ("keras_5d", "volume_4d")  # Keras's layer on the 5D tensor; VolumeBatchNormalization
 
 
 def measure(layer: str, precision: str) -> float:
@@ -71,7 +70,7 @@ def main() -> None:
         return child(*args.child)
     runs: dict[str, list[float]] = {}
     for round_index in range(args.rounds):
-        order = list(LAYERS) if round_index % 2 == 0 else list(reversed(LAYERS))  # the machine drifts
+        order = LAYERS if round_index % 2 == 0 else LAYERS[::-1]  # the machine drifts
         for precision in ("fp32", "bf16"):
             for layer in order:
                 runs.setdefault(f"{layer}/{precision}", []).append(measure(layer, precision))

@@ -45,10 +45,14 @@ def _timed(cmd: list, log: Path | None, cwd: Path, **extra_env: str) -> float:
 
 
 def save(name: str, data: dict) -> Path:
+    """Write results/<name>.json whole or not at all (an interrupted run keeps the previous file)."""
+    from trainer.fsutil import write_text
+
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    print(json.dumps(data, indent=2))
+    text = json.dumps(data, indent=2)
+    write_text(path, text + "\n")
+    print(text)
     return path
 
 

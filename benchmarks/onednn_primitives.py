@@ -10,7 +10,8 @@ ops run one at a time and their times add up to the step's). The log is cut into
 (primitive, direction, implementation), and per convolution problem (direction and shape; layers
 of the same shape share a row) for the largest ones. "outside oneDNN" is the step's wall time
 minus the oneDNN sum: TensorFlow's own kernels (activations, casts, the loss, the optimizer, and
-the 2D instance norm; 3D batch norm runs in oneDNN) and the framework. Verbose logging itself costs a little in both precisions.
+the 2D instance norm; 3D batch norm runs in oneDNN) and the framework. Verbose logging itself
+costs a little in both precisions.
 
 Usage: python benchmarks/onednn_primitives.py [--models 2d,3d] [--rounds 2]
        -> benchmarks/results/onednn_primitives.json
