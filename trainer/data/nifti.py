@@ -11,7 +11,6 @@ import gzip
 import math
 import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from trainer.errors import DataError
+from trainer.fsutil import atomic_file
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -242,16 +242,8 @@ def write_volume(path: Path, array: np.ndarray, geometry: Geometry, compress: bo
     image.SetSpacing(spacing)
     image.SetOrigin(origin)
     image.SetDirection(direction.flatten().tolist())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, useCompression=compress and suffix == ".nii.gz")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:  # the temp name keeps .nii(.gz), so SimpleITK picks NIfTI
+        sitk.WriteImage(image, str(tmp), useCompression=compress and path.name.lower().endswith(".gz"))
 
 
 def identity_geometry(spacing: float = 1.0) -> Geometry:

@@ -38,7 +38,19 @@ def split_path_for(data_file: Path) -> Path:
 
 
 def save_split(path: Path, split: dict[str, list[str]], seed: int, source: Path) -> None:
-    write_json(path, {"seed": seed, "source": str(source), **{k: split[k] for k in SPLITS}})
+    """The split, with the raw dataset it was made from as an absolute path: training, evaluation
+    and prediction find the raw volumes there without being told again."""
+    write_json(path, {"seed": seed, "source": str(Path(source).resolve()), **{k: split[k] for k in SPLITS}})
+
+
+def recorded_source(path: Path) -> Path | None:
+    """The raw dataset folder ``prepare`` recorded in a split file; None when there is no readable
+    record. A relative record (older files) is taken relative to the current folder."""
+    try:
+        source = json.loads(Path(path).read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(source).absolute() if isinstance(source, str) and source else None
 
 
 def load_split(path: Path) -> dict[str, list[str]]:

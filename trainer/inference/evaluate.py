@@ -42,6 +42,14 @@ class LabelledCase:
     geometry: Geometry
 
 
+def raw_source(settings: Settings) -> tuple[str, Path]:
+    """The setting and the folder that hold the model's raw, whole volumes: BraTS for 2D,
+    Decathlon for 3D."""
+    if settings.train.model == "2d":
+        return "data.brats_dir", Path(settings.data.brats_dir)
+    return "data.decathlon_dir", Path(settings.data.decathlon_dir)
+
+
 def iter_cases(settings: Settings, split_name: str, limit: int | None) -> tuple[int, Iterator[LabelledCase]]:
     """The split's cases, read one at a time from the raw dataset (BraTS for 2D, Decathlon for 3D)."""
     data = settings.data
@@ -144,7 +152,8 @@ def validation_report(settings: Settings, progress: bool = True, **predictor_opt
     postprocessing_for(settings, predictor, checkpoint, progress)
     stored = postprocess.stored(settings.run_path)
     regions = stored["regions"]
-    report = {"checkpoint": checkpoint, "split": "val", "cases": next(iter(regions.values()))["cases"],
+    report = {"checkpoint": checkpoint, "engine": describe(predictor.engine), "split": "val",
+              "cases": next(iter(regions.values()))["cases"],
               "dice": float(np.mean([r["val_dice_after"] for r in regions.values()])),
               "dice_raw": float(np.mean([r["val_dice_before"] for r in regions.values()])),
               "postprocessing": {name: r["action"] for name, r in regions.items()}}

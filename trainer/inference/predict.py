@@ -1,76 +1,160 @@
-"""Predict tumour masks for NIfTI inputs: BraTS case folders or 4D (Decathlon-style) images.
+"""Predict tumour masks for cases on disk, in nnU-Net's conventions (``nnUNetv2_predict -i -o``).
 
 A whole-tumour model writes a binary mask; a region model (WT/TC/ET) writes the nested label
-map in the input's own convention: BraTS 0/1/2/4 for a case folder, Decathlon 0/1/2/3 for a
-4D image. The run's post-processing decision is applied, as in ``evaluate``.
+map in the input's own convention: BraTS 0/1/2/4 for a case folder, Decathlon 0/1/2/3 for a 4D
+image or nnU-Net channel files. The run's post-processing is applied; a run that has none yet
+for this checkpoint and inference procedure decides it first on its validation split, so every
+case comes out post-processed, or the closing line says why not.
 """
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from trainer.config.settings import Settings
-from trainer.data.brats import discover_brats, read_brats_case
-from trainer.data.nifti import (DEFAULT_MAX_VOXELS, Geometry, is_nifti_name, read_volume, strip_nifti_suffix,
-                                write_volume)
-from trainer.data.normalize import zscore_brain
-from trainer.errors import DataError
+from trainer.data.nifti import read_volume, write_volume
+from trainer.errors import DataError, UserError
 from trainer.fsutil import atomic_file
 from trainer.inference import postprocess
+from trainer.inference.engines import describe
+from trainer.inference.inputs import CaseInput
 from trainer.inference.predictor import Predictor
 from trainer.panels import panel
-from trainer.regions import BRATS, LabelConvention, RegionSet
+from trainer.regions import RegionSet
 
 log = logging.getLogger(__name__)
 
 
-def load_input(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS
-               ) -> tuple[str, np.ndarray, Geometry, LabelConvention | None]:
-    """(name, normalised (x, y, z, 4) image, geometry, label convention: BraTS for a case folder,
-    None (canonical = Decathlon) for a 4D NIfTI) from a case folder or a 4D NIfTI."""
-    path = Path(path)
-    if path.is_dir():
-        cases = discover_brats(path, require_seg=False)
-        if len(cases) != 1:
-            raise DataError(f"{path}: expected one BraTS case folder, found {len(cases)} cases")
-        image, _, first = read_brats_case(cases[0], max_voxels=max_voxels)
-        return cases[0].case_id, zscore_brain(image), first.geometry, BRATS
-    if not is_nifti_name(path.name):
-        raise DataError(f"{path}: expected a BraTS case folder or a .nii/.nii.gz file")
-    volume = read_volume(path, np.float32, max_voxels)
-    if volume.array.ndim != 4 or volume.array.shape[-1] != 4:
-        raise DataError(f"{path}: expected a 4D image with 4 modalities (flair, t1, t1ce, t2), "
-                        f"got shape {volume.array.shape}; pass a BraTS case folder for separate files")
-    return strip_nifti_suffix(path.name), zscore_brain(volume.array), volume.geometry, None
+@dataclass(frozen=True)
+class PredictOptions:
+    out: Path
+    nnunet_names: bool = True        # OUT/CASE.nii.gz; False: OUT/CASE_mask.nii.gz (the positional form)
+    png: bool = False                # an overlay PNG per case
+    save_probabilities: bool = False  # OUT/CASE.npz: float16 (regions, x, y, z) in the source geometry
+    resume: bool = False             # --continue: skip cases whose outputs exist and read back whole
+    progress: bool = True
 
 
-def predict_files(settings: Settings, inputs: list[Path], out: Path, **predictor_options) -> list[Path]:
+@dataclass(frozen=True)
+class PredictReport:
+    written: list[Path]
+    predicted: int
+    skipped: int
+    seconds: float
+    engine: str
+    postprocessing: str
+
+    def closing_line(self) -> str:
+        per_case = f"{self.seconds / self.predicted:.1f} s/case" if self.predicted else "nothing to predict"
+        skipped = f", {self.skipped} already done (--continue)" if self.skipped else ""
+        return (f"predicted {self.predicted} case(s) in {self.seconds:.1f} s ({per_case}){skipped}; engine: "
+                f"{self.engine}; post-processing: {self.postprocessing}")
+
+
+def output_paths(case: CaseInput, regions: RegionSet, options: PredictOptions) -> dict[str, Path]:
+    """Where one case's outputs go, by kind (mask, probabilities, png)."""
+    out = Path(options.out)
+    if options.nnunet_names:
+        paths = {"mask": out / f"{case.name}.nii.gz"}
+    else:
+        paths = {"mask": out / f"{case.name}_{'mask' if regions.names == ('wt',) else 'labels'}.nii.gz"}
+    if options.save_probabilities:
+        paths["probabilities"] = out / f"{case.name}.npz"
+    if options.png:
+        paths["png"] = out / (f"{case.name}.png" if options.nnunet_names else f"{case.name}_overlay.png")
+    return paths
+
+
+def predict_cases(settings: Settings, cases: list[CaseInput], options: PredictOptions,
+                  **predictor_options) -> PredictReport:
     regions = RegionSet(settings.model.regions)
+    todo = [case for case in cases if not (options.resume and _finished(output_paths(case, regions, options)))]
+    if not todo:
+        return PredictReport([], 0, len(cases), 0.0, "none (nothing left to predict)", "as before")
     predictor, checkpoint = Predictor.from_run(settings, **predictor_options)
+    decisions, state = _postprocessing(settings, predictor, checkpoint, options.progress)
+    written: list[Path] = []
+    start = time.perf_counter()
+    for case in tqdm(todo, desc="predict", unit="case", disable=not options.progress):
+        paths = output_paths(case, regions, options)
+        image, geometry, convention = case.load(settings.data.max_voxels)
+        probability = predictor.predict_channels(image)
+        raw = probability > settings.model.threshold
+        masks = postprocess.apply_decisions(raw, regions.names, decisions, geometry.spacing)
+        if "probabilities" in paths:
+            _write_probabilities(paths["probabilities"], probability, regions.names, geometry.spacing)
+        if "png" in paths:
+            _write_overlay(paths["png"], image, masks, regions.names)
+        # the mask last: --continue takes a case whose mask reads back whole as finished
+        write_volume(paths["mask"], regions.file_labels(masks, convention), geometry)
+        written += list(paths.values())
+    return PredictReport(written, len(todo), len(cases) - len(todo), time.perf_counter() - start,
+                         describe(predictor.engine), state)
+
+
+def _postprocessing(settings: Settings, predictor: Predictor, checkpoint: str,
+                    progress: bool) -> tuple[dict[str, str], str]:
+    """The run's decisions for this checkpoint and procedure, decided now when there are none yet."""
+    from trainer.inference.evaluate import postprocessing_for
+    from trainer.training.run import decide_command
+
     inference = postprocess.procedure(settings.model.threshold, predictor.mirrored_axes())
     decisions = postprocess.load(settings.run_path, checkpoint, inference)
-    if decisions is None:
-        log.warning("%s: no post-processing decided for %s with threshold %s and mirror_axes %s yet "
-                    "('unet-train evaluate' decides it on the validation split); writing the raw masks",
-                    settings.run_path, checkpoint, inference["threshold"], inference["mirror_axes"])
-        decisions = {}
-    written = []
-    for path in inputs:
-        name, image, geometry, convention = load_input(path, settings.data.max_voxels)
-        raw = predictor.predict_channels(image) > settings.model.threshold
-        masks = postprocess.apply_decisions(raw, regions.names, decisions, geometry.spacing)
-        mask_path = Path(out) / f"{name}_{'mask' if regions.names == ('wt',) else 'labels'}.nii.gz"
-        write_volume(mask_path, regions.file_labels(masks, convention), geometry)
-        tumour = masks[..., 0]
-        z = int(np.argmax(tumour.sum(axis=(0, 1)))) if tumour.any() else image.shape[2] // 2
-        plane = np.transpose(masks[:, :, z], (1, 0, 2))  # transpose: x across, y down
-        picture = panel(image[:, :, z, 0].T, None, plane, regions.names)
-        png_path = Path(out) / f"{name}_overlay.png"
-        with atomic_file(png_path) as tmp:  # the temp name ends in .png, so OpenCV picks PNG
-            if not cv2.imwrite(str(tmp), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)):
-                raise DataError(f"{png_path}: could not write PNG")
-        written += [mask_path, png_path]
-    return written
+    if decisions is not None:
+        return decisions, _describe(decisions)
+    log.info("%s: no post-processing decided yet for %s (threshold %s, mirror axes %s): deciding it on the "
+             "validation split", settings.run_path, checkpoint, inference["threshold"], inference["mirror_axes"])
+    try:
+        decisions = postprocessing_for(settings, predictor, checkpoint, progress)
+    except UserError as exc:
+        state = f"NONE, raw masks written ({exc}); decide it with: {decide_command(settings)}"
+        log.warning("post-processing: %s", state)
+        return {}, state
+    return decisions, _describe(decisions)
+
+
+def _describe(decisions: dict[str, str]) -> str:
+    return ", ".join(f"{region} {action}" for region, action in decisions.items()) or "none"
+
+
+def _finished(paths: dict[str, Path]) -> bool:
+    """Every output of a case exists and reads back whole (a truncated file is predicted again)."""
+    try:
+        for kind, path in paths.items():
+            if not path.is_file():
+                return False
+            if kind == "mask":
+                read_volume(path)
+            elif kind == "probabilities":
+                with np.load(path) as archive:
+                    archive["probabilities"]
+            elif kind == "png" and cv2.imread(str(path)) is None:
+                return False
+    except (DataError, OSError, ValueError, KeyError):
+        return False
+    return True
+
+
+def _write_probabilities(path: Path, probability: np.ndarray, names: tuple[str, ...],
+                         spacing: tuple[float, ...]) -> None:
+    """As nnU-Net's --save_probabilities: one float16 map per region, in the source geometry."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as handle:
+        np.savez_compressed(handle, probabilities=np.moveaxis(probability, -1, 0).astype(np.float16),
+                            regions=np.asarray(names), spacing=np.asarray(spacing, dtype=np.float64),
+                            axes=np.asarray("region,x,y,z"))
+
+
+def _write_overlay(path: Path, image: np.ndarray, masks: np.ndarray, names: tuple[str, ...]) -> None:
+    tumour = masks[..., 0]
+    z = int(np.argmax(tumour.sum(axis=(0, 1)))) if tumour.any() else image.shape[2] // 2
+    plane = np.transpose(masks[:, :, z], (1, 0, 2))  # transpose: x across, y down
+    picture = panel(image[:, :, z, 0].T, None, plane, names)
+    with atomic_file(path) as tmp:  # the temp name ends in .png, so OpenCV picks PNG
+        if not cv2.imwrite(str(tmp), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)):
+            raise DataError(f"{path}: could not write PNG")

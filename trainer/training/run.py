@@ -1,0 +1,87 @@
+"""A training run end to end: train, then the best checkpoint on the whole validation volumes.
+
+The second half decides the run's post-processing and writes ``runs/R/validation.json``, so
+that ``predict`` right after ``train`` already applies it. When the raw volumes cannot be
+reached, the run says so at its start, and at its end prints the command that decides it later:
+nothing is skipped silently.
+"""
+from __future__ import annotations
+
+import logging
+import shlex
+
+from trainer.config.settings import Settings
+from trainer.errors import UserError
+from trainer.runtime.contract import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def unreachable_validation_source(settings: Settings) -> str | None:
+    """One line when the end-of-training validation will not find the raw volumes, else None."""
+    if not settings.train.validate_full_volumes:
+        return None
+    from trainer.inference.evaluate import raw_source
+
+    key, folder = raw_source(settings)
+    if folder.is_dir():
+        return None
+    return (f"{key} = {folder}: raw volumes not found, so the end-of-training validation cannot decide the "
+            f"post-processing; fix: prepare with --src DIR (recorded for later), or --set {key}=DIR, or "
+            f"--set train.validate_full_volumes=false")
+
+
+def decide_command(settings: Settings) -> str:
+    """The command that decides the post-processing of this run later."""
+    from trainer.inference.evaluate import raw_source
+
+    key, _ = raw_source(settings)
+    return shlex.join(["unet-train", "evaluate", "--split", "val", "--run-dir", str(settings.train.run_dir),
+                       "--run-name", settings.train.run_name, "--no-predictions", "--set", f"{key}=DIR"])
+
+
+def describe_result(result) -> str:
+    return (f"trained {result.epochs_run} epoch(s) (now at epoch {result.final_epoch}, step {result.step}); "
+            f"best val Dice {result.best_val_dice:.4f} (case-level); run: {result.run_path}")
+
+
+def train_run(settings: Settings, runtime: Runtime, progress: bool):
+    """Train on ``runtime``; returns the TrainResult. Validation follows in :func:`validate_run`
+    (on the chief alone, once the other processes may go)."""
+    from trainer.training.loop import train
+
+    if runtime.is_chief:
+        problem = unreachable_validation_source(settings)
+        if problem:
+            log.warning("%s", problem)
+    return train(settings, runtime, progress=progress)
+
+
+def validate_run(settings: Settings, result, progress: bool) -> str | None:
+    """Chief, after training: the best checkpoint on the whole validation volumes. Returns the line
+    to print (the figure, or why post-processing is undecided and the command that decides it)."""
+    if not settings.train.validate_full_volumes:
+        return None
+    from trainer.fsutil import write_json
+    from trainer.inference.evaluate import validation_report
+
+    path = settings.run_path / "validation.json"
+    if result.epochs_run == 0 and path.exists():
+        return None
+    try:
+        # OpenVINO in float32 where it is installed (the faster engine, parity checked by export;
+        # figures stay those of the fp32 model on any CPU), else TensorFlow float32
+        report = validation_report(settings, progress, engine="auto", precision="fp32")
+    except UserError as exc:  # e.g. the raw volumes are not on this host: training itself succeeded
+        message = (f"post-processing undecided: no full-volume validation ({exc}); once the raw volumes are "
+                   f"reachable, decide it with: {decide_command(settings)}")
+        log.warning("%s", message)
+        return message
+    if report is None:
+        return None
+    write_json(path, report)
+    actions = ", ".join(f"{region}: {action}" for region, action in report["postprocessing"].items())
+    message = (f"validation on {report['cases']} whole case(s), best checkpoint, {report['engine']}: "
+               f"Dice {report['dice']:.4f} after post-processing ({actions}), {report['dice_raw']:.4f} before; {path}")
+    log.info("%s", message)
+    return message
