@@ -242,9 +242,10 @@ class Launcher:
             if plan.tensorboard:
                 host, port = plan.tensorboard
                 bind = self.settings.logging.tensorboard_host
-                self.say(f"TensorBoard on {host}: http://{bind}:{port}/  (from a laptop: ssh -N -L "
-                         f"{port}:{bind}:{port} -p {self.settings.cluster.ssh_port} "
-                         f"{ssh_user(self.settings.cluster)}@{host}, then open http://127.0.0.1:{port}/)")
+                tunnel = shlex.join(["ssh", "-N", "-L", f"{port}:{bind}:{port}", "-p",
+                                     str(self.settings.cluster.ssh_port), f"{ssh_user(self.settings.cluster)}@{host}"])
+                self.say(f"TensorBoard on {host}: http://{bind}:{port}/  (from a laptop: {tunnel}, then open "
+                         f"http://127.0.0.1:{port}/)")
             self._followed = [role for role in plan.roles if role.follow]
             codes = self.follow()
             self.say_restarts(plan)

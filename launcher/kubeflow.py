@@ -150,7 +150,8 @@ def tfjob(settings: Settings) -> list[dict]:
             container["env"] = [{"name": "REPLICA_INDEX", "valueFrom": {
                 "fieldRef": {"fieldPath": f"metadata.labels['{REPLICA_INDEX_LABEL}']"}}}]
         return {"replicas": count, "restartPolicy": "Never",
-                "template": {"spec": {"containers": [container], "volumes": _volumes(name)}}}
+                "template": {"metadata": {"labels": _labels(name)},  # what the NetworkPolicy admits
+                             "spec": {"containers": [container], "volumes": _volumes(name)}}}
 
     grpc = [{"name": "tfjob-port", "containerPort": port}]
     control = [{"name": "control", "containerPort": settings.cluster.control_port}]
@@ -161,7 +162,19 @@ def tfjob(settings: Settings) -> list[dict]:
                         "Chief": replica(1, ["chief"], grpc + control),
                         "PS": replica(kubeflow.ps, ["ps", "--index", "$(REPLICA_INDEX)"], grpc),
                         "Worker": replica(kubeflow.workers, ["worker", "--index", "$(REPLICA_INDEX)"], grpc)}}}
-    return [_config_map(name, kubeflow.namespace, settings), _claim(name, settings), job]
+    return [_config_map(name, kubeflow.namespace, settings), _claim(name, settings),
+            _job_only_network_policy(name, kubeflow.namespace, [port, settings.cluster.control_port]), job]
+
+
+def _job_only_network_policy(name: str, namespace: str, ports: list[int]) -> dict:
+    """TensorFlow's gRPC servers authenticate no one: only the job's own pods may reach its ports
+    (without it, every pod in the namespace could run ops on a parameter server). Needs a network
+    plugin that enforces NetworkPolicy (Calico, Cilium, ...); on one that does not, it is inert."""
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": f"{name}-job-only", "namespace": namespace, "labels": _labels(name)},
+            "spec": {"podSelector": {"matchLabels": _labels(name)}, "policyTypes": ["Ingress"],
+                     "ingress": [{"from": [{"podSelector": {"matchLabels": _labels(name)}}],
+                                  "ports": [{"protocol": "TCP", "port": p} for p in ports]}]}}
 
 
 def render(settings: Settings, mode: str) -> list[dict]:

@@ -6,11 +6,16 @@ the checkout lacks. Seen: with ``train.run_dir=experiments`` the old fixed list 
 at epoch 0. So every run and data path in settings that lies inside the workdir (relative
 paths do: the roles run there) becomes an anchored rsync exclude, which also protects it from
 --delete; one that cannot be expressed safely as a rule is refused.
+
+"Inside" is decided on resolved paths, never on their text: a relative path is taken from the
+folder it is used in, ``..`` and repeated slashes are folded, and symlinks that exist here are
+followed (``../unet-train/experiments``, ``//srv/unet-train/experiments`` and a link into the
+workdir all name the same folder to rsync).
 """
 from __future__ import annotations
 
 import os
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from trainer.config.settings import Settings
 from trainer.data.split import split_path_for
@@ -38,27 +43,37 @@ def mirror_excludes(settings: Settings, workdir: str, source_root: Path) -> list
     excludes: list[str] = []
     for key, path, folder in settings_paths(settings):
         for base in (workdir, str(source_root)):
-            relative = _inside(path, base)
-            if relative is None:
-                continue
-            if relative == ".":
-                raise UserError(f"{key}: {path} is the workdir itself ({base}); the code sync mirrors that folder "
-                                f"with rsync --delete. Use a folder inside it (e.g. runs) or outside it")
-            if RSYNC_WILDCARDS & set(relative) or "\n" in relative:
-                raise UserError(f"{key}: {path} contains one of * ? [ \\ or a newline, which rsync reads as a "
-                                f"pattern, so the code sync cannot protect it; rename it")
-            rule = "/" + relative + ("/" if folder else "")
-            if rule not in excludes:
-                excludes.append(rule)
+            for relative in _inside(path, base):
+                if relative == ".":
+                    raise UserError(f"{key}: {path} is the workdir itself ({base}); the code sync mirrors that "
+                                    f"folder with rsync --delete. Use a folder inside it (e.g. runs) or outside it")
+                if RSYNC_WILDCARDS & set(relative) or "\n" in relative:
+                    raise UserError(f"{key}: {path} contains one of * ? [ \\ or a newline, which rsync reads as a "
+                                    f"pattern, so the code sync cannot protect it; rename it")
+                rule = "/" + relative + ("/" if folder else "")
+                if rule not in excludes:
+                    excludes.append(rule)
     return excludes
 
 
-def _inside(path: Path, base: str) -> str | None:
-    """``path`` relative to ``base`` when it lies inside it (lexically), else None."""
-    text = os.path.normpath(str(path))
-    if not PurePosixPath(text).is_absolute():
-        return None if text == ".." or text.startswith("../") else text
-    base = os.path.normpath(base)
-    if text == base:
-        return "."
-    return text[len(base) + 1:] if text.startswith(base.rstrip("/") + "/") else None
+def _inside(path: Path, base: str) -> list[str]:
+    """Every spelling, relative to ``base``, under which ``path`` lies inside ``base`` (``.`` for
+    the base itself): lexically, and with symlinks that exist on this machine resolved. A relative
+    path is taken from ``base``, where the roles run."""
+    base_forms = {_fold(base), os.path.realpath(_fold(base))}
+    lexical = _fold(os.path.join(base, str(path)))
+    found: list[str] = []
+    for candidate in dict.fromkeys((lexical, os.path.realpath(lexical))):
+        for root in base_forms:
+            if candidate == root:
+                found.append(".")
+            elif candidate.startswith(root.rstrip("/") + "/"):
+                found.append(candidate[len(root.rstrip("/")) + 1:])
+    return list(dict.fromkeys(found))
+
+
+def _fold(text: str) -> str:
+    """An absolute path with ``.``, ``..`` and repeated slashes folded (POSIX keeps a leading ``//``
+    as it is; rsync and the kernel do not)."""
+    folded = os.path.normpath(text)
+    return "/" + folded.lstrip("/") if folded.startswith("/") else folded

@@ -129,23 +129,81 @@ def test_oversized_line_is_cut_off_without_memory_growth(server):
     assert settle(lambda: srv.refused == 1)
 
 
-def test_unauthenticated_connections_are_capped_and_time_out(server):
-    """Seen: 400 idle connections made 400 threads. At most max_pending handshakes, each bounded."""
+def eof_within(conn: socket.socket, seconds: float) -> bool:
+    """True when the peer closes ``conn`` within ``seconds`` (whatever it sent before)."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        conn.settimeout(left)
+        try:
+            if conn.recv(4096) == b"":
+                return True
+        except socket.timeout:
+            return False
+        except OSError:
+            return True
+    return False
+
+
+def handshake_threads() -> int:
+    return sum(t.name == "control-conn" and t.is_alive() for t in threading.enumerate())
+
+
+def test_handshakes_are_capped_the_oldest_gives_way_and_each_is_bounded(server):
+    """Seen: 400 idle connections made 400 threads. At most max_pending handshakes, each bounded;
+    at the cap the oldest is dropped, never the newcomer."""
     srv = server(max_pending=4, handshake_timeout_s=1.5)
-    conns = [socket.create_connection(srv.address, timeout=3) for _ in range(10)]
-    first_lines = [c.makefile("rb").readline(control.MAX_LINE) for c in conns]
-    assert sum(line.startswith(b"CHALLENGE") for line in first_lines) == 4
-    assert first_lines.count(b"") == 6  # closed at once, no thread
-    assert sum(t.name == "control-conn" for t in threading.enumerate()) <= 4
+    conns = []
+    for _ in range(10):
+        conns.append(socket.create_connection(srv.address, timeout=3))
+        time.sleep(0.05)  # arrivals in order
+    assert settle(lambda: handshake_threads() <= 4)
+    assert all(eof_within(conn, 1.0) for conn in conns[:6])  # made room for the newer ones
     start = time.monotonic()
-    for conn, line in zip(conns, first_lines):
-        if line:
-            assert conn.recv(1) == b""  # the idle handshake is dropped after handshake_timeout_s
-    assert time.monotonic() - start < 5
+    assert all(eof_within(conn, 3.0) for conn in conns[6:])  # then timed out themselves
+    assert time.monotonic() - start < 3
     for conn in conns:
         conn.close()
+    assert srv.refused == 10
     client = ControlClient.connect(srv.address, "worker", 0, 5, TOKEN)  # slots are free again
     assert srv.registered() == [("worker", 0)]
+    srv.stop_all(0)
+    assert client.wait_for_stop() == 0
+
+
+def test_slowloris_neither_holds_a_slot_past_the_deadline_nor_blocks_a_worker(server, caplog):
+    """Seen: 32 connections that read the CHALLENGE and then sent one byte every 5 s held every
+    handshake slot for ever (the timeout bounded each recv), and a restarted worker could not register."""
+    srv = server(handshake_timeout_s=2.0)  # the default cap, 32 slots
+    stop = threading.Event()
+    slow = [socket.create_connection(srv.address, timeout=3) for _ in range(32)]
+    for conn in slow:
+        assert conn.recv(64).startswith(b"CHALLENGE")
+
+    def trickle():
+        while not stop.wait(0.3):
+            for conn in slow:
+                try:
+                    conn.send(b"H")
+                except OSError:
+                    pass
+    dripper = threading.Thread(target=trickle, daemon=True)
+    dripper.start()
+    try:
+        start = time.monotonic()
+        client = ControlClient.connect(srv.address, "worker", 1, 5, TOKEN)  # while all 32 trickle
+        assert time.monotonic() - start < 1.0
+        assert srv.registered() == [("worker", 1)]
+        again = time.monotonic()
+        assert eof_within(slow[-1], 4.0)  # bytes keep coming, yet the deadline holds
+        assert time.monotonic() - again < 3.0
+    finally:
+        stop.set()
+        dripper.join(2)
+        for conn in slow:
+            conn.close()
+    assert settle(lambda: srv.refused == 32)
+    warnings = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert any("32 connection(s) refused so far" in w or "11 connection(s) refused so far" in w for w in warnings)
     srv.stop_all(0)
     assert client.wait_for_stop() == 0
 

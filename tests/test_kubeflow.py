@@ -119,6 +119,24 @@ def test_tfjob_validates_with_ps_worker_chief_and_the_operators_addresses(tmp_pa
     assert settings.cpu.intra_op_threads == 5 and docs["ConfigMap"]["metadata"]["namespace"] == "brain"
 
 
+def test_tfjob_ports_admit_only_the_jobs_own_pods(tmp_path, validators):
+    """TensorFlow's gRPC servers authenticate no one: a NetworkPolicy lets only the job's pods in."""
+    docs = by_kind(render(tmp_path, "ps", "--namespace", "brain", "--set", "cluster.control_port=3000"))
+    policy = docs["NetworkPolicy"]
+    assert policy["apiVersion"] == "networking.k8s.io/v1" and policy["metadata"]["namespace"] == "brain"
+    selected = policy["spec"]["podSelector"]["matchLabels"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    [rule] = policy["spec"]["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": selected}}]  # nothing else: no namespace, no IP block
+    assert sorted(p["port"] for p in rule["ports"]) == [2222, 3000]
+    for kind, spec in docs["TFJob"]["spec"]["tfReplicaSpecs"].items():  # every pod of the job is selected
+        labels = spec["template"]["metadata"]["labels"]
+        assert all(labels.get(k) == v for k, v in selected.items()), kind
+    assert errors(validators["TFJob"], docs["TFJob"]) == []
+    other = by_kind(render(tmp_path, "ps", "--run-name", "other"))["NetworkPolicy"]
+    assert other["spec"]["podSelector"] != policy["spec"]["podSelector"]  # another job's pods are not admitted
+
+
 def test_the_strict_schema_catches_typos_and_wrong_types(tmp_path, validators):
     """The check can fail: an unknown field, a wrong type or a missing required key is reported."""
     job = by_kind(render(tmp_path, "ps"))["TFJob"]

@@ -17,7 +17,11 @@ def test_private_loopback_and_link_local_addresses(address):
 
 
 @pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "2001:4860:4860::8888", "0.0.0.0", "::",
-                                     "::ffff:8.8.8.8", "not-an-ip"])
+                                     "::ffff:8.8.8.8", "not-an-ip",
+                                     # Python calls these private, yet they route (second probe):
+                                     "2001:0::1", "2001:0:4136:e378:8000:63bf:3fff:fdd2", "240.0.0.1",
+                                     "255.255.255.254", "0.1.2.3", "198.18.0.1", "198.19.255.1",
+                                     "::ffff:240.0.0.1"])
 def test_public_or_unspecified_addresses(address):
     assert not is_private(address)
 
@@ -108,3 +112,15 @@ def test_tensorboard_off_loopback_is_warned(tmp_path, bind, warned):
     assert ("warning: TensorBoard on node1 binds to " + bind in text) is warned, text[:2000]
     if warned:
         assert "patient MRI" in text and "ssh -N -L" in text
+
+
+def test_roles_refuse_a_host_with_a_public_interface_address():
+    from trainer.network import check_host_interfaces
+
+    check_host_interfaces("ps 0", False, lambda: [])
+    check_host_interfaces("ps 0", True, lambda: [("eth1", "34.1.2.3")])  # the user vouches for a firewall
+    with pytest.raises(UserError) as caught:
+        check_host_interfaces("worker 1", False, lambda: [("eth1", "34.1.2.3"), ("tun0", "2001:0::7")])
+    message = str(caught.value)
+    assert message.startswith("worker 1: this host has public address(es) 34.1.2.3 on eth1, 2001:0::7 on tun0")
+    assert "cluster.allow_public_network: true" in message

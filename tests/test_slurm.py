@@ -101,7 +101,13 @@ def test_dry_run_shows_the_whole_batch_script_and_writes_nothing(tmp_path):
 @pytest.mark.parametrize("override, named", [
     ('cluster.slurm.extra_sbatch=["--mem=1G\\n#SBATCH --wrap=id"]', "cluster.slurm.extra_sbatch"),  # YAML \n
     ("cluster.slurm.extra_sbatch=['--comment=$(touch /tmp/x)']", "cluster.slurm.extra_sbatch"),
-    ("cluster.slurm.extra_sbatch=[--output=/tmp/elsewhere]", "--output is set by the launcher"),
+    ("cluster.slurm.extra_sbatch=[--output=/tmp/elsewhere]", "--output is (sbatch reads it as) --output"),
+    # sbatch takes any unambiguous prefix of a long option (getopt_long): the second probe's forms
+    ("cluster.slurm.extra_sbatch=[--outp=/tmp/elsewhere]", "--outp is (sbatch reads it as) --output"),
+    ("cluster.slurm.extra_sbatch=[--out=/tmp/elsewhere]", "--out is (sbatch reads it as) --output"),
+    ("cluster.slurm.extra_sbatch=[--chd=/tmp]", "--chd is (sbatch reads it as) --chdir"),
+    ("cluster.slurm.extra_sbatch=[--wra=id]", "--wra is (sbatch reads it as) --wrap"),
+    ("cluster.slurm.extra_sbatch=[--export-file=/tmp/env]", "--export-file is (sbatch reads it as) --export-file"),
     ("cluster.slurm.partition=debug;id", "cluster.slurm.partition"),
     ("cluster.slurm.time=1h", "cluster.slurm.time"),
     ("cluster.slurm.constraint=quad flat", "cluster.slurm.constraint"),

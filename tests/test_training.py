@@ -236,7 +236,7 @@ def test_export_parity(trained_2d):
     run, flags, work = trained_2d
     result = run_cli("export", *flags, cwd=work, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((run / "export" / "export.json").read_text())
+    report = json.loads((run / "export" / "saved_model" / "export.json").read_text())
     assert report["max_abs_diff"] <= 1e-5
     # Independent check: load the SavedModel here and compare with the checkpointed Keras model.
     from trainer.config.settings import ModelSettings
@@ -261,9 +261,22 @@ def test_export_refuses_an_existing_output_unless_overwrite(trained_2d, tmp_path
     lines = [line for line in refused.stderr.splitlines() if "error:" in line]
     assert len(lines) == 1 and str(out) in lines[0] and "--overwrite" in lines[0], refused.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # untouched
-    replaced = run_cli("export", *flags, "--out", out, "--overwrite", cwd=work, timeout=300)
-    assert replaced.returncode == 0, replaced.stderr[-3000:]
-    assert (out / "saved_model.pb").exists() and not (out / "notes.txt").exists()
+    # --overwrite replaces an earlier export only, never a folder export did not write
+    kept = run_cli("export", *flags, "--out", out, "--overwrite", cwd=work, timeout=300)
+    assert kept.returncode == 2 and "is not an earlier export" in kept.stderr, kept.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    for inside in (run, run.parent, run / ".."):  # the run itself, or a folder that holds it
+        refused = run_cli("export", *flags, "--out", inside, "--overwrite", cwd=work, timeout=300)
+        assert refused.returncode == 2 and "is the run folder" in refused.stderr, refused.stderr[-2000:]
+    assert list((run / "checkpoints" / "best").glob("best-*.index"))
+    fresh = tmp_path / "fresh"
+    first = run_cli("export", *flags, "--out", fresh, cwd=work, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (tmp_path / "export.json").write_text("a neighbour's file\n")
+    again = run_cli("export", *flags, "--out", fresh, "--overwrite", cwd=work, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (fresh / "saved_model.pb").exists() and (fresh / "export.json").exists()
+    assert (tmp_path / "export.json").read_text() == "a neighbour's file\n"  # nothing written beside --out
 
 
 def test_a_diverged_run_stops_with_a_clear_error_and_no_nan_checkpoint(prepared_brats, brats_dataset, tmp_path):

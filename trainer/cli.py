@@ -295,7 +295,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     report = export(settings, args.format, args.out, overwrite=args.overwrite)
     if args.format == "savedmodel":
-        print(f"SavedModel: {report['saved_model']} (max |export - keras| = {report['max_abs_diff']:.2e})")
+        print(f"SavedModel: {report['saved_model']} (max |export - keras| = {report['max_abs_diff']:.2e}); "
+              f"report: {Path(report['saved_model']) / 'export.json'}")
         return 0
     checks = report["checks"]
     bf16 = checks["bf16"]

@@ -6,9 +6,10 @@ import csv
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 from trainer.errors import UserError
 
@@ -16,6 +17,43 @@ from trainer.errors import UserError
 def refuse_existing(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise UserError(f"{path}: output already exists (pass --overwrite to replace it)")
+
+
+def open_regular(path: Path, label: str | None = None) -> tuple[BinaryIO, os.stat_result]:
+    """Open ``path`` for reading only if it is a regular file, and return it with its status.
+
+    The check is made on the open descriptor (what is read is what was checked, a symlink
+    included), and the open itself cannot block: a FIFO would hang a plain ``open`` until a writer
+    appears, and /dev/zero would feed a reader for ever."""
+    label = label or str(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UserError(f"{label}: not a regular file ({_kind(info.st_mode)}); expected a file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb"), info
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular_text(path: Path, label: str | None = None, limit: int = 64 << 20) -> str:
+    """The text of a regular file of at most ``limit`` bytes (see :func:`open_regular`)."""
+    handle, _ = open_regular(path, label)
+    with handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise UserError(f"{label or path}: larger than {limit:,} bytes; expected a small text file")
+    return data.decode("utf-8", errors="replace")
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return "not a plain file"
 
 
 @contextlib.contextmanager

@@ -20,6 +20,11 @@ Resolver = Callable[[str], list[str]]
 # RFC 6598 shared address space (carrier-grade NAT, also Tailscale): not routable on the internet,
 # but Python's is_private says False for it.
 SHARED_ADDRESS_SPACE = ipaddress.ip_network("100.64.0.0/10")
+# Python's is_private also says True for these, yet they reach other networks: Teredo tunnels
+# IPv6 over the internet, and 0/8, 240/4 and the 198.18/15 benchmarking block are routed by some
+# networks and stacks. None of them is a private network a cluster could be isolated on.
+ROUTED_DESPITE_PYTHON = tuple(ipaddress.ip_network(n) for n in ("2001::/32", "0.0.0.0/8", "240.0.0.0/4",
+                                                                 "198.18.0.0/15"))
 ALL_INTERFACES = ("", "0.0.0.0", "::", "*")
 
 
@@ -40,7 +45,7 @@ def is_private(address: str) -> bool:
         return False
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
         ip = ip.ipv4_mapped
-    if ip.is_unspecified:
+    if ip.is_unspecified or any(ip in net for net in ROUTED_DESPITE_PYTHON if net.version == ip.version):
         return False
     return ip.is_loopback or ip.is_link_local or ip.is_private or ip in SHARED_ADDRESS_SPACE
 
@@ -75,3 +80,31 @@ def check_private_network(hosts: Iterable[str], allow_public: bool, resolver: Re
         public = [a for a in addresses if not is_private(a)]
         if public:
             raise UserError(f"cluster host {host}: {', '.join(public)} is a public address{how}")
+
+
+def public_interface_addresses() -> list[tuple[str, str]]:
+    """(interface, address) for every address of this host's own interfaces that is not private."""
+    import psutil
+
+    found = []
+    for name, addresses in sorted(psutil.net_if_addrs().items()):
+        for address in addresses:
+            if address.family in (socket.AF_INET, socket.AF_INET6) and not is_private(address.address):
+                found.append((name, address.address.split("%", 1)[0]))
+    return found
+
+
+def check_host_interfaces(role: str, allow_public: bool,
+                          addresses: Callable[[], list[tuple[str, str]]] = public_interface_addresses) -> None:
+    """Refuse to start a parameter-server role on a host that carries a public address: its gRPC
+    server listens on every interface, whatever address the cluster names, so it would be reachable
+    there without authentication (seen: a TensorFlow client wrote a file through such an address)."""
+    if allow_public:
+        return
+    public = addresses()
+    if public:
+        shown = ", ".join(f"{address} on {name}" for name, address in public)
+        raise UserError(f"{role}: this host has public address(es) {shown}; a parameter-server role's gRPC "
+                        f"server listens on every interface without authentication, so it would be reachable "
+                        f"there. Run on hosts without public addresses, or set cluster.allow_public_network: "
+                        f"true if a firewall isolates them")

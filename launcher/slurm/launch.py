@@ -10,6 +10,7 @@ every node sees; nothing is synced.
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import sys
 import time
@@ -121,9 +122,11 @@ class SlurmLauncher:
                 "total_s": time.monotonic() - self._started})
             self.say(f"done: job {job_id} completed; merged log {self.files.run_dir / 'training.log'}")
             if self.settings.cluster.tensorboard:
+                serve = shlex.join(["tensorboard", "--logdir", str(self.files.run_dir / "tensorboard"), "--host",
+                                    self.settings.logging.tensorboard_host, "--port",
+                                    str(self.settings.logging.tensorboard_port)])
                 self.say(f"TensorBoard: {self.files.run_dir / 'tensorboard'} is on the shared filesystem; "
-                         f"serve it from a login node: tensorboard --logdir {self.files.run_dir / 'tensorboard'} "
-                         f"--host {self.settings.logging.tensorboard_host} --port {self.settings.logging.tensorboard_port}")
+                         f"serve it from a login node: {serve}")
             return 0
         except KeyboardInterrupt:
             self.say(f"interrupted: cancelling the job ... ({signal.Signals(self.interrupts.signum).name})")

@@ -10,7 +10,8 @@ import yaml
 from pydantic import ValidationError
 
 from trainer.config.settings import Settings, settings_to_yaml  # noqa: F401 (re-export)
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, UserError
+from trainer.fsutil import read_regular_text
 
 
 def load_settings(path: Path | None, overrides: Iterable[str] = (),
@@ -48,11 +49,13 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular_text(path, f"{path}: settings file")
     except FileNotFoundError:
         raise ConfigError(f"{path}: settings file not found") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read settings file ({exc.strerror})") from None
+    except UserError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

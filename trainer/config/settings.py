@@ -243,7 +243,17 @@ SBATCH_OPTION = re.compile(r"--[a-z][a-z0-9-]*(=[A-Za-z0-9_.,:@%+/=*-]+)?")
 # Options the launcher sets itself (or that would change what it reads back): never from settings.
 SBATCH_RESERVED = ("job-name", "output", "error", "chdir", "parsable", "wrap", "nodes", "ntasks",
                    "ntasks-per-node", "cpus-per-task", "partition", "time", "account", "constraint",
-                   "array", "open-mode", "input", "export", "hold", "test-only")
+                   "array", "open-mode", "input", "export", "export-file", "hold", "test-only")
+
+
+def reserved_sbatch_option(name: str) -> str | None:
+    """The reserved option ``--name`` stands for, if any. sbatch parses long options with
+    getopt_long, which takes any unambiguous prefix (``--outp=`` is ``--output=``), so a name that
+    begins a reserved option is that option (or an error), never something else."""
+    for reserved in SBATCH_RESERVED:
+        if reserved.startswith(name):
+            return reserved
+    return None
 
 
 class SlurmSettings(_Section):
@@ -271,9 +281,11 @@ class SlurmSettings(_Section):
                 raise ValueError(f"invalid sbatch option {option!r}: expected '--key=value' or '--flag' "
                                  f"(letters, digits and _.,:@%+/=*- only; no spaces, quotes or newlines)")
             name = option[2:].split("=", 1)[0]
-            if name in SBATCH_RESERVED:
-                raise ValueError(f"sbatch option {option!r}: --{name} is set by the launcher "
-                                 f"(use cluster.slurm.{name.replace('-', '_')} or its flag where there is one)")
+            reserved = reserved_sbatch_option(name)
+            if reserved:
+                raise ValueError(f"sbatch option {option!r}: --{name} is (sbatch reads it as) --{reserved}, which "
+                                 f"the launcher sets (use cluster.slurm.{reserved.replace('-', '_')} or its flag "
+                                 f"where there is one)")
         return value
 
 
@@ -369,7 +381,8 @@ class ClusterSettings(_Section):
 
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    tensorboard_host: str = "127.0.0.1"
+    # a host name or address: it is printed in copy-paste commands and passed to tensorboard --host
+    tensorboard_host: str = Field("127.0.0.1", pattern=r"^([A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?|[0-9A-Fa-f:.]+)$")
     tensorboard_port: int = Field(6006, ge=1, le=65535)
     log_file: str = Field("training.log", description="a file name inside runs/<run_name>/")
 

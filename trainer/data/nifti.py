@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from trainer.errors import DataError
-from trainer.fsutil import atomic_file
+from trainer.fsutil import atomic_file, open_regular
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -63,7 +63,8 @@ def strip_nifti_suffix(name: str) -> str:
 def check_header(path: Path) -> bytes:
     """Fail fast, with a clear reason, on files that are not NIfTI-1/2 at all; returns the header bytes."""
     try:
-        with open(path, "rb") as raw:
+        raw, _ = open_regular(path)
+        with raw:
             magic = raw.read(2)
             raw.seek(0)
             if magic == b"\x1f\x8b":
@@ -203,10 +204,17 @@ def _check_data(path: Path, head: bytes) -> None:
     try:
         with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as handle:
             handle.seek(offset)
-            while chunk := handle.read(_CHUNK):  # to the end, so gzip checks its CRC and length
-                if dtype is not None and done < nbytes:
-                    data = chunk[:nbytes - done]
-                    data = data[:len(data) - len(data) % dtype.itemsize]
+            # to the end, so gzip checks its CRC and length, but never past the first byte beyond the
+            # header's size: 8 MB of gzip can unpack to 8 GiB of zeros after a valid block
+            while chunk := handle.read(min(_CHUNK, nbytes - done + 1)):
+                if done + len(chunk) > nbytes:
+                    if gzipped:
+                        raise DataError(f"{path}: compressed data continues past the {offset + nbytes:,} bytes "
+                                        f"the header describes; refusing it (a truncated-header or padded file, "
+                                        f"or a decompression bomb)")
+                    break
+                if dtype is not None:
+                    data = chunk[:len(chunk) - len(chunk) % dtype.itemsize]
                     bad += int((~np.isfinite(np.frombuffer(data, dtype))).sum())
                 done += len(chunk)
     except (OSError, EOFError, zlib.error) as exc:

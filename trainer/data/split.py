@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.errors import DataError
-from trainer.fsutil import write_json
+from trainer.errors import DataError, UserError
+from trainer.fsutil import read_regular_text, write_json
 
 SPLITS = ("train", "val", "test")
 
@@ -47,15 +47,15 @@ def recorded_source(path: Path) -> Path | None:
     """The raw dataset folder ``prepare`` recorded in a split file; None when there is no readable
     record. A relative record (older files) is taken relative to the current folder."""
     try:
-        source = json.loads(Path(path).read_text()).get("source")
-    except (OSError, ValueError, AttributeError):
+        source = json.loads(read_regular_text(Path(path))).get("source")
+    except (OSError, ValueError, AttributeError, UserError):
         return None
     return Path(source).absolute() if isinstance(source, str) and source else None
 
 
 def load_split(path: Path) -> dict[str, list[str]]:
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(read_regular_text(Path(path)))
         return {k: list(data[k]) for k in SPLITS}
     except FileNotFoundError:
         raise DataError(f"{path}: split file not found (run 'unet-train prepare' first)") from None

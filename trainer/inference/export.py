@@ -7,12 +7,13 @@ model in float32. An export that breaks a bound is discarded, never left half-tr
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 
 from trainer.config.settings import MODALITIES, Settings
-from trainer.errors import DataError, TrainingError
+from trainer.errors import DataError, TrainingError, UserError
 from trainer.fsutil import atomic_dir, refuse_existing, write_json
 from trainer.inference.engines import (OpenVinoEngine, build_run_model, convert_keras, expected_input_shape,
                                        import_openvino, read_ir)
@@ -25,6 +26,7 @@ PARITY_TOLERANCE = 1e-5  # SavedModel: the same TensorFlow kernels, so only floa
 OPENVINO_F32_TOLERANCE = 1e-3  # OpenVINO f32: other kernels, fused differently
 OPENVINO_BF16_MIN_DICE = 0.99  # OpenVINO bf16: probabilities move (~1e-2), masks must not
 PARITY_SAMPLES = 8
+EXPORT_MARKER = ".unet-train-export"  # what --overwrite recognises as an export it may replace
 
 
 def export(settings: Settings, fmt: str = "savedmodel", out: Path | None = None, overwrite: bool = False,
@@ -40,7 +42,7 @@ def export_savedmodel(settings: Settings, out: Path | None = None, overwrite: bo
     import tensorflow as tf
 
     out = Path(out or settings.run_path / "export" / "saved_model")
-    refuse_existing(out, overwrite)  # before the model is built: an existing export is never touched
+    claim_export_folder(out, settings.run_path, overwrite)  # before the model is built
     model, checkpoint = build_run_model(settings)
     regions = tuple(settings.model.regions)
     per_region = tf.keras.Model(model.input, {region: tf.keras.layers.Lambda(
@@ -58,9 +60,9 @@ def export_savedmodel(settings: Settings, out: Path | None = None, overwrite: bo
         if not max_diff <= PARITY_TOLERANCE:
             raise TrainingError(f"{out}: exported model differs from Keras model by {max_diff:.3g} "
                                 f"(> {PARITY_TOLERANCE}); export discarded")
-    report = {"saved_model": str(out), "checkpoint": checkpoint, "outputs": list(regions), "max_abs_diff": max_diff,
-              "tolerance": PARITY_TOLERANCE, "sample_shape": list(sample.shape)}
-    write_json(out.parent / "export.json", report)
+        report = {"saved_model": str(out), "checkpoint": checkpoint, "outputs": list(regions),
+                  "max_abs_diff": max_diff, "tolerance": PARITY_TOLERANCE, "sample_shape": list(sample.shape)}
+        _finish_export_folder(tmp, report)
     return report
 
 
@@ -69,7 +71,7 @@ def export_openvino(settings: Settings, out: Path | None = None, overwrite: bool
     ``out``/export.json with the parity of f32 and, where the CPU has native bf16, bf16 inference."""
     ov = import_openvino()  # fail before building anything when OpenVINO is missing
     out = Path(out or settings.run_path / "export" / "openvino")
-    refuse_existing(out, overwrite)
+    claim_export_folder(out, settings.run_path, overwrite)
     model, checkpoint = build_run_model(settings)
     sample, inputs = parity_inputs(settings, PARITY_SAMPLES, seed)
     expected = model(sample, training=False).numpy()
@@ -97,9 +99,31 @@ def export_openvino(settings: Settings, out: Path | None = None, overwrite: bool
                   "parity_inputs": inputs, "sample_shape": list(sample.shape), "threshold": threshold,
                   "bounds": {"f32_max_abs_diff": OPENVINO_F32_TOLERANCE, "bf16_min_mask_dice": OPENVINO_BF16_MIN_DICE},
                   "checks": checks}
-        write_json(tmp / "export.json", report)
+        _finish_export_folder(tmp, report)
     log.info("exported %s; parity: %s", out / "model.xml", checks)
     return report
+
+
+def claim_export_folder(out: Path, run_path: Path, overwrite: bool) -> None:
+    """Refuse, before anything is built, an --out that export must not replace: the run folder or
+    a folder that holds it, and, even with --overwrite, any folder that is not an earlier export
+    (recognised by its marker file). Replacing someone's folder would delete its contents."""
+    target, run = Path(out).resolve(), Path(run_path).resolve()
+    if target == run or target in run.parents:
+        raise UserError(f"--out {out}: is the run folder {run_path} or holds it; an export goes to a folder of "
+                        f"its own (default {run_path / 'export'})")
+    if not os.path.lexists(out):
+        return
+    refuse_existing(out, overwrite)
+    if not (Path(out).is_dir() and not Path(out).is_symlink() and (Path(out) / EXPORT_MARKER).is_file()):
+        raise UserError(f"--out {out}: exists and is not an earlier export (no {EXPORT_MARKER} in it); "
+                        f"--overwrite replaces only what export wrote, so it is left as it is: choose another --out")
+
+
+def _finish_export_folder(tmp: Path, report: dict) -> None:
+    """export.json and the marker that lets a later --overwrite recognise this folder."""
+    write_json(tmp / "export.json", report)
+    (tmp / EXPORT_MARKER).write_text("written by unet-train export; --overwrite may replace this folder\n")
 
 
 def parity(expected: np.ndarray, actual: np.ndarray, threshold: float) -> dict:

@@ -45,6 +45,7 @@ from trainer.network import is_loopback
 log = logging.getLogger(__name__)
 Task = tuple[str, int]
 MAX_LINE = 4096
+HANDSHAKE_S = 10.0  # a whole handshake, either side
 NONCE = re.compile(r"[0-9a-f]{32}")
 JOBS = ("ps", "worker")
 
@@ -57,15 +58,38 @@ def _valid(token: bytes, mac: str, *fields) -> bool:
     return hmac.compare_digest(_mac(token, *fields).encode("ascii"), mac.encode("ascii", "replace"))
 
 
-def _read_line(reader) -> str | None:
-    """One line of at most MAX_LINE bytes, or None (EOF, timeout, or an over-long line)."""
-    try:
-        line = reader.readline(MAX_LINE + 1)
-    except (OSError, ValueError):
-        return None
-    if not line.endswith(b"\n") or len(line) > MAX_LINE:
-        return None
-    return line.decode("ascii", errors="replace")
+class _LineReader:
+    """Lines of at most MAX_LINE bytes from a socket. With a deadline, the time bounds the whole
+    exchange, not each ``recv``: a peer that sends one byte every few seconds (slowloris) runs out of
+    time as surely as a silent one."""
+
+    def __init__(self, conn: socket.socket):
+        self._conn = conn
+        self._buffer = b""
+
+    def line(self, deadline: float | None) -> str | None:
+        """The next line, or None (EOF, deadline passed, or an over-long line)."""
+        while b"\n" not in self._buffer:
+            if len(self._buffer) >= MAX_LINE:
+                return None
+            try:
+                if deadline is None:
+                    self._conn.settimeout(None)
+                else:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return None
+                    self._conn.settimeout(remaining)
+                chunk = self._conn.recv(MAX_LINE)
+            except (OSError, ValueError):
+                return None
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        if len(line) >= MAX_LINE:
+            return None
+        return line.decode("ascii", errors="replace") + "\n"
 
 
 @dataclass
@@ -95,7 +119,7 @@ def bind_address(chief_host: str, other_hosts: list[str]) -> str:
 
 class ControlServer:
     def __init__(self, host: str, port: int, token: bytes, *, bind: str | None = None,
-                 handshake_timeout_s: float = 10.0, max_pending: int = 32):
+                 handshake_timeout_s: float = HANDSHAKE_S, max_pending: int = 32):
         self.address = (host, port)
         self._token = token
         self._handshake_timeout_s = handshake_timeout_s
@@ -113,9 +137,12 @@ class ControlServer:
         self.address = (host, self._sock.getsockname()[1])  # the real port when asked for port 0
         self._lock = threading.Lock()
         self._registered: dict[Task, _Registration] = {}
-        self._pending = threading.BoundedSemaphore(max_pending)  # handshakes in progress
+        self._max_pending = max_pending
+        self._pending: dict[socket.socket, tuple[float, str]] = {}  # in handshake: since when, from whom
+        self._evicted: set[socket.socket] = set()  # dropped at the cap, their threads not yet done
         self.refused = 0
         self._refusals: deque[str] = deque(maxlen=5)
+        self._last_summary = 0.0
         self.lost: list[Task] = []      # tasks whose connection dropped and that have not registered again
         self.returned: list[Task] = []  # lost tasks that registered again, in order
         self.on_lost: Callable[[Task], None] | None = None
@@ -125,12 +152,13 @@ class ControlServer:
     @classmethod
     def for_cluster(cls, cluster: ClusterSettings) -> "ControlServer":
         """The chief's channel: network checked, token loaded (or created), bound to the chief's address."""
-        from trainer.network import check_private_network
+        from trainer.network import check_host_interfaces, check_private_network
         from trainer.runtime.ps.cluster import ClusterLayout
         from trainer.runtime.ps.token import load_or_create_token
 
         layout = ClusterLayout.from_settings(cluster)
         check_private_network(layout.ps + layout.workers + (layout.chief,), cluster.allow_public_network)
+        check_host_interfaces("chief", cluster.allow_public_network)
         token = load_or_create_token(Path(cluster.token_file))
         host, port = layout.control_address
         others = [address.rsplit(":", 1)[0] for address in layout.ps + layout.workers]
@@ -142,35 +170,55 @@ class ControlServer:
                 conn, peer = self._sock.accept()
             except OSError:
                 return
-            if not self._pending.acquire(blocking=False):
-                conn.close()  # at the cap: no thread, no buffer for it
-                self._refuse(peer, "too many connections in handshake")
-                continue
+            evicted = None
+            with self._lock:
+                if len(self._pending) >= self._max_pending:
+                    # At the cap the oldest handshake gives way: a real role finishes in milliseconds,
+                    # so only a connection that stalls (or trickles bytes) is ever the oldest.
+                    evicted = min(self._pending, key=lambda c: self._pending[c][0])
+                    del self._pending[evicted]
+                    self._evicted.add(evicted)
+                self._pending[conn] = (time.monotonic(), peer[0])
+            if evicted is not None:
+                _shut(evicted)  # its thread's recv returns at once, and that thread reports it
             threading.Thread(target=self._serve, args=(conn, peer), name="control-conn", daemon=True).start()
 
     def _refuse(self, peer, reason: str) -> None:
+        """Log a refusal: the first ten each, then one summary line a minute at most, so that an
+        attacker can neither flood the log nor go unrecorded."""
         with self._lock:
             self.refused += 1
             self._refusals.append(f"{peer[0]}: {reason}")
-            count = self.refused
-        if count <= 10:  # an attacker must not be able to flood the log
+            count, now = self.refused, time.monotonic()
+            summary = count > 10 and now - self._last_summary >= 60.0
+            if summary:
+                self._last_summary = now
+        if count <= 10:
             log.warning("control channel: refused a connection from %s: %s", peer[0], reason)
+        elif summary:
+            log.warning("control channel: %d connection(s) refused so far (last from %s: %s)", count, peer[0],
+                        reason)
 
     def _handshake(self, conn: socket.socket, peer) -> tuple[Task, _Registration, bool] | None:
-        conn.settimeout(self._handshake_timeout_s)
-        with conn.makefile("rb") as reader:
-            return self._check_hello(conn, reader, peer)
+        return self._check_hello(conn, _LineReader(conn), peer, time.monotonic() + self._handshake_timeout_s)
 
-    def _check_hello(self, conn: socket.socket, reader, peer) -> tuple[Task, _Registration, bool] | None:
-        """(task, registration, back): back is True when the task had been lost before."""
+    def _check_hello(self, conn: socket.socket, reader: _LineReader, peer,
+                     deadline: float) -> tuple[Task, _Registration, bool] | None:
+        """(task, registration, back): back is True when the task had been lost before. The whole
+        exchange must end by ``deadline``."""
         chief_nonce = secrets.token_hex(16)
         try:
+            conn.settimeout(max(0.001, deadline - time.monotonic()))
             conn.sendall(f"CHALLENGE {chief_nonce}\n".encode("ascii"))
         except OSError:
             return None
-        line = _read_line(reader)
+        line = reader.line(deadline)
         if line is None:
-            self._refuse(peer, f"no HELLO line within {self._handshake_timeout_s:g} s and {MAX_LINE} bytes")
+            with self._lock:
+                evicted = conn in self._evicted
+            self._refuse(peer, f"still in handshake when {self._max_pending} newer connections were: gave its "
+                               f"slot to the newest" if evicted else
+                         f"no HELLO line within {self._handshake_timeout_s:g} s and {MAX_LINE} bytes")
             return None
         parts = line.split()
         if (len(parts) != 5 or parts[0] != "HELLO" or parts[1] not in JOBS or not parts[2].isdigit()
@@ -196,6 +244,7 @@ class ControlServer:
             self._refuse(peer, f"{job} {index} is already registered by a live connection")
             return None
         try:
+            conn.settimeout(max(0.001, deadline - time.monotonic()))
             conn.sendall(f"WELCOME {_mac(self._token, 'WELCOME', job, index, chief_nonce, role_nonce)}\n"
                          .encode("ascii"))
         except OSError:
@@ -206,7 +255,9 @@ class ControlServer:
         try:
             registered = self._handshake(conn, peer)
         finally:
-            self._pending.release()
+            with self._lock:
+                self._pending.pop(conn, None)
+                self._evicted.discard(conn)
         if registered is None:
             conn.close()
             return
@@ -276,7 +327,8 @@ class _HandshakeFailed(Exception):
 class ControlClient:
     """A role's side: register with the chief, then block until told to stop."""
 
-    def __init__(self, conn: socket.socket, reader, token: bytes, task: Task, chief_nonce: str, role_nonce: str):
+    def __init__(self, conn: socket.socket, reader: _LineReader, token: bytes, task: Task, chief_nonce: str,
+                 role_nonce: str):
         self._conn, self._reader, self._token = conn, reader, token
         self._task, self._nonces = task, (chief_nonce, role_nonce)
 
@@ -300,14 +352,14 @@ class ControlClient:
 
     @classmethod
     def _handshake(cls, conn: socket.socket, job: str, index: int, token: bytes) -> "ControlClient":
-        reader = conn.makefile("rb")
-        parts = (_read_line(reader) or "").split()
+        reader, deadline = _LineReader(conn), time.monotonic() + HANDSHAKE_S
+        parts = (reader.line(deadline) or "").split()
         if len(parts) != 2 or parts[0] != "CHALLENGE" or not NONCE.fullmatch(parts[1]):
             raise _HandshakeFailed("no challenge from the chief (busy, or not the chief)")
         chief_nonce, role_nonce = parts[1], secrets.token_hex(16)
         mac = _mac(token, "HELLO", job, index, chief_nonce, role_nonce)
         conn.sendall(f"HELLO {job} {index} {role_nonce} {mac}\n".encode("ascii"))
-        parts = (_read_line(reader) or "").split()
+        parts = (reader.line(deadline) or "").split()
         if len(parts) != 2 or parts[0] != "WELCOME" or not _valid(token, parts[1], "WELCOME", job, index,
                                                                     chief_nonce, role_nonce):
             raise _HandshakeFailed("the chief refused the registration (a different cluster.token_file, or "
@@ -320,13 +372,20 @@ class ControlClient:
         """The exit code the chief asked for, or None if the chief went away without asking.
         A STOP without the chief's MAC for this connection is ignored."""
         job, index = self._task
-        while (line := _read_line(self._reader)) is not None:
+        while (line := self._reader.line(None)) is not None:
             parts = line.split()
             if len(parts) == 3 and parts[0] == "STOP" and re.fullmatch(r"-?[0-9]{1,3}", parts[1]) and _valid(
                     self._token, parts[2], "STOP", parts[1], job, index, *self._nonces):
                 return int(parts[1])
             log.warning("%s %d: ignored an unauthenticated message on the control channel", job, index)
         return None
+
+
+def _shut(conn: socket.socket) -> None:
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _keepalive(conn: socket.socket) -> None:

@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from trainer.config.settings import Settings
 from trainer.errors import InfrastructureError, UserError
-from trainer.network import check_private_network
+from trainer.network import check_host_interfaces, check_private_network
 from trainer.runtime.cpu import apply_cpu_environment, configure_threads
 from trainer.runtime.ps.cluster import ClusterLayout, export_tf_config
 from trainer.runtime.ps.control import ControlClient
@@ -41,6 +41,7 @@ def serve(settings: Settings, job: str, index: int) -> int:
     address = layout.address(job, index)
     # Before the server opens its port: it listens on every interface and authenticates no one.
     check_private_network(layout.ps + layout.workers + (layout.chief,), settings.cluster.allow_public_network)
+    check_host_interfaces(f"{job} {index}", settings.cluster.allow_public_network)
     token = load_or_create_token(Path(settings.cluster.token_file))
     export_tf_config(layout, job, index)
     plan = apply_cpu_environment(settings.cpu, layout.local_processes(job, index), cluster_task=True)

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from trainer.errors import UserError
+from trainer.fsutil import open_regular
 
 TOKEN_HEX_CHARS = 64  # 256 bits
 
@@ -49,23 +50,25 @@ def write_token(path: Path, token: str, replace: bool) -> bool:
 
 
 def read_token(path: Path) -> bytes:
-    """The token as HMAC key bytes; refuses a file others can read, or someone else's file."""
+    """The token as HMAC key bytes; refuses anything but a regular file of this user's that others
+    cannot read, checked before a byte is read (a FIFO or /dev/zero must not hang or fill memory)."""
     path = Path(path)
+    label = f"cluster.token_file {path}"
     try:
-        info = os.stat(path)
-        text = path.read_text(encoding="ascii", errors="replace").strip()
+        handle, info = open_regular(path, label)
     except FileNotFoundError:
-        raise UserError(f"cluster.token_file {path}: not found") from None
+        raise UserError(f"{label}: not found") from None
     except OSError as exc:
-        raise UserError(f"cluster.token_file {path}: cannot read it ({exc.strerror})") from None
-    if info.st_mode & 0o077:
-        raise UserError(f"cluster.token_file {path}: readable by others (mode {stat.S_IMODE(info.st_mode):04o}); "
-                        f"it is the cluster's secret: chmod 600 {path}")
-    if info.st_uid != os.getuid():
-        raise UserError(f"cluster.token_file {path}: owned by uid {info.st_uid}, not this user ({os.getuid()})")
+        raise UserError(f"{label}: cannot read it ({exc.strerror})") from None
+    with handle:
+        if info.st_mode & 0o077:
+            raise UserError(f"{label}: readable by others (mode {stat.S_IMODE(info.st_mode):04o}); it is the "
+                            f"cluster's secret: chmod 600 {path}")
+        if info.st_uid != os.getuid():
+            raise UserError(f"{label}: owned by uid {info.st_uid}, not this user ({os.getuid()})")
+        text = handle.read(TOKEN_HEX_CHARS + 2).decode("ascii", errors="replace").strip()
     if not re.fullmatch(f"[0-9a-f]{{{TOKEN_HEX_CHARS}}}", text):
-        raise UserError(f"cluster.token_file {path}: expected {TOKEN_HEX_CHARS} hex digits (delete it and a role "
-                        f"will write a new one)")
+        raise UserError(f"{label}: expected {TOKEN_HEX_CHARS} hex digits (delete it and a role will write a new one)")
     return text.encode("ascii")
 
 
