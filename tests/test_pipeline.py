@@ -12,7 +12,8 @@ import pytest
 import tensorflow as tf
 
 from trainer.config.settings import MODALITIES, DataSettings, ModelSettings, Settings, TrainSettings
-from trainer.data.decathlon import case_arrays, read_index
+from trainer.data.datasets import RawCase, RawDataset
+from trainer.data.volumes import CaseArrays, case_arrays
 from trainer.data.pipeline import CropSource, Shard, augment_batch
 from trainer.data.streams import PAD_CASE, TrainSchedule, build_streams
 from trainer.errors import ConfigError
@@ -283,20 +284,19 @@ def test_augment_is_per_sample_and_seed_dependent():
 
 @pytest.fixture(scope="module")
 def decathlon_cases(decathlon_dataset):
-    index = read_index(decathlon_dataset)
-    arrays = case_arrays(index, None)  # NIfTI reads: no cache to build
-    return [arrays[c.case_id] for c in index.training], index.label_set
+    dataset = RawDataset.open(decathlon_dataset)
+    arrays = case_arrays(dataset, None)  # NIfTI reads: no cache to build
+    return [arrays[c.case_id] for c in dataset.cases]
 
 
-def crop_source(cases, crop, channels=("flair",), tumour_fraction=0.5, seed=4, label_set=None, regions=("wt",)):
-    return CropSource(cases, crop, channels, RegionSet(regions), tumour_fraction, seed,
-                      label_set or frozenset({0, 1, 2, 3}))
+def crop_source(cases, crop, channels=("flair",), tumour_fraction=0.5, seed=4, regions=("wt",)):
+    return CropSource(cases, crop, channels, RegionSet(regions), tumour_fraction, seed)
 
 
 def test_crops_have_the_crop_shape_and_tumour_centred_crops_hold_tumour(decathlon_cases):
-    cases, label_set = decathlon_cases
+    cases = decathlon_cases
     crop = (16, 12, 8)
-    source = crop_source(cases, crop, ("flair", "t2"), 1.0, label_set=label_set, regions=("wt", "tc", "et"))
+    source = crop_source(cases, crop, ("flair", "t2"), 1.0, regions=("wt", "tc", "et"))
     images, masks = source.read(np.arange(len(cases)), np.arange(len(cases)))
     assert images.shape == (len(cases), *crop, 2) and masks.shape == (len(cases), *crop, 3)
     assert set(np.unique(masks)) <= {0.0, 1.0}
@@ -305,19 +305,17 @@ def test_crops_have_the_crop_shape_and_tumour_centred_crops_hold_tumour(decathlo
 
 
 def test_crops_are_a_function_of_the_counter_and_seed(decathlon_cases):
-    cases, label_set = decathlon_cases
-    source = crop_source(cases, (16, 16, 16), tumour_fraction=0.0, seed=9, label_set=label_set)
+    cases = decathlon_cases
+    source = crop_source(cases, (16, 16, 16), tumour_fraction=0.0, seed=9)
     a = source.read(np.array([0, 1]), np.array([5, 6]))[0]
-    np.testing.assert_array_equal(crop_source(cases, (16, 16, 16), tumour_fraction=0.0, seed=9,
-                                              label_set=label_set).read(np.array([0, 1]), np.array([5, 6]))[0], a)
+    np.testing.assert_array_equal(crop_source(cases, (16, 16, 16), tumour_fraction=0.0, seed=9).read(np.array([0, 1]), np.array([5, 6]))[0], a)
     assert not np.array_equal(source.read(np.array([0, 1]), np.array([7, 8]))[0], a)
-    assert not np.array_equal(crop_source(cases, (16, 16, 16), tumour_fraction=0.0, seed=10,
-                                          label_set=label_set).read(np.array([0, 1]), np.array([5, 6]))[0], a)
+    assert not np.array_equal(crop_source(cases, (16, 16, 16), tumour_fraction=0.0, seed=10).read(np.array([0, 1]), np.array([5, 6]))[0], a)
 
 
 def test_validation_crop_zero_is_centred_on_the_tumour(decathlon_cases):
-    cases, label_set = decathlon_cases
-    source = crop_source(cases, (16, 16, 16), label_set=label_set)
+    cases = decathlon_cases
+    source = crop_source(cases, (16, 16, 16))
     _, masks = source.read_validation(np.arange(len(cases)), np.zeros(len(cases), np.int64))
     centre = masks[:, 6:10, 6:10, 6:10, 0]
     assert np.all(centre.reshape(len(cases), -1).max(axis=1) == 1), "crop 0 misses the tumour centre"
@@ -327,14 +325,12 @@ def test_validation_crop_zero_is_centred_on_the_tumour(decathlon_cases):
 
 def test_random_crops_stay_inside_the_brain(tmp_path):
     """Non-tumour crops come from the brain's bounding box, not the air around the head."""
-    from trainer.data.decathlon import CaseArrays, DecathlonCase
-
     image = np.zeros((48, 48, 32, 4), np.float32)
     image[20:36, 24:40, 10:26] = 1.0  # a 16^3 "brain" in one corner of a mostly empty volume
     np.save(tmp_path / "c.image.npy", image)
     np.save(tmp_path / "c.labels.npy", np.zeros((48, 48, 32), np.uint8))
-    case = CaseArrays(DecathlonCase("c", tmp_path / "c.nii.gz", None), tmp_path / "c.image.npy",
-                      tmp_path / "c.labels.npy")
+    case = CaseArrays(RawCase("c", "decathlon", (tmp_path / "c.nii.gz",), None, frozenset({0, 1, 2, 3})),
+                      tmp_path / "c.image.npy", tmp_path / "c.labels.npy")
     images, _ = crop_source([case], (16, 16, 16), tumour_fraction=0.0, seed=3).read(np.zeros(12, np.int64),
                                                                                      np.arange(12))
     assert np.all(images == 1.0), "a random crop left the brain's bounding box"

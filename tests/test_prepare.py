@@ -364,14 +364,15 @@ def test_decathlon_existing_cache_needs_overwrite_and_up_to_date_cases_are_reuse
 
 
 def test_training_reads_the_source_of_a_case_whose_cache_is_stale(run_cli, decathlon_copy, tmp_path, caplog):
-    from trainer.data.decathlon import case_arrays, read_index
+    from trainer.data.datasets import RawDataset
+    from trainer.data.volumes import case_arrays
 
     cache = tmp_path / "cache"
     assert _prepare_decathlon(run_cli, decathlon_copy, cache, tmp_path / "s.json", tmp_path).returncode == 0
     touched = decathlon_copy / "imagesTr" / "BRATS_002.nii.gz"
     touched.write_bytes(touched.read_bytes())  # the source changed after prepare
     with caplog.at_level("WARNING"):
-        arrays = case_arrays(read_index(decathlon_copy), cache)
+        arrays = case_arrays(RawDataset.open(decathlon_copy), cache)
     assert arrays["BRATS_002"].image_file is None  # NIfTI, not the outdated cache
     assert arrays["BRATS_001"].image_file == cache / "BRATS_001.image.npy"
     assert "BRATS_002" in caplog.text and "--overwrite" in caplog.text

@@ -176,29 +176,15 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from trainer.data.split import split_path_for
+    from trainer.data.prepare import PrepareChoice, prepare
 
     settings = load_cli_settings(args)
-    if args.format == "brats":
-        from trainer.data.prepare2d import PrepareRequest, prepare_brats
-
-        request = PrepareRequest(src=args.src or settings.data.brats_dir, out=args.out or settings.data.slices_h5,
-                                 image_size=settings.data.image_size, split=settings.data.split,
-                                 workers=args.workers, overwrite=args.overwrite,
-                                 max_voxels=settings.data.max_voxels)
-        counts = prepare_brats(request, progress=not args.quiet)
-        print(f"wrote {request.out} (slices: " + ", ".join(f"{k} {v}" for k, v in counts.items())
-              + f"); split: {split_path_for(request.out)}")
-    else:
-        from trainer.data.decathlon import prepare_decathlon
-
-        src = args.src or settings.data.decathlon_dir
-        cache = args.out or settings.data.cache_dir
-        split_file = settings.data.decathlon_split
-        split = prepare_decathlon(src, cache, settings.data.split, split_file, progress=not args.quiet,
-                                  overwrite=args.overwrite, max_voxels=settings.data.max_voxels)
-        print(f"checked {sum(len(v) for v in split.values())} case(s) in {src}; cache: {cache}; "
-              f"split: {split_file}")
+    model = args.model or None
+    default_src = settings.data.decathlon_dir if (args.format or "") == "decathlon" or model == "3d" \
+        else settings.data.brats_dir
+    choice = PrepareChoice(src=args.src or default_src, out=args.out, layout=args.format, model=model,
+                           workers=args.workers, overwrite=args.overwrite)
+    print(prepare(settings, choice, progress=not args.quiet))
     return 0
 
 

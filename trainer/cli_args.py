@@ -62,15 +62,19 @@ def _add_synth(sub) -> None:
 
 
 def _add_prepare(sub) -> None:
-    prepare = _command(sub, "prepare", "check raw data and convert it: BraTS -> 2D slices HDF5, Decathlon -> "
-                                       "normalised cache; writes the patient-level split, which records --src")
-    prepare.add_argument("--format", required=True, choices=["brats", "decathlon"], help="layout of --src")
+    prepare = _command(sub, "prepare", "check a raw dataset (BraTS or Decathlon layout) and write what a model "
+                                       "trains on: 2D slices (HDF5) or 3D volumes (split + cache); the split "
+                                       "records --src")
+    prepare.add_argument("--format", choices=["brats", "decathlon"], default=None,
+                         help="layout of --src (default: detected; a folder with dataset.json is decathlon)")
+    prepare.add_argument("--model", choices=["2d", "3d"], default=None,
+                         help="prepare for this model (default: 2d for a BraTS folder, 3d for a Decathlon folder)")
     prepare.add_argument("--src", type=Path, default=None,
-                         help="raw dataset folder (default data.brats_dir / data.decathlon_dir); recorded in the "
-                              "split, so train, evaluate and predict find it without being told again")
+                         help="raw dataset folder (default data.brats_dir, or data.decathlon_dir for 3d); recorded "
+                              "in the split, so train, evaluate and predict find it without being told again")
     prepare.add_argument("--out", type=Path, default=None,
-                         help="brats: slices .h5 file (default data.slices_h5); decathlon: cache folder "
-                              "(default data.cache_dir)")
+                         help="2d: slices .h5 file (default data.slices_h5); 3d: cache folder (default "
+                              "data.cache_dir; the split goes to data.decathlon_split)")
     prepare.add_argument("--workers", type=_non_negative_int, default=0, help="processes (default 0 = CPU count)")
     prepare.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 

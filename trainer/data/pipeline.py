@@ -20,7 +20,8 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.config.settings import MODALITIES
-from trainer.data.decathlon import CaseArrays, channel_indices
+from trainer.data.decathlon import channel_indices
+from trainer.data.volumes import CaseArrays
 from trainer.errors import DataError
 from trainer.regions import RegionSet
 
@@ -124,9 +125,9 @@ class CropSource:
     """
 
     def __init__(self, cases: Sequence[CaseArrays], crop: tuple[int, int, int], channels: Sequence[str],
-                 regions: RegionSet, tumour_fraction: float, seed: int, label_set):
+                 regions: RegionSet, tumour_fraction: float, seed: int):
         self.cases, self.crop, self.channels = list(cases), tuple(crop), channel_indices(tuple(channels))
-        self.regions, self.tumour_fraction, self.seed, self.label_set = regions, tumour_fraction, seed, label_set
+        self.regions, self.tumour_fraction, self.seed = regions, tumour_fraction, seed
         self._tumour_voxels: dict[int, np.ndarray] = {}
         self._brain_boxes: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._lock = threading.Lock()
@@ -156,7 +157,7 @@ class CropSource:
 
     def _validation_crop(self, position: int, number: int):
         if number == 0:
-            image, labels = self.cases[position].load(self.label_set)
+            image, labels = self.cases[position].load()
             voxels = self._tumour(position, labels)
             if len(voxels):  # the tumour voxel nearest the tumour's centre of mass
                 centre = voxels[np.argmin(((voxels - voxels.mean(axis=0)) ** 2).sum(axis=1))]
@@ -165,7 +166,7 @@ class CropSource:
         return self._crop_from(position, rng, tumour=number % 2 == 0)
 
     def _crop_from(self, position: int, rng: np.random.Generator, tumour: bool):
-        image, labels = self.cases[position].load(self.label_set)
+        image, labels = self.cases[position].load()
         shape, crop = np.asarray(labels.shape), np.asarray(self.crop)
         if tumour:
             voxels = self._tumour(position, labels)

@@ -1,4 +1,4 @@
-"""Raw BraTS -> one chunked HDF5 of normalised 128 x 128 axial slices (+ split JSON).
+"""A raw dataset (either layout) -> one chunked HDF5 of normalised 128 x 128 axial slices (+ split JSON).
 
 Streams one case at a time (a worker pool reads and normalises, the parent appends to
 resizable datasets), so memory stays at a few cases whatever the dataset size. The file
@@ -28,25 +28,21 @@ import numpy as np
 from tqdm import tqdm
 
 from trainer.config.settings import MODALITIES, SplitSettings
-from trainer.data.brats import BratsCase, discover_brats, read_brats_case
-from trainer.data.nifti import DEFAULT_MAX_VOXELS
-from trainer.data.normalize import zscore_brain
+from trainer.data.datasets import RawCase, RawDataset
 from trainer.data.split import SPLITS, save_split, split_cases, split_path_for
 from trainer.fsutil import atomic_file, refuse_existing
-from trainer.regions import BRATS, REGION_NAMES, RegionSet, region_voxels
+from trainer.regions import REGION_NAMES, RegionSet, region_voxels
 
 FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
 class PrepareRequest:
-    src: Path
     out: Path
     image_size: int = 128
     split: SplitSettings = SplitSettings()
     workers: int = 0
     overwrite: bool = False
-    max_voxels: int = DEFAULT_MAX_VOXELS
 
 
 def resize_slices(volume: np.ndarray, size: int) -> np.ndarray:
@@ -77,21 +73,19 @@ def _resize(image: np.ndarray, size: int, interpolation: int) -> np.ndarray:
     return resized.reshape(size, size, image.shape[-1])
 
 
-def _convert_case(args: tuple[BratsCase, int, int]) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
-    case, size, max_voxels = args
-    image, labels, _ = read_brats_case(case, MODALITIES, max_voxels)
+def _convert_case(args: tuple[RawCase, int]) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    case, size = args
+    image, labels, _ = case.load()  # z-scored: the background stays exactly 0
     keep = brain_slices(image)
-    normalised = zscore_brain(image)[:, :, keep]
-    canonical = BRATS.canonical(labels)[:, :, keep]
-    return case.case_id, resize_slices(normalised, size), resize_label_slices(canonical, size), keep
+    return case.case_id, resize_slices(image[:, :, keep], size), resize_label_slices(labels[:, :, keep], size), keep
 
 
-def prepare_brats(request: PrepareRequest, progress: bool = True) -> dict[str, int]:
+def prepare_slices(dataset: RawDataset, request: PrepareRequest, progress: bool = True) -> dict[str, int]:
     """Convert, split by patient and write; returns slice counts per split."""
     refuse_existing(request.out, request.overwrite)
     split_file = split_path_for(request.out)
     refuse_existing(split_file, request.overwrite)
-    cases = discover_brats(request.src, require_seg=True)
+    cases = dataset.cases
     split = split_cases([c.case_id for c in cases], request.split.val_fraction,
                         request.split.test_fraction, request.split.seed)
     split_of = {case_id: name for name, ids in split.items() for case_id in ids}
@@ -100,11 +94,11 @@ def prepare_brats(request: PrepareRequest, progress: bool = True) -> dict[str, i
     workers = request.workers or min(multiprocessing.cpu_count(), len(cases))
     with atomic_file(request.out, request.overwrite) as tmp, h5py.File(tmp, "w") as h5:
         h5.attrs.update(format_version=FORMAT_VERSION, modalities=list(MODALITIES), image_size=size,
-                        source=str(request.src), split_seed=request.split.seed)
+                        source=str(dataset.root.resolve()), layout=dataset.layout, split_seed=request.split.seed)
         groups = {name: _create_group(h5, name, size, split[name]) for name in SPLITS}
         index_of = {name: {cid: i for i, cid in enumerate(split[name])} for name in SPLITS}
-        jobs = [(case, size, request.max_voxels) for case in cases]
-        bar = tqdm(total=len(jobs), desc="prepare brats", unit="case", disable=not progress)
+        jobs = [(case, size) for case in cases]
+        bar = tqdm(total=len(jobs), desc=f"prepare slices ({dataset.layout})", unit="case", disable=not progress)
         with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else _Serial() as pool:
             for case_id, images, labels, z in pool.imap(_convert_case, jobs):
                 name = split_of[case_id]
@@ -112,7 +106,7 @@ def prepare_brats(request: PrepareRequest, progress: bool = True) -> dict[str, i
                 counts[name] += len(z)
                 bar.update()
         bar.close()
-    save_split(split_file, split, request.split.seed, request.src)
+    save_split(split_file, split, request.split.seed, dataset.root, dataset.layout)
     return counts
 
 

@@ -37,10 +37,11 @@ def split_path_for(data_file: Path) -> Path:
     return Path(data_file).with_suffix(".split.json")
 
 
-def save_split(path: Path, split: dict[str, list[str]], seed: int, source: Path) -> None:
-    """The split, with the raw dataset it was made from as an absolute path: training, evaluation
-    and prediction find the raw volumes there without being told again."""
-    write_json(path, {"seed": seed, "source": str(Path(source).resolve()), **{k: split[k] for k in SPLITS}})
+def save_split(path: Path, split: dict[str, list[str]], seed: int, source: Path, layout: str) -> None:
+    """The split, with the raw dataset it was made from (an absolute path, and its layout):
+    training, evaluation and prediction find the raw volumes there without being told again."""
+    write_json(path, {"seed": seed, "source": str(Path(source).resolve()), "layout": layout,
+                      **{k: split[k] for k in SPLITS}})
 
 
 def recorded_source(path: Path) -> Path | None:

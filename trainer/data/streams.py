@@ -22,9 +22,10 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.config.settings import Settings
-from trainer.data.decathlon import case_arrays, read_index
+from trainer.data.datasets import PREPARED, raw_dataset
 from trainer.data.pipeline import CropSource, Shard, SliceSource, augment_batch
 from trainer.data.split import load_split
+from trainer.data.volumes import case_arrays
 from trainer.errors import ConfigError, DataError, TrainingError
 from trainer.regions import RegionSet
 
@@ -134,13 +135,12 @@ class Streams:
 
 
 def build_streams(settings: Settings, shard: Shard, global_batch: int) -> Streams:
-    """The 2D (BraTS slices) or 3D (Decathlon crops) streams for worker ``shard``."""
+    """The 2D (prepared slices) or 3D (crops of prepared volumes) streams for worker ``shard``."""
     if global_batch % shard.size:
         raise ConfigError(f"global batch {global_batch} does not split over {shard.size} workers")
     regions = RegionSet(settings.model.regions)
-    if settings.train.model == "2d":
-        return _slice_streams(settings, shard, global_batch, regions)
-    return _crop_streams(settings, shard, global_batch, regions)
+    build = {"slices": _slice_streams, "volumes": _crop_streams}[PREPARED[settings.train.model].kind]
+    return build(settings, shard, global_batch, regions)
 
 
 def _steps(settings: Settings, samples: int, global_batch: int) -> int:
@@ -210,19 +210,19 @@ def _most_tumour_per_case(case_of: np.ndarray, tumour: np.ndarray, count: int) -
 
 def _crop_streams(settings: Settings, shard: Shard, global_batch: int, regions: RegionSet) -> Streams:
     data, train = settings.data, settings.train
-    index = read_index(data.decathlon_dir, data.max_voxels)
+    dataset = raw_dataset(settings)
     split = load_split(data.decathlon_split)
-    arrays = case_arrays(index, data.cache_dir)
+    arrays = case_arrays(dataset, data.cache_dir)
     missing = [c for c in split["train"] + split["val"] if c not in arrays]
     if missing:
-        raise TrainingError(f"{data.decathlon_split}: case {missing[0]} is not in "
-                            f"{data.decathlon_dir / 'dataset.json'} (re-run prepare)")
+        raise TrainingError(f"{data.decathlon_split}: case {missing[0]} is not a labelled case of "
+                            f"{dataset.describe()} (re-run prepare)")
     if not split["train"] or not split["val"]:
         raise DataError(f"{data.decathlon_split}: needs at least one training and one validation case")
     train_source = CropSource([arrays[c] for c in split["train"]], data.crop_size, data.channels, regions,
-                              data.tumour_crop_fraction, train.seed, index.label_set)
+                              data.tumour_crop_fraction, train.seed)
     val_source = CropSource([arrays[c] for c in split["val"]], data.crop_size, data.channels, regions,
-                            data.tumour_crop_fraction, train.seed, index.label_set)
+                            data.tumour_crop_fraction, train.seed)
     # A 3D "sample" is a case, of which there are few: an epoch is at least one step of random crops.
     steps = train.steps_per_epoch or max(1, train_source.count // global_batch)
     schedule = TrainSchedule(train_source.count, global_batch, steps, train.seed, data.shuffle)

@@ -223,9 +223,10 @@ def select_engine(requested: str, have_openvino: bool, gpu: bool, ir: Path | Non
 
 
 def expected_input_shape(settings: Settings) -> tuple[int, ...]:
+    from trainer.models.unet import input_shape
+
     data = settings.data
-    spatial = (data.image_size,) * 2 if settings.train.model == "2d" else tuple(data.crop_size)
-    return (*spatial, len(data.channels))
+    return input_shape(settings.train.model, len(data.channels), data.image_size, data.crop_size)
 
 
 def ir_checkpoint(ir: Path) -> str:

@@ -8,91 +8,37 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from trainer.config.settings import Settings
-from trainer.data.brats import discover_brats, read_brats_case
-from trainer.data.decathlon import load_case, read_index
-from trainer.data.nifti import Geometry, write_volume
-from trainer.data.normalize import zscore_brain
-from trainer.data.split import load_split, split_path_for
+from trainer.data.datasets import RawDataset, iter_cases, raw_dataset
+from trainer.data.nifti import write_volume
 from trainer.errors import DataError
 from trainer.fsutil import write_csv, write_json
 from trainer.inference import postprocess
 from trainer.inference.engines import describe
 from trainer.inference.predictor import Predictor
 from trainer.metrics import case_metrics
-from trainer.regions import BRATS, RegionSet
+from trainer.regions import RegionSet
 
 log = logging.getLogger(__name__)
 METRICS = ("dice", "hd95", "sensitivity", "specificity", "precision")
 RAW_METRICS = ("dice", "hd95")  # also reported before post-processing
 
 
-@dataclass(frozen=True)
-class LabelledCase:
-    case_id: str
-    image: np.ndarray   # normalised (x, y, z, 4)
-    labels: np.ndarray  # canonical labels (x, y, z) uint8
-    geometry: Geometry
-
-
-def raw_source(settings: Settings) -> tuple[str, Path]:
-    """The setting and the folder that hold the model's raw, whole volumes: BraTS for 2D,
-    Decathlon for 3D."""
-    if settings.train.model == "2d":
-        return "data.brats_dir", Path(settings.data.brats_dir)
-    return "data.decathlon_dir", Path(settings.data.decathlon_dir)
-
-
-def iter_cases(settings: Settings, split_name: str, limit: int | None) -> tuple[int, Iterator[LabelledCase]]:
-    """The split's cases, read one at a time from the raw dataset (BraTS for 2D, Decathlon for 3D)."""
-    data = settings.data
-    if settings.train.model == "2d":
-        ids = load_split(split_path_for(data.slices_h5))[split_name]
-        by_id = {c.case_id: c for c in discover_brats(data.brats_dir)}
-        missing = [i for i in ids if i not in by_id]
-        if missing:
-            raise DataError(f"{split_path_for(data.slices_h5)}: split case {missing[0]} not found in "
-                            f"{data.brats_dir}")
-        ids = ids[:limit] if limit else ids
-
-        def read_2d():
-            for case_id in ids:
-                image, labels, first = read_brats_case(by_id[case_id], max_voxels=data.max_voxels)
-                yield LabelledCase(case_id, zscore_brain(image), BRATS.canonical(labels), first.geometry)
-        return len(ids), read_2d()
-    index = read_index(data.decathlon_dir, data.max_voxels)
-    ids = load_split(data.decathlon_split)[split_name]
-    by_id = {c.case_id: c for c in index.training}
-    missing = [i for i in ids if i not in by_id]
-    if missing:  # e.g. a split file from another dataset.json: say so before loading a model
-        raise DataError(f"{data.decathlon_split}: split case {missing[0]} is not a training case in "
-                        f"{index.root / 'dataset.json'}")
-    ids = ids[:limit] if limit else ids
-
-    def read_3d():
-        for case_id in ids:
-            image, mask, geometry = load_case(by_id[case_id], index.label_set, index.max_voxels)
-            yield LabelledCase(case_id, image, mask, geometry)
-    return len(ids), read_3d()
-
-
 def evaluate(settings: Settings, split_name: str = "test", limit: int | None = None, out: Path | None = None,
              save_predictions: bool = True, progress: bool = True, **predictor_options) -> dict:
     out = Path(out or settings.run_path / "evaluation")
-    count, cases = iter_cases(settings, split_name, limit)  # checks the split first: cheaper than a model
+    dataset = raw_dataset(settings)
+    count, cases = iter_cases(settings, split_name, limit, dataset)  # checks the split first: cheaper than a model
     if count == 0:
         raise DataError(f"split '{split_name}' has no cases to evaluate")
     regions = RegionSet(settings.model.regions)
     predictor, checkpoint = Predictor.from_run(settings, **predictor_options)
-    decisions = postprocessing_for(settings, predictor, checkpoint, progress)
-    convention = BRATS if settings.train.model == "2d" else None  # Decathlon labels are the canonical ones
+    decisions = postprocessing_for(settings, predictor, checkpoint, progress, dataset)
     rows = []
     for case in tqdm(cases, total=count, desc=f"evaluate {split_name}", unit="case", disable=not progress):
         raw = predictor.predict_channels(case.image) > settings.model.threshold
@@ -101,10 +47,10 @@ def evaluate(settings: Settings, split_name: str = "test", limit: int | None = N
                                                       case.geometry.spacing)})
         if save_predictions:
             write_volume(out / "predictions" / f"{case.case_id}_pred.nii.gz",
-                         regions.file_labels(masks, convention), case.geometry)
+                         regions.file_labels(masks, dataset.convention), case.geometry)
     columns = [c for c in rows[0] if c != "case"]
     summary = {"checkpoint": checkpoint, "engine": describe(predictor.engine), "split": split_name,
-               "cases": len(rows), "model": settings.train.model, "regions": list(regions.names),
+               "cases": len(rows), "model": settings.train.model, "dataset": dataset.describe(), "regions": list(regions.names),
                "postprocessing": decisions, **{name: _stats([row[name] for row in rows]) for name in columns}}
     for column in ("hd95", *(f"hd95_{r}" for r in regions.names if len(regions) > 1)):
         if summary[column]["undefined_cases"]:
@@ -145,11 +91,12 @@ def validation_report(settings: Settings, progress: bool = True, **predictor_opt
     Training calls this once it ends, so that ``predict`` right after ``train`` already applies
     the run's post-processing, and the run's logged validation Dice describes the same
     procedure that writes its predictions."""
-    if iter_cases(settings, "val", None)[0] == 0:
+    dataset = raw_dataset(settings)
+    if iter_cases(settings, "val", None, dataset)[0] == 0:
         log.warning("no validation cases: no validation report, no post-processing")
         return None
     predictor, checkpoint = Predictor.from_run(settings, **predictor_options)
-    postprocessing_for(settings, predictor, checkpoint, progress)
+    postprocessing_for(settings, predictor, checkpoint, progress, dataset)
     stored = postprocess.stored(settings.run_path)
     regions = stored["regions"]
     report = {"checkpoint": checkpoint, "engine": describe(predictor.engine), "split": "val",
@@ -162,14 +109,15 @@ def validation_report(settings: Settings, progress: bool = True, **predictor_opt
     return report
 
 
-def postprocessing_for(settings: Settings, predictor: Predictor, checkpoint: str, progress: bool) -> dict[str, str]:
+def postprocessing_for(settings: Settings, predictor: Predictor, checkpoint: str, progress: bool,
+                       dataset: RawDataset | None = None) -> dict[str, str]:
     """The run's post-processing for ``checkpoint``: stored, or decided now on the validation split."""
     inference = postprocess.procedure(settings.model.threshold, predictor.mirrored_axes())
     stored = postprocess.load(settings.run_path, checkpoint, inference)
     if stored is not None:
         return stored
     regions = RegionSet(settings.model.regions)
-    count, cases = iter_cases(settings, "val", None)
+    count, cases = iter_cases(settings, "val", None, dataset)
     if count == 0:
         log.warning("no validation cases: no post-processing")
         return {region: "none" for region in regions.names}

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.config.settings import MODALITIES, Settings
+from trainer.data.datasets import prepared_for
 from trainer.errors import DataError, TrainingError, UserError
 from trainer.fsutil import atomic_dir, refuse_existing, write_json
 from trainer.inference.engines import (OpenVinoEngine, build_run_model, convert_keras, expected_input_shape,
@@ -138,7 +139,8 @@ def parity(expected: np.ndarray, actual: np.ndarray, threshold: float) -> dict:
 def parity_inputs(settings: Settings, count: int, seed: int) -> tuple[np.ndarray, str]:
     """Held-out inputs with tumour in them when the prepared data is there, else random normal input."""
     try:
-        return held_out_slices(settings, count) if settings.train.model == "2d" else held_out_crop(settings)
+        held_out = {"slices": lambda: held_out_slices(settings, count), "volumes": lambda: held_out_crop(settings)}
+        return held_out[prepared_for(settings).kind]()
     except (DataError, OSError, KeyError, ValueError) as exc:
         reason = " ".join(str(exc).split())[:200]
         log.warning("export parity on random input (no held-out data: %s)", reason)
@@ -164,25 +166,21 @@ def held_out_slices(settings: Settings, count: int) -> tuple[np.ndarray, str]:
 
 
 def held_out_crop(settings: Settings) -> tuple[np.ndarray, str]:
-    """One crop of the model's input size, centred on the tumour of the first validation case."""
-    from trainer.data.decathlon import channel_indices, load_case, read_index
-    from trainer.data.split import load_split
+    """One crop of the model's input size, centred on the tumour of the first held-out case."""
+    from trainer.data.datasets import raw_dataset, split_cases_of
 
     data = settings.data
-    index = read_index(data.decathlon_dir, data.max_voxels)
-    split = load_split(data.decathlon_split)
-    ids = split.get("val") or split.get("test") or split.get("train") or []
-    by_id = {case.case_id: case for case in index.training}
-    case = next((by_id[i] for i in ids if i in by_id), None)
+    dataset = raw_dataset(settings)
+    case = next((cases[0] for name in ("val", "test", "train") if (cases := split_cases_of(settings, name, dataset))),
+                None)
     if case is None:
-        raise DataError(f"{data.decathlon_split}: no held-out case found in {data.decathlon_dir}")
-    image, mask, _ = load_case(case, index.label_set, index.max_voxels)
+        raise DataError(f"{data.decathlon_split}: no held-out case found in {dataset.describe()}")
+    image, mask, _ = case.load()
     crop = np.asarray(data.crop_size)
     centre = np.argwhere(mask).mean(axis=0).astype(int) if mask is not None and mask.any() \
         else np.asarray(image.shape[:3]) // 2
     padded = np.zeros((*np.maximum(image.shape[:3], crop), image.shape[-1]), dtype=np.float32)
     padded[: image.shape[0], : image.shape[1], : image.shape[2]] = image
     start = np.clip(centre - crop // 2, 0, np.asarray(padded.shape[:3]) - crop)
-    window = padded[tuple(slice(s, s + c) for s, c in zip(start, crop))][..., channel_indices(data.channels)]
+    window = padded[tuple(slice(s, s + c) for s, c in zip(start, crop))][..., [MODALITIES.index(c) for c in data.channels]]
     return window[None], f"1 crop {list(crop)} centred on the tumour of {case.case_id}"
-

@@ -103,3 +103,9 @@ def build_model(kind: str, model: ModelSettings, channels: int, image_size: int,
     if kind == "2d":
         return UNet2D(model, channels, image_size)
     return UNet3D(model, channels, crop)
+
+
+def input_shape(kind: str, channels: int, image_size: int, crop: tuple[int, int, int]) -> tuple[int, ...]:
+    """The per-sample input a trained model takes: a 2D slice of ``image_size``, or a 3D ``crop``."""
+    spatial = (image_size,) * 2 if kind == "2d" else tuple(crop)
+    return (*spatial, channels)

@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from trainer.checkpoints import weights_checksum
 from trainer.config import Settings, settings_to_yaml
+from trainer.data.datasets import prepared_for
 from trainer.data.streams import Streams, build_streams
 from trainer.errors import TrainingError
 from trainer.fsutil import write_json, write_text
@@ -87,7 +88,7 @@ def _run_epochs(settings: Settings, runtime: Runtime, session: Session, stepper:
     callbacks.set_params({"epochs": settings.train.epochs, "steps": streams.steps_per_epoch, "verbose": 0})
     validator = CaseValidator(streams, stepper, runtime)
     weights_finite = _finite_check(session.model)
-    data_source = settings.data.slices_h5 if settings.train.model == "2d" else settings.data.decathlon_dir
+    data_source = prepared_for(settings).path(settings)
     show = progress and runtime.is_chief
     max_steps, state = settings.train.max_steps, session.state
     first_epoch, first_step = session.initial_epoch, int(state.step_in_epoch.numpy())

@@ -21,7 +21,7 @@ def unreachable_validation_source(settings: Settings) -> str | None:
     """One line when the end-of-training validation will not find the raw volumes, else None."""
     if not settings.train.validate_full_volumes:
         return None
-    from trainer.inference.evaluate import raw_source
+    from trainer.data.datasets import raw_source
 
     key, folder = raw_source(settings)
     if folder.is_dir():
@@ -33,7 +33,7 @@ def unreachable_validation_source(settings: Settings) -> str | None:
 
 def decide_command(settings: Settings) -> str:
     """The command that decides the post-processing of this run later."""
-    from trainer.inference.evaluate import raw_source
+    from trainer.data.datasets import raw_source
 
     key, _ = raw_source(settings)
     return shlex.join(["unet-train", "evaluate", "--split", "val", "--run-dir", str(settings.train.run_dir),

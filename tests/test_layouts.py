@@ -1,0 +1,71 @@
+"""One dataset seam: both models train, evaluate and predict on both layouts (3D on a BraTS
+folder, 2D on a Decathlon folder), end to end through the CLI on tiny synthetic sets."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import SimpleITK as sitk
+
+from conftest import brats_case_folders, run_cli
+
+TINY_2D = ["--set", "model.base_filters_2d=4", "--set", "train.batch_size=4", "--set", "train.steps_per_epoch=2",
+           "--set", "train.validation_steps=1", "--quiet"]
+TINY_3D = ["--set", "train.precision=fp32", "--set", "model.base_filters_3d=2", "--set", "train.batch_size=1",
+           "--set", "train.steps_per_epoch=2", "--set", "train.validation_steps=1",
+           "--set", "data.crop_size=[32,32,32]", "--quiet"]
+
+
+def test_the_3d_model_on_a_brats_folder(brats_dataset, tmp_path):
+    split = tmp_path / "volumes.split.json"
+    data = ["--set", f"data.decathlon_split={split}"]
+    prepared = run_cli("prepare", "--src", brats_dataset, "--model", "3d", "--out", tmp_path / "cache", *data,
+                       "--quiet", cwd=tmp_path)
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    assert "(brats, 6 labelled cases) for the 3D model" in prepared.stdout
+    assert json.loads(split.read_text())["layout"] == "brats"
+    trained = run_cli("train", "--model", "3d", "--run-name", "b3", "--epochs", "1", *data, "--set",
+                      f"data.cache_dir={tmp_path / 'cache'}", *TINY_3D, cwd=tmp_path, timeout=400)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert (tmp_path / "runs" / "b3" / "validation.json").exists()  # whole BraTS volumes, sliding window
+    evaluated = run_cli("evaluate", "--run-name", "b3", "--quiet", cwd=tmp_path, timeout=400)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "b3" / "evaluation" / "summary.json").read_text())
+    assert summary["model"] == "3d" and "(brats," in summary["dataset"]
+    case = brats_case_folders(brats_dataset)[0]
+    predicted = run_cli("predict", "--run-name", "b3", case, "--out", tmp_path / "pred", "--quiet", cwd=tmp_path,
+                        timeout=400)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    mask = sitk.ReadImage(str(tmp_path / "pred" / f"{case.name}_mask.nii.gz"))
+    assert mask.GetSize() == sitk.ReadImage(str(case / f"{case.name}_flair.nii.gz")).GetSize()
+
+
+def test_the_2d_model_on_a_decathlon_folder(decathlon_dataset, tmp_path):
+    slices = tmp_path / "slices.h5"
+    prepared = run_cli("prepare", "--src", decathlon_dataset, "--model", "2d", "--out", slices, "--quiet",
+                       cwd=tmp_path)
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    assert "(decathlon, 4 labelled cases)" in prepared.stdout
+    trained = run_cli("train", "--model", "2d", "--run-name", "d2", "--epochs", "1", "--set",
+                      f"data.slices_h5={slices}", "--set", "model.regions=[wt,tc,et]", *TINY_2D,
+                      cwd=tmp_path, timeout=400)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert (tmp_path / "runs" / "d2" / "validation.json").exists()
+    evaluated = run_cli("evaluate", "--run-name", "d2", "--quiet", cwd=tmp_path, timeout=400)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    predictions = list((tmp_path / "runs" / "d2" / "evaluation" / "predictions").glob("*_pred.nii.gz"))
+    assert predictions
+    for path in predictions:  # a Decathlon set's predictions in its own 0/1/2/3 labels
+        assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(path))))) <= {0, 1, 2, 3}
+    image = next(p for p in sorted((decathlon_dataset / "imagesTr").glob("*.nii.gz")) if not p.name.startswith("."))
+    predicted = run_cli("predict", "--run-name", "d2", "-i", image.parent, "-o", tmp_path / "pred", "--quiet",
+                        cwd=tmp_path, timeout=400)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    written = sitk.ReadImage(str(tmp_path / "pred" / image.name))
+    assert written.GetSize() == sitk.ReadImage(str(image)).GetSize()[:3]
+
+
+def test_a_format_that_contradicts_the_folder_is_refused(decathlon_dataset, tmp_path):
+    result = run_cli("prepare", "--format", "brats", "--src", decathlon_dataset, "--out", tmp_path / "s.h5",
+                     cwd=tmp_path)
+    assert result.returncode == 2 and "holds dataset.json, so it is a decathlon folder" in result.stderr
