@@ -1,37 +1,18 @@
-"""Shared fixtures: tiny synthetic BraTS / Decathlon datasets and a CLI runner.
+"""Shared fixtures: tiny synthetic BraTS / Decathlon datasets, prepared once per session.
 
-Everything is small (48 x 40 x 32 volumes, a handful of cases) and single-process so
-the whole suite stays light on a shared 2-core machine. No TensorFlow is imported.
+Helpers live in tests/support/ (``from support.data import run_cli`` ...).
 """
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from support.data import (BRATS_CASES, BRATS_SEED, DECATHLON_CASES, DECATHLON_SEED, DECATHLON_TEST_CASES, SHAPE,
+                          prepare_brats_cli, run_cli)
 from trainer.data.synth.writers import (BRATS_ROOT_NAME, DECATHLON_ROOT_NAME, SynthRequest, write_brats,
                                         write_decathlon)
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHAPE = (48, 40, 32)  # x != y != z, so a transposed axis changes the shape and fails loudly
-BRATS_CASES = 6
-BRATS_SEED = 3
-DECATHLON_CASES = 4
-DECATHLON_TEST_CASES = 1
-DECATHLON_SEED = 5
-CLI_TIMEOUT_S = 120
-
-
-def run_cli(*args, cwd, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """``python -m trainer.cli ARGS`` in ``cwd``; returns the CompletedProcess (text, captured)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    return subprocess.run([sys.executable, "-m", "trainer.cli", *(str(a) for a in args)], cwd=str(cwd),
-                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(name="run_cli")
@@ -67,17 +48,6 @@ def brats_copy(brats_dataset, tmp_path) -> Path:
 def decathlon_copy(decathlon_dataset, tmp_path) -> Path:
     """A private, writable copy of the tiny Decathlon dataset."""
     return Path(shutil.copytree(decathlon_dataset, tmp_path / "src" / DECATHLON_ROOT_NAME))
-
-
-def brats_case_folders(root: Path) -> list[Path]:
-    """Case folders (those holding a *_seg file), sorted by case id."""
-    return sorted({p.parent for p in Path(root).rglob("*_seg.nii*") if not p.name.startswith("._")},
-                  key=lambda p: p.name)
-
-
-def prepare_brats_cli(src: Path, out: Path, cwd: Path, *extra) -> subprocess.CompletedProcess:
-    return run_cli("prepare", "--format", "brats", "--src", src, "--out", out, "--workers", "1", "--quiet",
-                   *extra, cwd=cwd)
 
 
 @pytest.fixture(scope="session")

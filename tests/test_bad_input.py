@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import SHAPE, brats_case_folders, prepare_brats_cli
+from support.data import SHAPE, brats_case_folders, prepare_brats_cli
 from trainer.data.nifti import read_volume, write_volume
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from norm_layers import forward_and_gradients
+from support.norm_layers import forward_and_gradients
 
 SHAPE = (2, 8, 6, 16, 5)  # N, D, H, W, C
 

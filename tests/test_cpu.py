@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from trainer.config.settings import CpuSettings
-from trainer.runtime import cpu
+from trainer.hardware import cpu
 
 
 @pytest.fixture

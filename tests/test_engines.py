@@ -10,10 +10,12 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from support.data import run_cli
 from trainer.errors import ConfigError, DataError
 from trainer.inference import engines
 from trainer.inference.engines import OpenVinoUnavailable, check_batch, select_engine
+
+pytestmark = pytest.mark.slow  # trains models or starts processes: not in scripts/test.sh --fast
 
 
 # ---------------------------------------------------------------- selection (no TensorFlow)
@@ -259,7 +261,7 @@ def _val_slices(h5_path, count: int) -> np.ndarray:
 
 
 def test_openvino_export_parity_is_reported_bounded_and_independently_true(learned_2d, prepared_brats):
-    from trainer.runtime.cpu import cpu_flags, native_bf16_support
+    from trainer.hardware.cpu import cpu_flags, native_bf16_support
 
     run, flags, work = learned_2d
     result = run_cli("export", "--format", "openvino", *flags, cwd=work, timeout=300)

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
-from procs import run_bounded, unet_train_cmd
+from support.procs import run_bounded, unet_train_cmd
 from trainer.config.loader import load_settings
 
 SCHEMAS = Path(__file__).resolve().parent / "crd_schemas"

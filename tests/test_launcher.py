@@ -13,8 +13,10 @@ import psutil
 import pytest
 import yaml
 
-from procs import REPO_ROOT, child_env, kill_group, processes_mentioning, run_bounded, unet_train_cmd, wait_until_gone
-from sshd_hosts import HOSTS, SSHD, free_port_on, start_sshd_hosts
+from support.procs import REPO_ROOT, child_env, kill_group, processes_mentioning, run_bounded, unet_train_cmd, wait_until_gone
+from support.sshd_hosts import HOSTS, SSHD, free_port_on, start_sshd_hosts
+
+pytestmark = pytest.mark.slow  # trains models or starts processes: not in scripts/test.sh --fast
 
 needs_sshd = pytest.mark.skipif(not Path(SSHD).exists(), reason="openssh-server not installed (scripts/setup.sh)")
 
@@ -77,7 +79,7 @@ def test_dry_run_prints_inventory_and_commands(tmp_path):
     sync = next(line for line in out.splitlines() if line.startswith("sync node2:"))
     assert "rsync -a" in sync and "--delete" in sync and "alice@node2:/srv/unet/" in sync
     assert "--exclude=/data/" in sync and "--exclude=data/" not in sync  # anchored: trainer/data/ is synced
-    assert not (REPO_ROOT / "inventory" / "dry.yml").exists()  # a dry run writes nothing
+    assert not (tmp_path / "dry").exists()  # a dry run writes nothing, not even runs/dry/launcher/inventory.yml
 
 
 class _Unsafe(str):
@@ -142,7 +144,7 @@ def test_dry_run_takes_hosts_and_mode_from_settings(tmp_path):
                                         "--set", f"train.run_dir={tmp_path}"), 120, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:]
     assert "mode horovod, hosts node1, node2" in result.stdout
-    assert "launcher/remote/rank.sh" in result.stdout  # every rank records its PID on its host
+    assert "launcher/ssh/remote/rank.sh" in result.stdout  # every rank records its PID on its host
     sync = next(line for line in result.stdout.splitlines() if line.startswith("sync node2:"))
     assert " -s " in sync and " -- " in sync and "ServerAliveInterval=5" in sync
     flags = run_bounded(unet_train_cmd("distributed", "--dry-run", "--hosts", "node3", "--mode", "ps",
@@ -158,13 +160,13 @@ def test_dry_run_preflight_lists_ps_only_hosts(tmp_path):
     """--ps-hosts outside --hosts are preflighted (and synced) too: every host the run touches."""
     import io
 
-    from launcher import distributed
+    from launcher.ssh import launch as distributed
     from trainer.config.settings import Settings, TrainSettings
 
     out = io.StringIO()
     settings = Settings(train=TrainSettings(run_dir=tmp_path, run_name="psonly"))
     request = distributed.LaunchRequest(hosts="node1,node2", mode="ps", ps_hosts="node3", dry_run=True)
-    assert distributed.Launcher(settings, request, out=out).dry_run() == 0
+    assert distributed.SshLauncher(settings, request, out=out).dry_run() == 0
     preflight = next(line for line in out.getvalue().splitlines() if line.startswith("preflight:"))
     assert preflight.endswith("on node1, node2, node3"), preflight
     assert "sync node3:" in out.getvalue()
@@ -172,7 +174,7 @@ def test_dry_run_preflight_lists_ps_only_hosts(tmp_path):
 
 def test_ps_cpu_plan_counts_ps_and_worker_not_chief():
     """Threads = physical cores / the host's computing processes (PS + worker); the chief only coordinates."""
-    from launcher.plan import PS_MODE, HostFacts, build_plan
+    from launcher.ssh.plan import PS_MODE, HostFacts, build_plan
     from trainer.config.settings import Settings
 
     facts = {host: HostFacts(physical_cores=8) for host in ("node1", "node2", "node3")}
@@ -189,7 +191,7 @@ def test_ps_cpu_plan_counts_ps_and_worker_not_chief():
 
 def test_horovod_rank_lines_get_the_prefix_of_their_host():
     """horovodrun fills -H in order: with 2 slots on each of 2 hosts, ranks 0-1 are on h1, 2-3 on h2."""
-    from launcher.plan import horovod_rank_hosts, label_rank_line
+    from launcher.ssh.plan import horovod_rank_hosts, label_rank_line
 
     ranks = horovod_rank_hosts(("127.0.0.2", "127.0.0.3"), 2)
     assert ranks == ("127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3")
@@ -214,7 +216,7 @@ def test_bad_cluster_settings_rejected(override):
 def test_stop_roles_stops_this_runs_groups_only(tmp_path):
     """Roles (run-role.sh) and Horovod ranks (rank.sh) are stopped by process group; a PID file
     naming a process without the run's marker (a reused PID) is left alone."""
-    remote, state = REPO_ROOT / "launcher" / "remote", tmp_path / "state"
+    remote, state = REPO_ROOT / "launcher" / "ssh" / "remote", tmp_path / "state"
     started = subprocess.run(["sh", remote / "run-role.sh", state / "role.log", state / "role.rc",
                               state / "role.pid", "sleep", "300"], capture_output=True, text=True, timeout=30)
     assert started.returncode == 0, started.stderr
@@ -264,12 +266,12 @@ def test_stop_cannot_be_cancelled_and_sigterm_stops_the_launch(tmp_path, monkeyp
     """A second Ctrl-C must not abandon the cleanup; SIGTERM is handled like Ctrl-C."""
     import io
 
-    from launcher import distributed
-    from launcher.ansible import PlaybookResult
+    from launcher.ssh import launch as distributed
+    from launcher.ssh.ansible import PlaybookResult
     from trainer.config.settings import Settings, TrainSettings
 
     settings = Settings(train=TrainSettings(run_dir=tmp_path, run_name="sig"))
-    launcher = distributed.Launcher(settings, distributed.LaunchRequest(hosts="node1"), out=io.StringIO())
+    launcher = distributed.SshLauncher(settings, distributed.LaunchRequest(hosts="node1"), out=io.StringIO())
     launcher.inventory_path = tmp_path / "sig.yml"
     seen = []
 
@@ -301,12 +303,12 @@ def test_follow_is_reissued_when_its_window_ends(tmp_path, monkeypatch):
     lost. Real Ansible and follow.py, on this machine (local connection), with a role that runs ~6 s."""
     import io
 
-    from launcher import distributed
-    from launcher.plan import Role
+    from launcher.ssh import launch as distributed
+    from launcher.ssh.plan import Role
     from trainer.config.settings import Settings, TrainSettings
 
     state = tmp_path / "state"
-    started = subprocess.run(["sh", REPO_ROOT / "launcher" / "remote" / "run-role.sh", state / "chief.log",
+    started = subprocess.run(["sh", REPO_ROOT / "launcher" / "ssh" / "remote" / "run-role.sh", state / "chief.log",
                               state / "chief.rc", state / "chief.pid", "sh", "-c", "echo begin; sleep 6; echo end"],
                              capture_output=True, text=True, timeout=30)
     assert started.returncode == 0, started.stderr
@@ -317,7 +319,7 @@ def test_follow_is_reissued_when_its_window_ends(tmp_path, monkeypatch):
                              "unet_roles": [{"name": "chief", "phase": "main", "follow": True, "argv": []}]}}}}}}
     settings = Settings(train=TrainSettings(run_dir=tmp_path / "runs", run_name="long"))
     out = io.StringIO()
-    launcher = distributed.Launcher(settings, distributed.LaunchRequest(hosts="localhost"), out=out)
+    launcher = distributed.SshLauncher(settings, distributed.LaunchRequest(hosts="localhost"), out=out)
     launcher.inventory_path = tmp_path / "long.yml"
     launcher.inventory_path.write_text(yaml.safe_dump(inventory))
     launcher._followed = [Role("chief", "localhost", "chief", (), "main")]
@@ -333,13 +335,13 @@ def test_follow_is_reissued_when_its_window_ends(tmp_path, monkeypatch):
     try:
         assert launcher.follow() == {"chief": 0}, out.getvalue()[-3000:]
     finally:
-        subprocess.run(["sh", REPO_ROOT / "launcher" / "remote" / "stop-roles.sh", state, "chief"], timeout=60)
+        subprocess.run(["sh", REPO_ROOT / "launcher" / "ssh" / "remote" / "stop-roles.sh", state, "chief"], timeout=60)
     assert len(runs) >= 2 and runs[0] == ("follow.yml", None) and runs[1] == ("follow.yml", "localhost"), runs
     assert "[localhost chief] begin" in out.getvalue() and "[localhost chief] end" in out.getvalue()
 
 
 def test_follow_window_over_only_when_polls_ran_out():
-    from launcher.distributed import _follow_window_over
+    from launcher.ssh.launch import _follow_window_over
 
     running = '{"role": "chief", "exited": false, "rc": null}'
     assert _follow_window_over({"rc": 0, "attempts": 4, "stdout": running})
@@ -351,8 +353,8 @@ def test_follow_window_over_only_when_polls_ran_out():
 
 def test_facts_na_and_forks(tmp_path):
     """Facts of "NA" mean unknown, not a traceback; forks cover every host (live follow beyond 5)."""
-    from launcher.ansible import _host_count
-    from launcher.distributed import _count
+    from launcher.ssh.ansible import _host_count
+    from launcher.ssh.launch import _count
 
     assert [_count(v) for v in ("NA", "", None, "4", 2)] == [0, 0, 0, 4, 2]
     hosts = {f"node{i}": {"ansible_host": f"node{i}"} for i in range(7)}
@@ -394,7 +396,7 @@ def test_doctor_reports_every_host(ssh_hosts, tmp_path):
 
 
 def test_known_hosts_file_means_strict_host_key_checking(tmp_path):
-    from launcher.inventory import ssh_options
+    from launcher.ssh.inventory import ssh_options
     from trainer.config.settings import ClusterSettings
 
     assert "StrictHostKeyChecking=accept-new" in ssh_options(ClusterSettings())
@@ -448,8 +450,8 @@ def test_sync_keeps_run_and_data_paths_from_settings(tmp_path):
     """A real rsync with the launcher's own argv and --delete: checkpoints under a custom run_dir
     (relative, or absolute inside the workdir and nested in a folder the checkout lacks), a cache,
     a split file and the token on the host survive; stale code is removed."""
-    from launcher.inventory import render
-    from launcher.plan import build_plan
+    from launcher.ssh.inventory import render
+    from launcher.ssh.plan import build_plan
     from trainer.config.loader import load_settings
 
     source = tmp_path / "checkout"
@@ -484,7 +486,7 @@ def test_run_dir_that_is_the_workdir_is_refused(tmp_path):
 
 
 def test_rsync_keeps_the_hosts_environment_and_marker(tmp_path):
-    from launcher.inventory import interpreter_excludes
+    from launcher.ssh.inventory import interpreter_excludes
 
     assert interpreter_excludes("venv/bin/python") == ["/venv/"]
     assert interpreter_excludes("/opt/py/bin/python") == [] and interpreter_excludes("python3") == []
@@ -615,7 +617,7 @@ def test_elastic_dry_run_shows_horovodrun_elastic_and_the_discovery_script(tmp_p
     horovodrun = next(line for line in out.splitlines() if "] horovod: " in line)
     assert ("horovodrun -np 4 --min-np 4 --max-np 6 --slots-per-host 2 --host-discovery-script "
             "/srv/unet/.launch/el/discover-hosts.sh --blacklist-cooldown-range 20 600 -p 2200 --gloo -i /keys/id sh "
-            "/srv/unet/launcher/remote/rank.sh /srv/unet/.launch/el ") in horovodrun, horovodrun
+            "/srv/unet/launcher/ssh/remote/rank.sh /srv/unet/.launch/el ") in horovodrun, horovodrun
     assert " -H " not in horovodrun and horovodrun.endswith("--set train.elastic=true")
     script = out.split("# host discovery script (/srv/unet/.launch/el/discover-hosts.sh, run by horovodrun on "
                        "node1; min 2, max 3 host(s))\n", 1)[1]
@@ -670,7 +672,7 @@ def _discover(script: Path) -> list[str]:
 def test_discovery_script_lists_the_hosts_that_answer_ssh(tmp_path):
     """The rendered script, run as horovodrun runs it, against real sshd hosts: both listed; one
     sshd stopped: only the other; that sshd back: both again (a host that returns can rejoin)."""
-    from launcher.discovery import render_discovery_script, write_discovery_script
+    from launcher.ssh.discovery import render_discovery_script, write_discovery_script
     from trainer.config.settings import ClusterSettings
 
     hosts = ("127.0.0.5", "127.0.0.6")  # their own sshd: the stop must not hit other tests' hosts
@@ -709,7 +711,7 @@ def test_discovery_script_lists_the_hosts_that_answer_ssh(tmp_path):
 
 def test_elastic_rank_lines_name_the_rank_only():
     """Elastic ranks move between hosts as hosts come and go: no host is guessed for them."""
-    from launcher.plan import label_rank_line
+    from launcher.ssh.plan import label_rank_line
 
     assert label_rank_line("[3]<stdout>:epoch 1", None) == "[rank 3] epoch 1"
     assert label_rank_line("Launching horovod task function", None) is None

@@ -2,12 +2,16 @@
 folder, 2D on a Decathlon folder), end to end through the CLI on tiny synthetic sets."""
 from __future__ import annotations
 
+import pytest
+
 import json
 
 import numpy as np
 import SimpleITK as sitk
 
-from conftest import brats_case_folders, run_cli
+from support.data import brats_case_folders, run_cli
+
+pytestmark = pytest.mark.slow  # trains models or starts processes: not in scripts/test.sh --fast
 
 TINY_2D = ["--set", "model.base_filters_2d=4", "--set", "train.batch_size=4", "--set", "train.steps_per_epoch=2",
            "--set", "train.validation_steps=1", "--quiet"]

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from norm_layers import forward_and_gradients
+from support.norm_layers import forward_and_gradients
 from trainer.config.settings import ModelSettings
 from trainer.models import UNet2D, UNet3D
 

@@ -65,24 +65,24 @@ class _NoAnsible:
 
 @pytest.mark.parametrize("mode", ["ps", "horovod"])
 def test_launcher_refuses_a_public_host_before_anything_connects(tmp_path, monkeypatch, mode):
-    from launcher import distributed
+    from launcher.ssh import launch as distributed
     from trainer.config.settings import Settings, TrainSettings
 
     monkeypatch.setattr(distributed.Ansible, "run", _NoAnsible.run)
     settings = Settings(train=TrainSettings(run_dir=tmp_path, run_name="pub"))
     request = distributed.LaunchRequest(hosts="127.0.0.2,8.8.8.8", mode=mode)
-    launcher = distributed.Launcher(settings, request, out=io.StringIO())
+    launcher = distributed.SshLauncher(settings, request, out=io.StringIO())
     launcher.inventory_path = tmp_path / "pub.yml"
     with pytest.raises(UserError, match="cluster host 8.8.8.8: 8.8.8.8 is a public address"):
-        launcher.doctor(standalone=True)
+        launcher.preflight(standalone=True)
     with pytest.raises(UserError, match="8.8.8.8 is a public address"):
         launcher.launch()
     assert not (tmp_path / "pub.yml").exists() and not (tmp_path / "pub.doctor.yml").exists()
 
 
 def test_launcher_allows_public_hosts_when_told(tmp_path, monkeypatch):
-    from launcher import distributed
-    from launcher.ansible import PlaybookResult
+    from launcher.ssh import launch as distributed
+    from launcher.ssh.ansible import PlaybookResult
     from trainer.config.settings import ClusterSettings, Settings, TrainSettings
 
     ran = []
@@ -91,23 +91,23 @@ def test_launcher_allows_public_hosts_when_told(tmp_path, monkeypatch):
     settings = Settings(train=TrainSettings(run_dir=tmp_path, run_name="pub"),
                         cluster=ClusterSettings(allow_public_network=True))
     out = io.StringIO()
-    launcher = distributed.Launcher(settings, distributed.LaunchRequest(hosts="8.8.8.8"), out=out)
+    launcher = distributed.SshLauncher(settings, distributed.LaunchRequest(hosts="8.8.8.8"), out=out)
     launcher.inventory_path = tmp_path / "pub.yml"
     with pytest.raises(UserError, match="no preflight report"):
-        launcher.doctor(standalone=True)
+        launcher.preflight(standalone=True)
     assert ran == ["preflight.yml"] and "allow_public_network is true" in out.getvalue()
 
 
 @pytest.mark.parametrize("bind, warned", [("127.0.0.1", False), ("0.0.0.0", True), ("10.0.0.5", True)])
 def test_tensorboard_off_loopback_is_warned(tmp_path, bind, warned):
     """TensorBoard's image panels show patient MRI: binding it beyond loopback gets a warning."""
-    from launcher import distributed
+    from launcher.ssh import launch as distributed
     from trainer.config.settings import LoggingSettings, Settings, TrainSettings
 
     settings = Settings(train=TrainSettings(run_dir=tmp_path, run_name="tb"),
                         logging=LoggingSettings(tensorboard_host=bind))
     out = io.StringIO()
-    assert distributed.Launcher(settings, distributed.LaunchRequest(hosts="node1"), out=out).dry_run() == 0
+    assert distributed.SshLauncher(settings, distributed.LaunchRequest(hosts="node1"), out=out).dry_run() == 0
     text = out.getvalue()
     assert ("warning: TensorBoard on node1 binds to " + bind in text) is warned, text[:2000]
     if warned:

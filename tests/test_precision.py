@@ -10,8 +10,8 @@ import pytest
 
 from trainer.config.loader import load_settings
 from trainer.errors import ConfigError
-from trainer.runtime.cpu import cpu_flags, native_bf16_support, onednn_isa_cap
-from trainer.runtime.precision import Hardware, choose_precision, resolve_precision
+from trainer.hardware.cpu import cpu_flags, native_bf16_support, onednn_isa_cap
+from trainer.hardware.precision import Hardware, choose_precision, resolve_precision
 
 SAPPHIRE_RAPIDS = frozenset({"sse4_1", "avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16", "amx_tile"})
 EPYC_GENOA = frozenset({"sse4_1", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"})
@@ -109,7 +109,7 @@ def test_the_refusal_names_the_key_it_came_from():
 
 
 def test_the_decision_and_the_refusal_are_logged(caplog):
-    caplog.set_level(logging.INFO, logger="trainer.runtime.precision")
+    caplog.set_level(logging.INFO, logger="trainer.hardware.precision")
     resolve_precision("auto", True, hardware=cpu(SAPPHIRE_RAPIDS))
     assert "precision: mixed_bfloat16 (auto: avx512_bf16+amx_bf16 present, oneDNN max ISA unrestricted)" \
         in caplog.messages

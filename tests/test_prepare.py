@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import SimpleITK as sitk
 
-from conftest import (BRATS_CASES, DECATHLON_CASES, SHAPE, brats_case_folders, prepare_brats_cli)
+from support.data import (BRATS_CASES, DECATHLON_CASES, SHAPE, brats_case_folders, prepare_brats_cli)
 from trainer.data.brats import discover_brats, read_brats_case
 from trainer.data.normalize import zscore_brain
 from trainer.data.synth.writers import APPLEDOUBLE_STUB

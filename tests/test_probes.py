@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.protect import mirror_excludes
+from launcher.ssh.protect import mirror_excludes
 from trainer.config.loader import load_settings
 from trainer.errors import UserError
 
@@ -139,7 +139,7 @@ def test_a_fifo_or_device_as_a_nifti_input_is_one_line_within_a_second(special, 
 
 
 def test_prepare_with_a_fifo_modality_exits_2_and_leaves_nothing(brats_copy, tmp_path):
-    from conftest import brats_case_folders, prepare_brats_cli
+    from support.data import brats_case_folders, prepare_brats_cli
 
     case = brats_case_folders(brats_copy)[0]
     flair = case / f"{case.name}_flair.nii.gz"

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from procs import kill_group, child_env, unet_train_cmd
+from support.procs import kill_group, child_env, unet_train_cmd
 from test_horovod import SGD_EXACT, model_weights, train_single
+
+pytestmark = pytest.mark.slow  # trains models or starts processes: not in scripts/test.sh --fast
 
 TIMEOUT = 240
 

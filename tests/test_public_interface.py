@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from conftest import REPO_ROOT
+from support.data import REPO_ROOT
 
 
 @pytest.fixture

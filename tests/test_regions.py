@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import run_cli
+from support.data import run_cli
 from trainer.errors import TrainingError
 from trainer.inference import postprocess
 from trainer.regions import BRATS, DECATHLON, RegionSet
+
+pytestmark = pytest.mark.slow  # trains models or starts processes: not in scripts/test.sh --fast
 
 TINY = ["--set", "model.base_filters_2d=4", "--set", "train.batch_size=4", "--set", "train.steps_per_epoch=3",
         "--set", "model.regions=[wt,tc,et]", "--quiet"]

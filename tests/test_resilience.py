@@ -21,9 +21,11 @@ import psutil
 import pytest
 import tensorflow as tf
 
-from procs import child_env, run_bounded, unet_train_cmd
+from support.procs import child_env, run_bounded, unet_train_cmd
 from test_horovod import HOROVODRUN, SGD_EXACT, data_flags, model_weights
 from test_ps import Cluster
+
+pytestmark = pytest.mark.slow  # trains models or starts processes: not in scripts/test.sh --fast
 
 TIMEOUT = 300
 STEPS, EPOCHS = 6, 2

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import brats_case_folders, prepare_brats_cli, run_cli
+from support.data import brats_case_folders, prepare_brats_cli, run_cli
 from launcher.hosts import hosts_and_slots
 from trainer.errors import UserError
+
+pytestmark = pytest.mark.slow  # trains models or starts processes: not in scripts/test.sh --fast
 
 TINY = ["--set", "model.base_filters_2d=4", "--set", "train.batch_size=4", "--set", "train.steps_per_epoch=2",
         "--set", "train.validation_steps=1", "--quiet"]

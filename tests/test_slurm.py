@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from procs import child_env, kill_group, processes_mentioning, run_bounded, unet_train_cmd, wait_until_gone
-from slurm_cluster import NODE, PARTITION, available, start_slurm_cluster
+from support.procs import child_env, kill_group, processes_mentioning, run_bounded, unet_train_cmd, wait_until_gone
+from support.slurm_cluster import NODE, PARTITION, available, start_slurm_cluster
+
+pytestmark = pytest.mark.slow  # trains models or starts processes: not in scripts/test.sh --fast
 
 needs_slurm = pytest.mark.skipif(not available(), reason="slurm-wlm/munge not installed or not root (scripts/setup.sh)")
 TIMEOUT = 300
@@ -217,7 +219,7 @@ def _numactl() -> bool:
 def test_a_lost_ps_worker_is_a_warning_when_the_chief_finished(tmp_path):
     import io
 
-    from launcher.distributed import LaunchError
+    from launcher.base import LaunchError
     from launcher.slurm.client import JobInfo
     from launcher.slurm.launch import SlurmLauncher
     from trainer.config.settings import Settings, TrainSettings

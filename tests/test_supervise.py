@@ -1,4 +1,4 @@
-"""Supervised PS workers: launcher/remote/supervise.sh restarts a worker that died, on the same
+"""Supervised PS workers: launcher/ssh/remote/supervise.sh restarts a worker that died, on the same
 host and port, up to cluster.max_restarts, and never one that was told to stop.
 
 The roles are started exactly as the SSH launcher starts them on a host (run-role.sh with the
@@ -17,9 +17,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from procs import REPO_ROOT
+from support.procs import REPO_ROOT
 
-REMOTE = REPO_ROOT / "launcher" / "remote"
+pytestmark = pytest.mark.slow  # trains models or starts processes: not in scripts/test.sh --fast
+
+REMOTE = REPO_ROOT / "launcher" / "ssh" / "remote"
 
 
 def start_role(state: Path, role: str, *argv) -> int:
@@ -160,13 +162,13 @@ def test_stop_roles_ends_supervisor_and_worker_without_a_restart(tmp_path, group
 
 
 def test_plan_supervises_workers_only_and_max_restarts_0_turns_it_off():
-    from launcher.plan import PS_MODE, build_plan
+    from launcher.ssh.plan import PS_MODE, build_plan
     from trainer.config.settings import ClusterSettings, Settings
 
     plan = build_plan(Settings(), ("node1", "node2"), PS_MODE, (), None, Path("/srv/unet"))
     roles = {role.name: role.argv for role in plan.roles}
     state = "/srv/unet/.launch/default"
-    assert roles["worker1"][:6] == ("sh", "/srv/unet/launcher/remote/supervise.sh", "3", f"{state}/worker1",
+    assert roles["worker1"][:6] == ("sh", "/srv/unet/launcher/ssh/remote/supervise.sh", "3", f"{state}/worker1",
                                     "worker 1", "env")
     assert roles["worker1"][roles["worker1"].index("worker", 6):][:3] == ("worker", "--index", "1")
     assert "supervise.sh" not in " ".join(roles["ps0"]) and "supervise.sh" not in " ".join(roles["chief"])
@@ -182,7 +184,7 @@ class HostRun:
     state folder. The workdir holds the code as links, as the synced checkout would."""
 
     def __init__(self, tmp_path: Path, run: str, prepared_brats: Path, extra: list[str]):
-        from launcher.plan import PS_MODE, build_plan
+        from launcher.ssh.plan import PS_MODE, build_plan
         from test_ps import free_ports
         from trainer.config.loader import load_settings
         from trainer.config.settings import settings_to_yaml
@@ -296,8 +298,8 @@ def test_launcher_streams_the_restart_and_reports_the_count(tmp_path, monkeypatc
 
     import yaml
 
-    from launcher import distributed
-    from launcher.plan import Role, build_plan
+    from launcher.ssh import launch as distributed
+    from launcher.ssh.plan import Role, build_plan
     from trainer.config.settings import ClusterSettings, Settings, TrainSettings
 
     state = tmp_path / "state"
@@ -312,7 +314,7 @@ def test_launcher_streams_the_restart_and_reports_the_count(tmp_path, monkeypatc
     settings = Settings(train=TrainSettings(run_dir=tmp_path / "runs", run_name="sup"),
                         cluster=ClusterSettings(max_restarts=3))
     out = io.StringIO()
-    launcher = distributed.Launcher(settings, distributed.LaunchRequest(hosts="localhost"), out=out)
+    launcher = distributed.SshLauncher(settings, distributed.LaunchRequest(hosts="localhost"), out=out)
     launcher.inventory_path = tmp_path / "sup.yml"
     launcher.inventory_path.write_text(yaml.safe_dump(inventory))
     launcher._followed = [Role("worker1", "localhost", "workers", (), "servers")]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import (BRATS_CASES, DECATHLON_CASES, DECATHLON_TEST_CASES, SHAPE, brats_case_folders)
+from support.data import (BRATS_CASES, DECATHLON_CASES, DECATHLON_TEST_CASES, SHAPE, brats_case_folders)
 from trainer.data.brats import BRATS_LABEL_SET, discover_brats
 from trainer.data.decathlon import read_index
 from trainer.data.nifti import check_header, identity_geometry, read_volume

@@ -17,6 +17,8 @@ import pytest
 
 from test_training import trained_2d  # noqa: F401  (shared module fixture)
 
+pytestmark = pytest.mark.slow  # trains models or starts processes: not in scripts/test.sh --fast
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

@@ -15,7 +15,9 @@ import pytest
 import SimpleITK as sitk
 import tensorflow as tf
 
-from conftest import REPO_ROOT, run_cli
+from support.data import REPO_ROOT, run_cli
+
+pytestmark = pytest.mark.slow  # trains models or starts processes: not in scripts/test.sh --fast
 
 TINY_2D = ["--set", "model.base_filters_2d=4", "--set", "train.batch_size=4", "--set", "train.steps_per_epoch=2",
            "--set", "train.validation_steps=1", "--quiet"]

@@ -35,64 +35,28 @@ def _cluster_settings(args: argparse.Namespace):
     return load_cli_settings(args, flags)
 
 
-def _slurm_launcher(args: argparse.Namespace, settings):
-    """The Slurm path, or None for the SSH one. ``--stop`` finds a Slurm run by its job record."""
-    from launcher.slurm.launch import SlurmLauncher, has_job_record
-
-    stop = getattr(args, "stop", False)
-    if settings.cluster.scheduler != "slurm" and not (stop and args.scheduler is None and has_job_record(settings)):
-        return None
-    if args.hosts:
-        raise UserError("--hosts: not used with --scheduler slurm (Slurm picks the nodes; see --nodes, --partition)")
-    if getattr(args, "elastic", False):
-        raise UserError("--elastic: SSH hosts only (--scheduler ssh); a Slurm job has a fixed set of nodes")
-    return SlurmLauncher(settings, args.mode or settings.cluster.mode)
-
-
-def _launcher(args: argparse.Namespace, settings, hosts_required: bool = True):
-    from launcher.distributed import Launcher, LaunchRequest
+def _launcher(args: argparse.Namespace, settings):
+    from launcher.base import LaunchRequest, open_launcher
     from launcher.hosts import hosts_and_slots
 
     # --hosts/--mode win over cluster.hosts/cluster.mode in settings.yaml
     hosts = args.hosts if args.hosts is not None else ",".join(settings.cluster.hosts)
-    hosts, slots = hosts_and_slots(hosts, getattr(args, "slots_per_host", None))
-    if hosts_required and not hosts:
-        raise UserError("--hosts: required (e.g. --hosts node1,node2), or set cluster.hosts in settings.yaml")
+    hosts, slots = hosts_and_slots(hosts, getattr(args, "slots_per_host", None)) if hosts else ("", 1)
     request = LaunchRequest(hosts=hosts, mode=args.mode or settings.cluster.mode,
-                            ps_hosts=getattr(args, "ps_hosts", None),
-                            dry_run=getattr(args, "dry_run", False),
-                            slots_per_host=slots,
-                            controller=getattr(args, "controller", "gloo"),
-                            elastic=getattr(args, "elastic", False),
-                            min_hosts=getattr(args, "min_hosts", None), max_hosts=getattr(args, "max_hosts", None))
-    return Launcher(settings, request)
+                            ps_hosts=getattr(args, "ps_hosts", None), dry_run=getattr(args, "dry_run", False),
+                            slots_per_host=slots, controller=getattr(args, "controller", "gloo"),
+                            elastic=getattr(args, "elastic", False), min_hosts=getattr(args, "min_hosts", None),
+                            max_hosts=getattr(args, "max_hosts", None), scheduler_given=args.scheduler is not None)
+    return open_launcher(settings, request, stopping=getattr(args, "stop", False))
 
 
 def _cmd_distributed(args: argparse.Namespace) -> int:
-    settings = _cluster_settings(args)
-    slurm = _slurm_launcher(args, settings)
-    if slurm is not None:
-        if args.stop:
-            return slurm.stop()
-        return slurm.dry_run() if args.dry_run else slurm.launch()
-    if args.stop:
-        launcher = _launcher(args, settings, hosts_required=False)
-        result = launcher.stop()
-        return 0 if result.succeeded else 1
-    launcher = _launcher(args, settings)
-    return launcher.dry_run() if args.dry_run else launcher.launch()
+    launcher = _launcher(args, _cluster_settings(args))
+    return launcher.stop() if args.stop else launcher.dry_run() if args.dry_run else launcher.launch()
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    settings = _cluster_settings(args)
-    slurm = _slurm_launcher(args, settings)
-    if slurm is not None:
-        slurm.doctor()
-        print("doctor: the Slurm cluster can run this job")
-        return 0
-    _launcher(args, settings).doctor(standalone=True)
-    print("doctor: every host passed")
-    return 0
+    return _launcher(args, _cluster_settings(args)).doctor()
 
 
 KUBEFLOW_FLAGS = {"run_name": "train.run_name", "model": "train.model", "epochs": "train.epochs",
@@ -226,7 +190,7 @@ def _cmd_chief(args: argparse.Namespace) -> int:
 
 def _start_inference(args: argparse.Namespace):
     settings = load_run_settings(args)
-    from trainer.runtime.cpu import apply_cpu_environment, configure_threads
+    from trainer.hardware.cpu import apply_cpu_environment, configure_threads
 
     configure_threads(apply_cpu_environment(settings.cpu))
     return settings

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from launcher.console import Console
-from launcher.distributed import SOURCE_ROOT, LaunchError
+from launcher.base import SOURCE_ROOT, LaunchError
 from launcher.interrupts import Interrupts, signals_ignored
 from launcher.slurm.client import JobInfo, SlurmClient
 from launcher.slurm.doctor import check_slurm
@@ -68,11 +68,11 @@ class SlurmLauncher:
         self.say(f"stop: scancel --name={spec.name} <id> (Ctrl-C, or unet-train distributed --stop --run-name {self.run})")
         return 0
 
-    def doctor(self) -> list[str]:
-        lines = check_slurm(self.client, self.settings, self.mode, self.spec().python)
-        for line in lines:
+    def doctor(self) -> int:
+        for line in check_slurm(self.client, self.settings, self.mode, self.spec().python):
             self.say(line)
-        return lines
+        self.say("doctor: the Slurm cluster can run this job")
+        return 0
 
     def launch(self) -> int:
         """Submit, stream, report; cancel the job on Ctrl-C or failure. Returns the exit code."""

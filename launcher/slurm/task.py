@@ -23,11 +23,11 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping
 
-from launcher.plan import HostFacts, cpu_choice
+from launcher.ssh.plan import HostFacts, cpu_choice
 from launcher.slurm.job import HOROVOD_MODE, PS_MODE
 from trainer.config.settings import Settings
 from trainer.errors import UserError
-from trainer.runtime.cpu import physical_cores
+from trainer.hardware.cpu import physical_cores
 
 PREFIX = "unet-train slurm-task:"
 ANNOUNCED = re.compile(re.escape(PREFIX) + r" task (\d+) on (\S+) is (.+?) \(")

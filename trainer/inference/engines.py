@@ -20,8 +20,8 @@ import numpy as np
 
 from trainer.config.settings import Settings
 from trainer.errors import ConfigError, DataError, UserError
-from trainer.runtime.cpu import cpu_flags, local_ranks_from_environment, plan_threads
-from trainer.runtime.precision import Hardware, resolve_precision
+from trainer.hardware.cpu import cpu_flags, local_ranks_from_environment, plan_threads
+from trainer.hardware.precision import Hardware, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def build_run_model(settings: Settings, precision: str = "fp32", which: str = "b
     import tensorflow as tf
 
     from trainer.models import build_model
-    from trainer.runtime.precision import KERAS_POLICIES
+    from trainer.hardware.precision import KERAS_POLICIES
     from trainer.checkpoints import restore_weights
 
     data = settings.data

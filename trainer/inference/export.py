@@ -18,7 +18,7 @@ from trainer.errors import DataError, TrainingError, UserError
 from trainer.fsutil import atomic_dir, refuse_existing, write_json
 from trainer.inference.engines import (OpenVinoEngine, build_run_model, convert_keras, expected_input_shape,
                                        import_openvino, read_ir)
-from trainer.runtime.cpu import cpu_flags, local_ranks_from_environment, native_bf16_support, plan_threads
+from trainer.hardware.cpu import cpu_flags, local_ranks_from_environment, native_bf16_support, plan_threads
 
 log = logging.getLogger(__name__)
 

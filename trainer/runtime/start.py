@@ -16,7 +16,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 def start_runtime(settings: Settings, log_to_run: bool = True) -> Runtime:
     """Apply CPU settings, import TensorFlow, and start the runtime named by train.dist."""
-    from trainer.runtime.cpu import apply_cpu_environment, configure_threads
+    from trainer.hardware.cpu import apply_cpu_environment, configure_threads
 
     plan = apply_cpu_environment(settings.cpu)
     configure_threads(plan)

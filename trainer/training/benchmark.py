@@ -28,7 +28,7 @@ from trainer.config.settings import Settings
 from trainer.data.streams import build_streams
 from trainer.fsutil import write_json
 from trainer.runtime.contract import Runtime
-from trainer.runtime.cpu import nominal_peak
+from trainer.hardware.cpu import nominal_peak
 from trainer.training.session import open_session
 
 MODES = ("train", "train_in_memory", "infer", "pipeline")

@@ -12,7 +12,7 @@ from trainer.losses import make_loss
 from trainer.metrics import keras_metrics
 from trainer.models import build_model
 from trainer.runtime.contract import Runtime
-from trainer.runtime.precision import apply_precision
+from trainer.hardware.precision import apply_precision
 from trainer.training.state import TrainingState
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ without a newline grew the chief by 65 MiB. So: a bounded line (4 KiB), a handsh
 a cap on unauthenticated connections, and a live task's registration is never replaced.
 
 A task whose connection is gone may register again (a supervised worker restarted on its host
-and port, see launcher/remote/supervise.sh). The chief logs it as back: it leaves ``lost``
+and port, see launcher/ssh/remote/supervise.sh). The chief logs it as back: it leaves ``lost``
 and joins ``returned``. A newcomer for a task whose connection is still live is refused as before.
 """
 from __future__ import annotations

@@ -16,13 +16,13 @@ from typing import NoReturn
 from trainer.config.settings import Settings
 from trainer.errors import InfrastructureError, UserError
 from trainer.network import check_host_interfaces, check_private_network
-from trainer.runtime.cpu import apply_cpu_environment, configure_threads
+from trainer.hardware.cpu import apply_cpu_environment, configure_threads
 from trainer.runtime.ps.cluster import ClusterLayout, export_tf_config
 from trainer.runtime.ps.control import ControlClient
 from trainer.runtime.ps.token import load_or_create_token
 
 log = logging.getLogger(__name__)
-# Set by launcher/remote/supervise.sh: the file that says "this role ended on purpose, do not restart it".
+# Set by launcher/ssh/remote/supervise.sh: the file that says "this role ended on purpose, do not restart it".
 FINISHED_FILE_ENV = "UNET_ROLE_FINISHED_FILE"
 
 

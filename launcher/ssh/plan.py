@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from launcher.protect import mirror_excludes
+from launcher.ssh.protect import mirror_excludes
 from trainer.config.settings import Settings
 from trainer.errors import UserError
 
@@ -195,7 +195,7 @@ def build_plan(settings: Settings, hosts: tuple[str, ...], mode: str, ps_hosts: 
                 # A worker that dies is started again with the same argv (host, port): it registers with
                 # the chief again and TensorFlow's coordinator uses it again. PS tasks hold the
                 # variables, so a restarted PS would serve none: they are never supervised.
-                worker = ("sh", f"{workdir}/launcher/remote/supervise.sh", str(cluster.max_restarts),
+                worker = ("sh", f"{workdir}/launcher/ssh/remote/supervise.sh", str(cluster.max_restarts),
                           f"{state_dir}/worker{index}", f"worker {index}") + worker
             roles.append(Role(f"worker{index}", host, "workers", worker, "servers"))
         roles.append(Role("chief", hosts[0], "chief", trainer_argv(
@@ -228,7 +228,7 @@ def build_plan(settings: Settings, hosts: tuple[str, ...], mode: str, ps_hosts: 
         rank = trainer_argv(cpu[hosts[0]], "train", "--dist", "horovod", extra=extra)
         # Every rank, on every host, runs through rank.sh: it records a PID file there, so
         # stop.yml can stop ranks that horovodrun's own shutdown does not reach.
-        rank = ("sh", f"{workdir}/launcher/remote/rank.sh", state_dir) + rank
+        rank = ("sh", f"{workdir}/launcher/ssh/remote/rank.sh", state_dir) + rank
         roles.append(Role("horovod", hosts[0], "chief", tuple(argv) + rank, "main"))
     else:
         raise UserError(f"--mode: expected 'ps' or 'horovod', got {mode!r}")

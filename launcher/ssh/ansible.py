@@ -10,7 +10,7 @@ from typing import Callable
 import ansible_runner
 import yaml
 
-PLAYBOOKS = Path(__file__).resolve().parent.parent / "playbooks"
+PLAYBOOKS = Path(__file__).resolve().parent / "playbooks"  # shipped as package data
 EventCallback = Callable[[str, str, dict], None]  # (event, host, result)
 
 

@@ -18,8 +18,8 @@ import os
 import shlex
 from pathlib import Path
 
-from launcher.inventory import ssh_options, ssh_user
-from launcher.plan import DISCOVERY_SCRIPT
+from launcher.ssh.inventory import ssh_options, ssh_user
+from launcher.ssh.plan import DISCOVERY_SCRIPT
 from trainer.config.settings import ClusterSettings
 from trainer.fsutil import atomic_file
 

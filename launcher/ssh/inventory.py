@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from launcher.plan import LaunchPlan
+from launcher.ssh.plan import LaunchPlan
 from trainer.config.settings import ClusterSettings
 from trainer.fsutil import write_text
 

@@ -17,43 +17,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.ansible import Ansible, PlaybookResult
+from launcher.base import SOURCE_ROOT, LaunchError, LaunchRequest
 from launcher.console import Console
 from launcher.hosts import parse_hosts
 from launcher.interrupts import Interrupts, signals_ignored
-from launcher.inventory import render, ssh_user, write_inventory, to_yaml
-from launcher.discovery import render_discovery_script, write_discovery_script
-from launcher.plan import (DISCOVERY_SCRIPT, HOROVOD_MODE, PS_MODE, TOKEN_FILE, Elastic, HostFacts, LaunchPlan,
+from launcher.ssh.ansible import Ansible, PlaybookResult
+from launcher.ssh.inventory import render, ssh_user, write_inventory, to_yaml
+from launcher.ssh.discovery import render_discovery_script, write_discovery_script
+from launcher.ssh.plan import (DISCOVERY_SCRIPT, HOROVOD_MODE, PS_MODE, TOKEN_FILE, Elastic, HostFacts, LaunchPlan,
                            build_plan, horovod_rank_hosts, label_rank_line)
 from trainer.config.settings import Settings, settings_to_yaml
-from trainer.errors import UserError
 from trainer.fsutil import write_json, write_text
 from trainer.network import check_private_network, is_loopback, is_private
 from trainer.runtime.ps.token import new_token, write_token
 
 log = logging.getLogger(__name__)
-SOURCE_ROOT = Path(__file__).resolve().parent.parent
-INVENTORY_DIR = SOURCE_ROOT / "inventory"
 
 
-class LaunchError(UserError):
-    exit_code = 1
-
-
-@dataclass(frozen=True)
-class LaunchRequest:
-    hosts: str
-    mode: str = "ps"
-    ps_hosts: str | None = None
-    dry_run: bool = False
-    slots_per_host: int = 1
-    controller: str = "gloo"
-    elastic: bool = False            # Horovod Elastic: horovodrun with a host-discovery script
-    min_hosts: int | None = None     # elastic: default 1
-    max_hosts: int | None = None     # elastic: default every host in --hosts
-
-
-class Launcher:
+class SshLauncher:
     # follow.yml polls every follow_delay_s for at most follow_window_s, then the launcher issues it
     # again for the hosts still running: a run may last any time (a fixed 7-day bound used to end
     # in "lost contact" and stop a healthy run).
@@ -67,7 +48,7 @@ class Launcher:
         run = settings.train.run_name
         self.run_dir = (settings.train.run_dir / run).resolve()
         self.stage = self.run_dir / "launcher" / "stage"
-        self.inventory_path = INVENTORY_DIR / f"{run}.yml"
+        self.inventory_path = self.run_dir / "launcher" / "inventory.yml"
         self._interrupts = Interrupts()
         self._cancel = self._interrupts.event
         self.console = Console(out)
@@ -141,7 +122,12 @@ class Launcher:
             self.say(self.discovery_script(plan).rstrip("\n"))
         return 0
 
-    def doctor(self, standalone: bool = False) -> dict[str, HostFacts]:
+    def doctor(self) -> int:
+        self.preflight(standalone=True)
+        self.say("doctor: every host passed")
+        return 0
+
+    def preflight(self, standalone: bool = False) -> dict[str, HostFacts]:
         """Preflight: every host reachable, same Python/TF/Horovod versions, MPI, topology.
 
         Standalone (``unet-train doctor``) it uses its own inventory file, so the one a
@@ -227,7 +213,7 @@ class Launcher:
     def _launch(self) -> int:
         plan = None
         try:
-            facts = self.doctor()
+            facts = self.preflight()
             plan = self.plan(facts)
             self.say(plan.describe())
             self.write_inventory(plan)
@@ -271,14 +257,17 @@ class Launcher:
             self.say(f"interrupted: stopping every process the launcher started ... "
                      f"({signal.Signals(self._interrupts.signum).name})")
             if self.inventory_path.exists():  # else nothing was started yet
-                self.stop(plan)
+                self.stop_roles(plan)
             return self._interrupts.exit_code
         except BaseException:
             if plan is not None:
-                self.stop(plan)
+                self.stop_roles(plan)
             raise
 
-    def stop(self, plan: LaunchPlan | None = None) -> PlaybookResult:
+    def stop(self) -> int:
+        return 0 if self.stop_roles().succeeded else 1
+
+    def stop_roles(self, plan: LaunchPlan | None = None) -> PlaybookResult:
         """Stop every role of this run on every host (uses the run's rendered inventory).
 
         Not cancellable: a second Ctrl-C (or SIGTERM/SIGHUP) must not abandon the cleanup

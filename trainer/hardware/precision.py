@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Literal, Mapping
 
 from trainer.errors import ConfigError
-from trainer.runtime.cpu import cpu_flags, native_bf16_support
+from trainer.hardware.cpu import cpu_flags, native_bf16_support
 
 log = logging.getLogger(__name__)
 

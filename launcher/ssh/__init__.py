@@ -1,0 +1,1 @@
+"""SSH hosts driven by Ansible: inventory, plan, code sync, roles, log streaming."""
