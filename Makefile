@@ -6,7 +6,8 @@ demo:
 	bash scripts/demo.sh
 test:
 	bash scripts/test.sh
+# make bench BENCH_ARGS=--quick (or --list, --only NAME): see benchmarks/run_all.py
 bench:
-	bash scripts/setup.sh && cd benchmarks && for b in data_prep throughput quality_targets distributed_modes region_heads resilience launch_overhead slurm_overhead; do ../.venv/bin/python $$b.py || exit 1; done
+	bash scripts/setup.sh && .venv/bin/python benchmarks/run_all.py $(BENCH_ARGS)
 clean:
 	rm -rf data runs .pytest_cache

@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+# UNET_BENCH_RESULTS redirects every result (run_all.py --quick uses it, so that a smoke run never
+# replaces the stored figures in benchmarks/results).
+RESULTS = Path(os.environ.get("UNET_BENCH_RESULTS") or ROOT / "benchmarks" / "results").resolve()
 CLI = [sys.executable, "-m", "trainer.cli"]
 
 

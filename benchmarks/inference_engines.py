@@ -36,7 +36,7 @@ VOLUME = (240, 240, 155, 4)
 def child(config: str, dims: str, steps: int) -> dict:
     """One configuration, one process: build, warm up, time."""
     from trainer.config.settings import CpuSettings, ModelSettings
-    from trainer.runtime.cpu import apply_cpu_environment, configure_threads
+    from trainer.hardware.cpu import apply_cpu_environment, configure_threads
 
     plan = apply_cpu_environment(CpuSettings())
     configure_threads(plan)

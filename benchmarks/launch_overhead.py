@@ -14,7 +14,7 @@ from pathlib import Path
 from common import CLI, ROOT, RESULTS, save, timed
 
 sys.path.insert(0, str(ROOT / "tests"))
-from sshd_hosts import free_port_on, start_sshd_hosts  # noqa: E402
+from support.sshd_hosts import free_port_on, start_sshd_hosts  # noqa: E402
 
 
 def main() -> None:

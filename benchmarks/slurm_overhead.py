@@ -19,7 +19,7 @@ from pathlib import Path
 from common import CLI, ROOT, RESULTS, save, timed
 
 sys.path.insert(0, str(ROOT / "tests"))
-from slurm_cluster import start_slurm_cluster  # noqa: E402
+from support.slurm_cluster import start_slurm_cluster  # noqa: E402
 
 
 def slices(work: Path) -> Path:

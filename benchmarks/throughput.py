@@ -7,7 +7,9 @@ machine drifts), and ratios are taken between medians of the same run.
 With --avx2 every row also runs under ONEDNN_MAX_CPU_ISA=AVX2 (an AVX2-only CPU's kernels): auto
 then trains in fp32, and an explicit bf16 is refused (the refusal is recorded).
 
-Usage: python benchmarks/throughput.py [--rounds 2] [--avx2]   -> benchmarks/results/throughput.json
+Usage: python benchmarks/throughput.py [--rounds 2] [--avx2] [--models 2d,3d] [--out throughput]
+       -> benchmarks/results/<out>.json (the stored ones: --models 2d --avx2 --out throughput_2d,
+          --models 3d --out throughput_3d)
 Inference engines (TF fp32/bf16, OpenVINO): benchmarks/inference_engines.py.
 """
 from __future__ import annotations
@@ -76,6 +78,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--avx2", action="store_true")
     parser.add_argument("--models", default="2d,3d")
+    parser.add_argument("--out", default="throughput", help="result name: results/<out>.json (default throughput)")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     for model in args.models.split(","):
@@ -112,8 +115,8 @@ def main() -> None:
                 summary[f"{model}/{isa}/auto/train"]["images_per_sec_median"]
                 / summary[f"{model}/{isa}/fp32/train"]["images_per_sec_median"])
     refusals = {isa: refusal(isa_env) for isa, isa_env in isas.items() if isa != "native"}
-    save("throughput", {"shapes": SHAPES, "rounds": args.rounds, "ratios": ratios, "bf16_refused": refusals,
-                        "rows": summary})
+    save(args.out, {"shapes": SHAPES, "rounds": args.rounds, "ratios": ratios, "bf16_refused": refusals,
+                    "rows": summary})
 
 
 if __name__ == "__main__":
