@@ -101,12 +101,21 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load_cli_settings(args: argparse.Namespace, flags: dict[str, Any] | None = None):
+    """settings.yaml < a plan (train --plan) < --set overrides < flags."""
     from trainer.config.loader import load_settings
 
     path = args.settings
     if path is None and DEFAULT_SETTINGS.is_file():
         path = DEFAULT_SETTINGS
-    return load_settings(path, args.overrides, flags)
+    return load_settings(path, _plan_overrides(args) + args.overrides, flags)
+
+
+def _plan_overrides(args: argparse.Namespace) -> list[str]:
+    if getattr(args, "plan", None) is None:
+        return []
+    from trainer.planning.run import load_plan
+
+    return [f"{key}={json.dumps(value)}" for key, value in load_plan(args.plan).items()]
 
 
 def load_run_settings(args: argparse.Namespace, extra: dict[str, Any] | None = None):
@@ -115,7 +124,8 @@ def load_run_settings(args: argparse.Namespace, extra: dict[str, Any] | None = N
     from trainer.config.run_settings import Explicit, settings_for_run
 
     flags = {**_flag_overrides(args), **(extra or {})}
-    return settings_for_run(load_cli_settings(args, flags), Explicit.from_cli(args.overrides, flags))
+    return settings_for_run(load_cli_settings(args, flags),
+                            Explicit.from_cli(_plan_overrides(args) + args.overrides, flags))
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -149,6 +159,17 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     choice = PrepareChoice(src=args.src or default_src, out=args.out, layout=args.format, model=model,
                            workers=args.workers, overwrite=args.overwrite)
     print(prepare(settings, choice, progress=not args.quiet))
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from trainer.planning.run import PlanRequest, run_plan
+
+    settings = load_cli_settings(args, {"train.run_name": args.run_name})
+    request = PlanRequest(src=args.src, out=args.out or settings.run_path / "plan.json", model=args.model,
+                          nodes=args.nodes, network_gbps=args.network_gbps, calibrate=not args.no_calibrate,
+                          max_cases=args.max_cases)
+    print(run_plan(settings, request, progress=not args.quiet)[1])
     return 0
 
 
@@ -277,7 +298,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
-HANDLERS = {"config": _cmd_config, "synth": _cmd_synth, "prepare": _cmd_prepare, "train": _cmd_train,
+HANDLERS = {"config": _cmd_config, "synth": _cmd_synth, "prepare": _cmd_prepare, "plan": _cmd_plan,
+            "train": _cmd_train,
             "ps": _cmd_server_role, "worker": _cmd_server_role, "chief": _cmd_chief,
             "distributed": _cmd_distributed, "doctor": _cmd_doctor, "manifests": _cmd_manifests,
             "slurm-task": _cmd_slurm_task, "evaluate": _cmd_evaluate, "predict": _cmd_predict,

@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_synth(sub)
     _add_prepare(sub)
+    _add_plan(sub)
     _add_train(sub)
     _add_parameter_server_roles(sub)
     _add_distributed(sub)
@@ -79,10 +80,29 @@ def _add_prepare(sub) -> None:
     prepare.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
+def _add_plan(sub) -> None:
+    plan = _command(sub, "plan", "configure a run from the dataset and this node: fingerprints, a plan with a "
+                                 "reason per choice, predicted memory, calibrated speed, multi-node projection")
+    plan.add_argument("--src", type=Path, default=None,
+                      help="raw dataset folder, either layout (default: the one prepare recorded, else "
+                           "data.brats_dir / data.decathlon_dir)")
+    plan.add_argument("--out", type=Path, default=None, help="plan JSON (default runs/<run>/plan.json)")
+    plan.add_argument("--run-name", default=None, help="train.run_name the plan is for (default 'default')")
+    plan.add_argument("--model", choices=["2d", "3d"], default=None,
+                      help="plan this model (default: 3d when model.regions asks for tc/et, else 2d)")
+    plan.add_argument("--nodes", type=_positive_int, default=1, help="project the speed up to N nodes (default 1)")
+    plan.add_argument("--network-gbps", type=float, default=10.0, help="network between nodes, Gb/s (default 10)")
+    plan.add_argument("--max-cases", type=_positive_int, default=20,
+                      help="cases read for intensities and labels (headers: every case; default 20)")
+    plan.add_argument("--no-calibrate", action="store_true", help="skip the few timed steps (no speed figures)")
+
+
 def _add_train(sub) -> None:
     train = _command(sub, "train", "train a UNet (single process or a Horovod rank); resumes runs/R when it "
                                    "holds a checkpoint, then validates on the whole validation volumes")
     _add_run_flags(train, "the run to write or resume")
+    train.add_argument("--plan", type=Path, default=None,
+                       help="apply the settings of a plan JSON (unet-train plan); --set and flags still win")
     train.add_argument("--dist", choices=["single", "horovod", "ps"], default=None,
                        help="train.dist (default single); horovod: one process per rank under horovodrun/mpirun")
     _add_recipe_flags(train, "per process/rank")

@@ -20,9 +20,9 @@ DECATHLON_SEED = 5
 CLI_TIMEOUT_S = 120
 
 
-def run_cli(*args, cwd, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """``python -m trainer.cli ARGS`` in ``cwd``; returns the CompletedProcess (text, captured)."""
-    env = dict(os.environ)
+def run_cli(*args, cwd, timeout: float = CLI_TIMEOUT_S, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m trainer.cli ARGS`` in ``cwd`` (``env`` added to this one's); the CompletedProcess."""
+    env = {**os.environ, **(env or {})}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     return subprocess.run([sys.executable, "-m", "trainer.cli", *(str(a) for a in args)], cwd=str(cwd),
                           capture_output=True, text=True, timeout=timeout, env=env)

@@ -231,6 +231,8 @@ class CpuSettings(_Section):
     onednn: bool = True
     numa_node: int = Field(-1, ge=-1, description="-1 = no numactl binding")
     knl_mcdram: bool = False
+    memory_limit_gb: float = Field(0.0, ge=0.0, description="memory a training process may use; 0 = detect "
+                                                            "(cgroup limit or MemAvailable)")
 
 
 # Values that land in a #SBATCH line or a Kubernetes manifest: no spaces, quotes, newlines or

@@ -49,14 +49,16 @@ class RawCase:
     label_set: frozenset[int]
     max_voxels: int = DEFAULT_MAX_VOXELS
 
-    def load(self) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
-        """(x, y, z, 4) z-scored float32 image, canonical labels (x, y, z) uint8 or None, geometry."""
+    def load(self, normalise: bool = True) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
+        """(x, y, z, 4) float32 image (z-scored over the brain, or as stored), canonical labels
+        (x, y, z) uint8 or None, geometry."""
         if self.layout == "decathlon":
             return load_case(DecathlonCase(self.case_id, self.images[0], self.label), self.label_set,
-                             self.max_voxels)
+                             self.max_voxels, normalise)
         case = BratsCase(self.case_id, self.images[0].parent, dict(zip(MODALITIES, self.images)), self.label)
         image, labels, first = read_brats_case(case, MODALITIES, self.max_voxels)
-        return zscore_brain(image), None if labels is None else BRATS.canonical(labels), first.geometry
+        return (zscore_brain(image) if normalise else image, None if labels is None else BRATS.canonical(labels),
+                first.geometry)
 
     def stamp(self) -> dict:
         """What a cache of this case was made from (paths and modification times)."""

@@ -129,13 +129,15 @@ def channel_indices(channels: tuple[str, ...]) -> list[int]:
 
 
 def load_case(case: DecathlonCase, label_set: frozenset[int] = DEFAULT_LABEL_SET,
-              max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
-    """Normalised (x, y, z, 4) float32 image, canonical labels (x, y, z) uint8 (or None), geometry."""
+              max_voxels: int = DEFAULT_MAX_VOXELS, normalise: bool = True
+              ) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
+    """(x, y, z, 4) float32 image (z-scored, or as stored), canonical labels (x, y, z) uint8 (or None),
+    geometry."""
     volume = read_volume(case.image, np.float32, max_voxels)
     if volume.array.ndim != 4 or volume.array.shape[-1] != len(DECATHLON_CHANNELS):
         raise DataError(f"{case.image}: expected a 4D image (x, y, z, {len(DECATHLON_CHANNELS)}), "
                         f"got shape {volume.array.shape}")
-    image = zscore_brain(volume.array)
+    image = zscore_brain(volume.array) if normalise else volume.array
     mask = None
     if case.label is not None:
         labels = read_volume(case.label, max_voxels=max_voxels)

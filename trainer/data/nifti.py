@@ -227,6 +227,11 @@ def _check_data(path: Path, head: bytes) -> None:
 
 def read_shape(path: Path) -> tuple[int, ...]:
     """Shape in (x, y, z[, c]) order from the header only (cheap pre-flight check)."""
+    return read_header(path)[0]
+
+
+def read_header(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """(shape, spacing) in (x, y, z[, c]) order from the header only."""
     path = Path(path)
     check_header(path)
     reader = sitk.ImageFileReader()
@@ -235,7 +240,7 @@ def read_shape(path: Path) -> tuple[int, ...]:
         reader.ReadImageInformation()
     except RuntimeError as exc:
         raise DataError(f"{path}: cannot read NIfTI header ({_itk_reason(exc)})") from None
-    return tuple(int(n) for n in reader.GetSize())
+    return tuple(int(n) for n in reader.GetSize()), tuple(float(s) for s in reader.GetSpacing())
 
 
 def write_volume(path: Path, array: np.ndarray, geometry: Geometry, compress: bool = True) -> None:

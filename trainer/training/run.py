@@ -50,11 +50,24 @@ def train_run(settings: Settings, runtime: Runtime, progress: bool):
     (on the chief alone, once the other processes may go)."""
     from trainer.training.loop import train
 
+    check_memory(settings)
     if runtime.is_chief:
         problem = unreachable_validation_source(settings)
         if problem:
             log.warning("%s", problem)
     return train(settings, runtime, progress=progress)
+
+
+def check_memory(settings: Settings) -> None:
+    """Refuse, before the model or the data are built, a step that would not fit this node's memory
+    with every local rank (trainer.planning.memory)."""
+    from trainer.hardware.cpu import local_ranks_from_environment
+    from trainer.hardware.precision import resolve_precision
+    from trainer.planning.memory import check_fits
+
+    precision = resolve_precision(settings.train.precision, settings.cpu.onednn).name
+    estimate = check_fits(settings, precision, ranks=local_ranks_from_environment())
+    log.info("memory: predicted peak %.2f GB per process", estimate.total_mib / 1024)
 
 
 def validate_run(settings: Settings, result, progress: bool) -> str | None:

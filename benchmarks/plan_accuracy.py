@@ -1,0 +1,127 @@
+"""How good is ``unet-train plan``? Predicted against measured peak memory, speed, and the choice
+of ranks x threads, on this machine. One configuration per process (``unet-train benchmark
+--mode train``: the real training step and input pipeline), so no run inherits another's memory.
+
+    python benchmarks/plan_accuracy.py --data DIR [--out benchmarks/results/plan_accuracy.json]
+    python benchmarks/plan_accuracy.py --data DIR --fit      # the memory constants, from other configurations
+
+DIR holds a Decathlon-layout set prepared both ways (``unet-train synth --format decathlon --out
+DIR/Task01_BrainTumour --cases 6``, then ``prepare --src ... --out DIR/cache --set
+data.decathlon_split=DIR/vol.split.json`` and ``prepare --src ... --model 2d --out DIR/slices.h5``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from trainer.config.settings import ModelSettings  # noqa: E402
+from trainer.planning.memory import ModelShape, predict_peak, unet_tensors  # noqa: E402
+
+# (kind, edge, batch): the issue's targets, and the configurations the constants are fitted on
+TARGETS = [("2d", 128, 16), ("3d", 64, 2), ("3d", 128, 1), ("3d", 144, 1)]
+FIT = [("2d", 128, 4), ("2d", 128, 32), ("3d", 48, 2), ("3d", 96, 1), ("3d", 112, 2)]
+PRECISIONS = ("fp32", "bf16")
+
+
+def measure(data: Path, kind: str, edge: int, batch: int, precision: str, steps: int, extra=()) -> dict:
+    """One benchmark process: its peak RSS and images/s."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "b.json"
+        command = [sys.executable, "-m", "trainer.cli", "benchmark", "--model", kind, "--mode", "train",
+                   "--steps", str(steps), "--warmup", "1", "--batch-size", str(batch), "--out", str(out),
+                   "--set", f"train.precision={precision}", "--set", f"data.slices_h5={data / 'slices.h5'}",
+                   "--set", f"data.decathlon_split={data / 'vol.split.json'}", "--set", f"data.cache_dir={data / 'cache'}",
+                   "--set", f"data.crop_size=[{edge},{edge},{edge}]", "--quiet", *extra]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+        started = time.perf_counter()
+        result = subprocess.run(command, cwd=scratch, env=env, capture_output=True, text=True, timeout=3600)
+        if result.returncode != 0:
+            raise SystemExit(f"{' '.join(command)}\n{result.stderr[-3000:]}")
+        report = json.loads(out.read_text())
+    return {"peak_rss_mib": report["peak_rss_mib_per_worker"][0],
+            "images_per_sec": report["train"]["images_per_sec"], "seconds": time.perf_counter() - started}
+
+
+def shape(kind: str, edge: int, batch: int, precision: str) -> ModelShape:
+    spatial = (edge, edge) if kind == "2d" else (edge,) * 3
+    return ModelShape(kind, spatial, 4, 1, batch, ModelSettings(), precision)
+
+
+def fit(data: Path, steps: int) -> dict:
+    """Least squares: peak - 16 x params - pipeline = base[kind] + k[kind, precision] x activation bytes."""
+    rows = []
+    for kind, edge, batch in FIT:
+        for precision in PRECISIONS:
+            found = measure(data, kind, edge, batch, precision, steps)
+            s = shape(kind, edge, batch, precision)
+            estimate = predict_peak(s)
+            elements, _ = unet_tensors(s)
+            activation_mib = elements * (4 if precision == "fp32" else 2) * batch / 2 ** 20
+            rows.append({"kind": kind, "edge": edge, "batch": batch, "precision": precision, **found,
+                         "activation_mib": activation_mib,
+                         "rest_mib": found["peak_rss_mib"] - estimate.parameters_mib - estimate.pipeline_mib})
+            print(json.dumps(rows[-1]), flush=True)
+    constants = {"base_mib": {}, "activation_factor": {}}
+    for kind in ("2d", "3d"):
+        mine = [r for r in rows if r["kind"] == kind]
+        # one base per kind, one factor per (kind, precision): columns [1, a_fp32, a_bf16]
+        matrix = np.array([[1.0, r["activation_mib"] * (r["precision"] == "fp32"),
+                            r["activation_mib"] * (r["precision"] == "bf16")] for r in mine])
+        solution, *_ = np.linalg.lstsq(matrix, np.array([r["rest_mib"] for r in mine]), rcond=None)
+        constants["base_mib"][kind] = round(float(solution[0]), 1)
+        constants["activation_factor"][f"{kind},fp32"] = round(float(solution[1]), 3)
+        constants["activation_factor"][f"{kind},bf16"] = round(float(solution[2]), 3)
+    return {"fitted_on": rows, "constants": constants}
+
+
+def accuracy(data: Path, steps: int) -> dict:
+    rows = []
+    for kind, edge, batch in TARGETS:
+        for precision in PRECISIONS:
+            found = measure(data, kind, edge, batch, precision, steps)
+            predicted = predict_peak(shape(kind, edge, batch, precision)).total_mib
+            rows.append({"kind": kind, "edge": edge, "batch": batch, "precision": precision,
+                         "predicted_peak_mib": round(predicted, 1), "measured_peak_mib": round(found["peak_rss_mib"], 1),
+                         "peak_error": round(predicted / found["peak_rss_mib"] - 1, 4),
+                         "measured_images_per_sec": found["images_per_sec"]})
+            print(json.dumps(rows[-1]), flush=True)
+    return {"memory": rows, "worst_peak_error": max(abs(r["peak_error"]) for r in rows)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--fit", action="store_true", help="fit the memory constants (other configurations)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
+    parser.add_argument("--quick", action="store_true", help="2 steps")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "plan_accuracy.json")
+    args = parser.parse_args()
+    steps = 2 if args.quick else args.steps
+    report = fit(args.data, steps) if args.fit else accuracy(args.data, steps)
+    out = args.out.with_name("plan_fit.json") if args.fit else args.out
+    from trainer.fsutil import write_json
+
+    write_json(out, {"host_cpu": _cpu(), **report})
+    print(f"wrote {out}")
+
+
+def _cpu() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""unet-train plan: the activation count against Keras, the memory check before allocation, the
+fingerprint's warnings, the projection, and train --plan under --set."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from support.data import brats_case_folders, run_cli
+from trainer.config.settings import ModelSettings, Settings
+from trainer.data.datasets import RawDataset
+from trainer.errors import UserError
+from trainer.planning import speed
+from trainer.planning.fingerprint import fingerprint
+from trainer.planning.memory import Available, ModelShape, check_fits, predict_peak, unet_tensors
+
+TINY_2D = ["--set", "model.base_filters_2d=4", "--set", "train.batch_size=4", "--set", "train.steps_per_epoch=2",
+           "--set", "train.validation_steps=1", "--quiet"]
+
+
+@pytest.mark.parametrize("kind, model, spatial", [
+    ("2d", ModelSettings(), (128, 128)),
+    ("2d", ModelSettings(norm_2d="none", upsampling="upsample", regions=("wt", "tc", "et")), (64, 64)),
+    ("3d", ModelSettings(), (64, 64, 64)),
+    ("3d", ModelSettings(norm_3d="instance", dropout=0.0, base_filters_3d=8), (32, 48, 64)),
+])
+def test_the_activation_count_is_kerass(kind, model, spatial):
+    """The memory model counts the UNet from its definition; Keras must agree, or it has drifted."""
+    import tensorflow as tf  # noqa: F401
+
+    from trainer.models import UNet2D, UNet3D
+
+    keras = UNet2D(model, 4, spatial[0]) if kind == "2d" else UNet3D(model, 4, spatial)
+    elements = sum(int(np.prod(layer.output.shape[1:])) for layer in keras.layers)
+    assert unet_tensors(ModelShape(kind, spatial, 4, len(model.regions), 1, model, "fp32")) == \
+        (elements, keras.count_params())
+
+
+def test_memory_grows_with_batch_crop_and_precision():
+    def peak(spatial, batch, precision):
+        return predict_peak(ModelShape("3d", spatial, 4, 1, batch, ModelSettings(), precision)).total_mib
+    assert peak((64,) * 3, 1, "fp32") < peak((64,) * 3, 2, "fp32") < peak((128,) * 3, 2, "fp32")
+    assert peak((128,) * 3, 2, "bf16") < peak((128,) * 3, 2, "fp32")
+
+
+def test_a_step_over_the_limit_is_refused_naming_the_figures_and_what_fits():
+    settings = Settings.model_validate({"train": {"model": "3d"}, "data": {"crop_size": [144, 144, 144]}})
+    small = Available(3 * 1024, "cpu.memory_limit_gb = 3")
+    with pytest.raises(UserError) as caught:
+        check_fits(settings, "fp32", available=small)
+    message = str(caught.value)
+    assert message.startswith("memory: 3D 144x144x144 batch 16 fp32 needs about ")
+    assert "more than the 2.7 GB available (cpu.memory_limit_gb = 3: 3.0 GB less a 10% margin)" in message
+    assert "the largest that fits: 3D " in message and "--set train.batch_size=" in message
+    assert "\n" not in message
+    check_fits(settings.model_copy(update={"train": settings.train.model_copy(update={"batch_size": 1}),
+                                           "data": settings.data.model_copy(update={"crop_size": (32, 32, 32)})}),
+               "fp32", available=small)  # what it names does fit
+
+
+def test_train_refuses_a_configuration_over_the_limit_before_building_anything(prepared_brats, brats_dataset,
+                                                                              tmp_path):
+    started = time.monotonic()
+    result = run_cli("train", "--run-name", "big", "--set", f"data.slices_h5={prepared_brats}", "--set",
+                     "cpu.memory_limit_gb=1.5", "--set", "train.batch_size=64", "--quiet", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert "memory: 2D 128^2 batch 64" in line and "cpu.memory_limit_gb = 1.5" in line and "largest that fits" in line
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "runs" / "big" / "checkpoints").exists()  # nothing allocated, nothing written
+    env_limited = run_cli("train", "--run-name", "big2", "--set", f"data.slices_h5={prepared_brats}", "--set",
+                          "train.batch_size=64", "--quiet", cwd=tmp_path, timeout=120,
+                          env={"UNET_TRAIN_MEMORY_LIMIT_GB": "1.5"})
+    assert env_limited.returncode == 2 and "UNET_TRAIN_MEMORY_LIMIT_GB = 1.5" in env_limited.stderr
+
+
+def _respace(path, spacing):
+    image = sitk.ReadImage(str(path))
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(path))
+
+
+def test_the_fingerprint_warns_on_mixed_spacing_and_an_empty_case(brats_copy):
+    cases = brats_case_folders(brats_copy)
+    stretched, empty = cases[1], cases[2]
+    for path in stretched.glob("*.nii.gz"):
+        _respace(path, (1.0, 1.0, 1.5))
+    seg = next(empty.glob("*_seg.nii.gz"))
+    image = sitk.ReadImage(str(seg))
+    blank = sitk.GetImageFromArray(np.zeros_like(sitk.GetArrayFromImage(image)))
+    blank.CopyInformation(image)
+    sitk.WriteImage(blank, str(seg))
+    found = fingerprint(RawDataset.open(brats_copy), progress=False)
+    assert any(w.startswith(f"{stretched.name}: spacing 1 x 1 x 1.5 mm differs") for w in found.warnings), found.warnings
+    assert f"{empty.name}: empty case (no tumour label at all)" in found.warnings
+    assert found.cases == len(cases) and found.spacing["z"] == [1.0, 1.0, 1.5]
+    assert len(found.warnings) == 2, found.warnings  # nothing else in the set is flagged
+
+
+def test_a_hot_spot_is_an_intensity_outlier(brats_copy):
+    case = brats_case_folders(brats_copy)[3]
+    flair = next(case.glob("*_flair.nii.gz"))
+    image = sitk.ReadImage(str(flair))
+    array = sitk.GetArrayFromImage(image)
+    brain = np.argwhere(array > 0)
+    hot = brain[:: max(1, len(brain) // 200)]  # 2% of its voxels, at the top of its type
+    top = np.iinfo(array.dtype).max if np.issubdtype(array.dtype, np.integer) else array.max() * 100
+    array[tuple(hot.T)] = top
+    spiked = sitk.GetImageFromArray(array)
+    spiked.CopyInformation(image)
+    sitk.WriteImage(spiked, str(flair))
+    found = fingerprint(RawDataset.open(brats_copy), progress=False)
+    assert [w for w in found.warnings if "outlier" in w] == [w for w in found.warnings
+                                                            if w.startswith(f"{case.name}: flair intensity outlier")]
+    assert any(w.startswith(f"{case.name}: flair intensity outlier") for w in found.warnings), found.warnings
+
+
+def test_anisotropic_spacing_is_named(brats_copy):
+    case = brats_case_folders(brats_copy)[0]
+    for path in case.glob("*.nii.gz"):
+        _respace(path, (1.0, 1.0, 5.0))
+    found = fingerprint(RawDataset.open(brats_copy), progress=False)
+    assert any(w.startswith(f"{case.name}: anisotropic spacing 1 x 1 x 5 mm") for w in found.warnings)
+
+
+def test_the_projection_loses_efficiency_with_nodes_and_ps_loses_more():
+    one = speed.project(0.5, 16, 5_650_625, 1, 1, 10.0, "horovod")
+    assert one.efficiency == 1.0 and one.images_per_sec == pytest.approx(32.0)
+    ring = [speed.project(0.5, 16, 5_650_625, n, 1, 10.0, "horovod").efficiency for n in (2, 4, 8, 16)]
+    ps = [speed.project(0.5, 16, 5_650_625, n, 1, 10.0, "ps").efficiency for n in (2, 4, 8, 16)]
+    assert ring == sorted(ring, reverse=True) and ps == sorted(ps, reverse=True)
+    assert all(p < r for p, r in zip(ps, ring))
+    faster = speed.project(0.5, 16, 5_650_625, 8, 1, 100.0, "horovod").efficiency
+    assert faster > ring[2]
+
+
+def test_plan_then_train_with_the_plan_and_set_on_top(brats_dataset, prepared_brats, tmp_path):
+    planned = run_cli("plan", "--src", brats_dataset, "--out", tmp_path / "plan.json", "--no-calibrate",
+                      "--set", "model.base_filters_2d=4", "--quiet", cwd=tmp_path, timeout=120)
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["settings"]["train.model"] == "2d" and "reason" in plan["choices"][0]
+    assert "predicted peak memory" in planned.stdout and "train.batch_size" in planned.stdout
+    chosen = plan["settings"]["train.batch_size"]
+    plan["settings"]["train.steps_per_epoch"] = 2  # keep the test short: a plan file is the user's to edit
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    trained = run_cli("train", "--plan", tmp_path / "plan.json", "--run-name", "p", "--epochs", "1",
+                      "--set", f"data.slices_h5={prepared_brats}", "--set", "model.base_filters_2d=4",
+                      "--set", "train.validation_steps=1", "--set", "cpu.inter_op_threads=1", "--quiet",
+                      cwd=tmp_path, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    from trainer.config.loader import load_settings
+
+    used = load_settings(tmp_path / "runs" / "p" / "settings.yaml")
+    assert used.train.batch_size == chosen and used.train.steps_per_epoch == 2  # from the plan
+    assert used.cpu.inter_op_threads == 1  # --set wins over the plan's 2
+    shutil.rmtree(tmp_path / "runs")
+    bad = run_cli("train", "--plan", tmp_path / "nothing.json", cwd=tmp_path)
+    assert bad.returncode == 2 and "--plan" in bad.stderr and "not found" in bad.stderr

@@ -1,0 +1,141 @@
+"""The plan: every choice from the dataset's and the node's fingerprints, each with its reason.
+
+The rules (docs/planning.md) are few and measured where they can be:
+
+* model: 3D when the tumour core or enhancing tumour is wanted (3D held TC where 2D lost it on
+  faint lesions), 2D for the whole tumour alone (as good, several times cheaper);
+* precision: bf16 where the CPU has it natively (1.4-1.6x faster, same Dice), fp16 on GPUs;
+* ranks: one per NUMA node, its physical cores as intra-op threads (threads inside one memory
+  domain; a rank never straddles two);
+* 3D crop and batch: nnU-Net's rule, batch 2 and the largest crop, up to the brain's median
+  extent, that the memory model fits on the node; 2D: 128 x 128 slices, the largest batch up to
+  32 that fits;
+* nothing is proposed whose predicted peak exceeds the memory available less the margin.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from trainer.config.settings import Settings
+from trainer.planning.fingerprint import DatasetFingerprint
+from trainer.planning.memory import MARGIN, ModelShape, predict_peak
+from trainer.planning.node import NodeFingerprint
+
+CROP_EDGES = (160, 144, 128, 112, 96, 80, 64, 48, 32)
+BATCHES_2D = (32, 16, 8, 4, 2, 1)
+
+
+@dataclass(frozen=True)
+class Choice:
+    key: str      # the setting (or the flag, for what is not a setting)
+    value: object
+    reason: str
+
+
+@dataclass
+class Plan:
+    choices: list[Choice] = field(default_factory=list)
+    memory_mib: float = 0.0
+    budget_mib: float = 0.0
+    ranks_per_node: int = 1
+
+    def add(self, key: str, value: object, reason: str) -> None:
+        self.choices.append(Choice(key, value, reason))
+
+    def settings(self) -> dict[str, object]:
+        """The dotted settings ``train --plan`` applies (recommendations for flags are left out)."""
+        return {c.key: c.value for c in self.choices if not c.key.startswith("--")}
+
+
+def make_plan(settings: Settings, data: DatasetFingerprint, node: NodeFingerprint, model: str | None = None) -> Plan:
+    plan = Plan()
+    regions = tuple(settings.model.regions)
+    if model is None:
+        model = "3d" if {"tc", "et"} & set(regions) else "2d"
+        why = ("tumour core / enhancing tumour wanted: the 3D UNet held TC on faint lesions where 2D lost it"
+               if model == "3d" else "whole tumour only: 2D is as good and several times cheaper per epoch")
+    else:
+        why = "asked for (--model)"
+    plan.add("train.model", model, why)
+
+    if node.gpus:
+        precision, why = "fp16", f"GPU ({node.gpus[0]['name']}): mixed float16"
+    elif node.native_bf16:
+        precision, why = "bf16", f"native bf16 ({node.bf16_reason}): 1.4-1.6x faster steps, same Dice"
+    else:
+        precision, why = "fp32", f"no native bf16 ({node.bf16_reason})"
+    plan.add("train.precision", precision, why)
+
+    ranks = max(1, min(node.numa_nodes, node.physical_cores))
+    threads = max(1, node.physical_cores // ranks)
+    plan.ranks_per_node = ranks
+    plan.add("--ranks-per-node", ranks, f"one rank per NUMA node ({node.numa_nodes}), so no rank's threads "
+                                        f"straddle two memory domains")
+    plan.add("cpu.intra_op_threads", threads, f"{node.physical_cores} physical cores / {ranks} rank(s)")
+    plan.add("cpu.inter_op_threads", 2, "two independent ops at a time (the UNet's graph is mostly a chain)")
+
+    plan.budget_mib = node.memory_available_gb * 1024 * (1 - MARGIN) / ranks
+    base = settings.model_copy(update={"model": settings.model.model_copy(update={"regions": regions})})
+    shape_precision = "fp32" if precision == "fp32" else "bf16"
+    if model == "3d":
+        _plan_3d(plan, base, data, shape_precision)
+    else:
+        _plan_2d(plan, base, data, shape_precision)
+    plan.add("data.val_crops_per_case", 4, "fixed validation crops per case: the logged figure predicts the "
+                                           "whole-volume one within 0.02")
+    plan.add("--overlap", 0.5, "sliding-window overlap for predict/evaluate (nnU-Net's default)")
+    return plan
+
+
+def _fits(settings: Settings, kind: str, spatial: tuple[int, ...], batch: int, precision: str,
+          budget_mib: float) -> float | None:
+    shape = ModelShape(kind, spatial, len(settings.data.channels), len(settings.model.regions), batch,
+                       settings.model, precision)
+    peak = predict_peak(shape).total_mib
+    return peak if peak <= budget_mib else None
+
+
+def _plan_3d(plan: Plan, settings: Settings, data: DatasetFingerprint, precision: str) -> None:
+    extent = data.median_shape()
+    ceiling = max(CROP_EDGES[-1], min(CROP_EDGES[0], 16 * math.ceil(max(extent) / 16)))
+    for batch in (2, 1):
+        for edge in (e for e in CROP_EDGES if e <= ceiling):
+            peak = _fits(settings, "3d", (edge,) * 3, batch, precision, plan.budget_mib)
+            if peak is not None:
+                plan.memory_mib = peak
+                plan.add("data.crop_size", [edge] * 3,
+                         f"the largest crop (<= the brain's median extent {'x'.join(map(str, extent))}, multiple "
+                         f"of 16) whose predicted peak {peak / 1024:.1f} GB fits {plan.budget_mib / 1024:.1f} GB")
+                plan.add("train.batch_size", batch, "nnU-Net's 3D batch" if batch == 2 else
+                         "batch 2 fits no crop of 32^3 or more: batch 1")
+                plan.add("model.base_filters_3d", settings.model.base_filters_3d, "the default width")
+                plan.add("train.steps_per_epoch", 0, "one crop per training case per epoch (tumour-centred "
+                                                    f"{settings.data.tumour_crop_fraction:.0%} of them)")
+                return
+    raise_nothing_fits(plan, "3d")
+
+
+def _plan_2d(plan: Plan, settings: Settings, data: DatasetFingerprint, precision: str) -> None:
+    size = settings.data.image_size
+    for batch in BATCHES_2D:
+        peak = _fits(settings, "2d", (size, size), batch, precision, plan.budget_mib)
+        if peak is not None:
+            plan.memory_mib = peak
+            plan.add("data.image_size", size, "128 x 128 slices: 3.5x cheaper than 240 x 240; resizing costs "
+                                              "about 0.03 Dice at the tumour's boundary")
+            plan.add("train.batch_size", batch, f"the largest batch up to 32 whose predicted peak "
+                                                f"{peak / 1024:.1f} GB fits {plan.budget_mib / 1024:.1f} GB")
+            plan.add("model.base_filters_2d", settings.model.base_filters_2d, "the default width")
+            slices = int(data.brain_extent["z"][1]) * max(1, round(data.cases * 0.7))
+            plan.add("train.steps_per_epoch", 0, f"one pass over the training slices (about {slices} brain "
+                                                f"slices / global batch)")
+            return
+    raise_nothing_fits(plan, "2d")
+
+
+def raise_nothing_fits(plan: Plan, kind: str) -> None:
+    from trainer.errors import UserError
+
+    raise UserError(f"plan: no {kind.upper()} configuration fits {plan.budget_mib / 1024:.1f} GB per rank (memory "
+                    f"available less a {MARGIN:.0%} margin); use a node with more memory")

@@ -1,0 +1,124 @@
+"""``unet-train plan``: fingerprint, plan, predicted memory, calibrated speed, projection; JSON + table."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.config.settings import Settings, settings_to_yaml
+from trainer.data.datasets import RawDataset, raw_source
+from trainer.errors import ConfigError, UserError
+from trainer.fsutil import read_regular_text, write_json
+from trainer.planning import speed
+from trainer.planning.fingerprint import fingerprint
+from trainer.planning.memory import ModelShape, predict_peak
+from trainer.planning.node import probe_node
+from trainer.planning.planner import make_plan
+
+PLAN_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    src: Path | None
+    out: Path
+    model: str | None = None
+    nodes: int = 1
+    network_gbps: float = 10.0
+    calibrate: bool = True
+    max_cases: int = 20
+
+
+def run_plan(settings: Settings, request: PlanRequest, progress: bool = True) -> tuple[dict, str]:
+    src = request.src or raw_source(settings)[1]
+    dataset = RawDataset.open(src, settings.data.max_voxels)
+    data = fingerprint(dataset, request.max_cases, progress)
+    node = probe_node(settings.cpu.onednn, settings.cpu.memory_limit_gb)
+    plan = make_plan(settings, data, node, request.model)
+    planned = apply_plan(settings, plan.settings())
+    shape = ModelShape.from_settings(planned, planned.train.precision)
+    memory = predict_peak(shape)
+    report = {"format": PLAN_FORMAT, "settings": plan.settings(),
+              "choices": [c.__dict__ for c in plan.choices], "dataset": data.as_dict(), "node": node.as_dict(),
+              "memory": {**memory.as_dict(), "per_rank_budget_mib": plan.budget_mib,
+                         "ranks_per_node": plan.ranks_per_node}}
+    lines = _table("dataset", data.rows()) + _table("node", node.rows())
+    lines += _table("plan", [(c.key, f"{_show(c.value)}  -- {c.reason}") for c in plan.choices])
+    lines += [f"predicted peak memory: {memory.total_mib / 1024:.2f} GB per rank ({shape.describe()}), budget "
+              f"{plan.budget_mib / 1024:.2f} GB"]
+    if request.calibrate:
+        measured = speed.calibrate(settings_to_yaml(planned), planned.train.batch_size)
+        epoch_steps = _epoch_steps(planned, data)
+        per_node = measured["images_per_sec"] * plan.ranks_per_node
+        report["speed"] = {**measured, "ranks_per_node": plan.ranks_per_node, "images_per_sec_per_node": per_node,
+                           "steps_per_epoch": epoch_steps,
+                           "epoch_s": epoch_steps * planned.train.batch_size * plan.ranks_per_node / per_node}
+        projections = {mode: [speed.project(measured["step_s"], planned.train.batch_size * plan.ranks_per_node,
+                                            measured["params"], n, plan.ranks_per_node, request.network_gbps,
+                                            mode).as_dict() for n in _node_counts(request.nodes)]
+                       for mode in ("horovod", "ps")}
+        report["projection"] = {"network_gbps": request.network_gbps, **projections}
+        lines += [f"calibrated: {measured['images_per_sec']:.2f} images/s per rank ({measured['precision']}), "
+                  f"{per_node:.2f} per node; epoch of {epoch_steps} steps: {report['speed']['epoch_s'] / 60:.1f} min"]
+        lines += _table(f"projection at {request.network_gbps:g} Gb/s (images/s, scaling efficiency)",
+                        [(f"{p['nodes']} node(s)", f"horovod {p['images_per_sec']:.1f} ({p['efficiency']:.0%})   "
+                                                   f"ps {q['images_per_sec']:.1f} ({q['efficiency']:.0%})")
+                         for p, q in zip(projections["horovod"], projections["ps"])])
+    if data.warnings:
+        lines += ["warnings:"] + [f"  {w}" for w in data.warnings]
+    write_json(request.out, report)
+    lines.append(f"wrote {request.out}; train with: unet-train train --plan {request.out}")
+    return report, "\n".join(lines)
+
+
+def load_plan(path: Path) -> dict[str, object]:
+    """The settings a plan file sets (``train --plan``), checked."""
+    try:
+        data = json.loads(read_regular_text(Path(path), f"--plan {path}"))
+    except FileNotFoundError:
+        raise UserError(f"--plan {path}: not found (write one with unet-train plan)") from None
+    except ValueError as exc:
+        raise UserError(f"--plan {path}: not a plan (invalid JSON: {exc})") from None
+    if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT or not isinstance(data.get("settings"), dict):
+        raise UserError(f"--plan {path}: not a plan of format {PLAN_FORMAT} (expected the JSON unet-train plan "
+                        f"writes)")
+    return data["settings"]
+
+
+def apply_plan(settings: Settings, values: dict[str, object]) -> Settings:
+    merged = settings.model_dump(mode="json", by_alias=True)
+    for dotted, value in values.items():
+        node = merged
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    try:
+        return Settings.model_validate_json(json.dumps(merged), strict=True)
+    except Exception as exc:  # noqa: BLE001 - pydantic's error, in one line
+        raise ConfigError(f"plan: invalid settings ({' '.join(str(exc).split())[:300]})") from None
+
+
+def _epoch_steps(settings: Settings, data) -> int:
+    if settings.train.steps_per_epoch:
+        return settings.train.steps_per_epoch
+    train_cases = max(1, round(data.cases * (1 - settings.data.split.val_fraction - settings.data.split.test_fraction)))
+    samples = train_cases * (int(data.brain_extent["z"][1]) if settings.train.model == "2d" else 1)
+    return max(1, math.floor(samples / settings.train.batch_size))
+
+
+def _node_counts(nodes: int) -> list[int]:
+    counts = [1]
+    while counts[-1] * 2 < nodes:
+        counts.append(counts[-1] * 2)
+    return counts + ([nodes] if nodes > 1 else [])
+
+
+def _show(value) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def _table(title: str, rows: list[tuple[str, str]]) -> list[str]:
+    width = max((len(k) for k, _ in rows), default=0)
+    return [f"{title}:"] + [f"  {key.ljust(width)}  {value}" for key, value in rows]
