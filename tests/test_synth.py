@@ -439,3 +439,63 @@ def test_cli_synth_rejects_bad_size(run_cli, tmp_path, size):
     assert result.returncode == 2
     assert "--size" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- the hard phantom
+
+def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
+    out = mask.copy()
+    for _ in range(steps):
+        grown = out.copy()
+        for axis in range(3):
+            grown |= np.roll(out, 1, axis) | np.roll(out, -1, axis)
+        out = grown
+    return out
+
+
+def test_the_standard_phantom_is_unchanged_by_the_hard_one():
+    from trainer.data.synth.phantom import make_case
+
+    assert make_case((0, 1), (48, 40, 32)).contrast is None  # and its draws are the ones before (no new ones)
+    assert make_case((0, 1), (48, 40, 32), "standard").classes.tobytes() == make_case((0, 1), (48, 40, 32)).classes.tobytes()
+
+
+def test_hard_lesions_are_faint_and_the_core_is_close_to_the_oedema():
+    from trainer.data.synth.phantom import (HARD_CONTRAST_RANGE, NECROTIC, OEDEMA, make_case)
+
+    for seed in range(4):
+        case = make_case((9, seed), (96, 96, 64), "hard")
+        low, high = HARD_CONTRAST_RANGE
+        assert low <= case.contrast <= high
+        tumour = case.classes > 0
+        shell = _dilate(tumour, 3) & ~tumour & (case.images["flair"] > 0)
+        deep = (case.classes == OEDEMA) & ~_dilate(~tumour, 3)  # inside the fade, away from its edge
+        flair = case.images["flair"]
+        measured = np.median(flair[deep]) / np.median(flair[shell]) - 1
+        assert 0.05 <= measured <= high + 0.1, (seed, measured)  # faint: under half the standard's doubling
+        standard = make_case((9, seed), (96, 96, 64))
+        s_tumour = standard.classes > 0
+        s_shell = _dilate(s_tumour, 3) & ~s_tumour & (standard.images["flair"] > 0)
+        s_oedema = (standard.classes == OEDEMA) & ~_dilate(~s_tumour, 3)
+        if s_oedema.any():
+            assert np.median(standard.images["flair"][s_oedema]) / np.median(standard.images["flair"][s_shell]) - 1 \
+                > measured + 0.2
+        core = case.classes == NECROTIC
+        if core.any() and deep.any():
+            for modality in ("flair", "t1", "t1ce", "t2"):
+                image = case.images[modality]
+                assert abs(np.median(image[core]) / np.median(image[deep]) - 1) < 0.25, modality
+
+
+def test_about_one_hard_case_in_seven_has_no_enhancing_rim():
+    from trainer.data.synth.phantom import ENHANCING, make_case
+
+    rimless = sum(not (make_case((4, seed), (48, 48, 32), "hard").classes == ENHANCING).any() for seed in range(42))
+    assert 2 <= rimless <= 12  # 6 expected; binomial(42, 1/7) lies in 2..12 with > 99% probability
+
+
+def test_synth_writes_the_hard_phantom(tmp_path, run_cli):
+    result = run_cli("synth", "--format", "brats", "--out", tmp_path / "hard", "--cases", "2", "--size", "48,40,32",
+                     "--difficulty", "hard", "--workers", "1", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(brats_case_folders(tmp_path / "hard")) == 2

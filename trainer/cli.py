@@ -142,7 +142,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     load_cli_settings(args)  # validate settings even though synth needs none of them
     request = SynthRequest(out=args.out, cases=args.cases, seed=args.seed, shape=args.size or REAL_SHAPE,
                            test_cases=args.test_cases, appledouble=not args.no_appledouble,
-                           workers=args.workers, overwrite=args.overwrite)
+                           workers=args.workers, overwrite=args.overwrite, difficulty=args.difficulty)
     writer = write_brats if args.format == "brats" else write_decathlon
     out = writer(request, progress=not args.quiet)
     print(f"wrote {args.cases} {args.format} case(s) to {out}")

@@ -59,6 +59,9 @@ def _add_synth(sub) -> None:
     synth.add_argument("--workers", type=_non_negative_int, default=0, help="processes (default 0 = CPU count)")
     synth.add_argument("--no-appledouble", action="store_true",
                        help="decathlon: omit the macOS ._* files the official tarball carries")
+    synth.add_argument("--difficulty", choices=["standard", "hard"], default="standard",
+                       help="hard: faint (20-45%% contrast), heterogeneous, infiltrative lesions, a core close to "
+                            "the oedema, 1 case in 7 without an enhancing rim, more noise (default standard)")
     synth.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
 

@@ -125,6 +125,9 @@ class ModelSettings(_Section):
     # false enhancing tumour (ET probability 0.61 -> 0.27) that scored a low-grade case 0. 3D keeps it
     # off by default: x/y mirroring made the sliding window 4x slower (about 4 minutes a case on 2
     # cores), and the 3D region targets are met without it.
+    # 2.5D: the 2D model also sees k slices above and below, every modality (input channels x (2k + 1));
+    # 0 = one slice. Neighbours outside the brain or the volume are zeros, in training and inference.
+    context_slices_2d: int = Field(0, ge=0, le=4)
     mirror_axes_2d: tuple[Literal[0, 1], ...] = Field((0, 1), max_length=2)
     mirror_axes_3d: tuple[Literal[0, 1, 2], ...] = Field((), max_length=3)
 
@@ -274,6 +277,10 @@ class SlurmSettings(_Section):
     port_base: int = Field(8888, ge=1024, le=65000, description="PS mode: first gRPC port per node")
     srun_mpi: str = Field("pmix", pattern=r"^[a-z0-9_]+$", description="srun --mpi plugin for Horovod ranks")
     poll_s: float = Field(1.0, gt=0.0, le=60.0, description="how often the launcher reads the job's output")
+    signal_s: int = Field(120, ge=0, le=65535, description="#SBATCH --signal=B:USR1@signal_s: seconds before the "
+                          "time limit the tasks checkpoint at the next step and exit 75 (0 = no warning signal)")
+    requeue: bool = Field(True, description="#SBATCH --requeue, and the job requeues itself when its step exits "
+                          "75 (checkpointed after SIGUSR1); false = it ends there, resume by running it again")
 
     @field_validator("extra_sbatch")
     @classmethod

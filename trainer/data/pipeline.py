@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.config.settings import MODALITIES
+from trainer.data.context import neighbour_rows
 from trainer.data.decathlon import channel_indices
 from trainer.data.volumes import CaseArrays
 from trainer.errors import DataError
@@ -49,8 +50,8 @@ class SliceSource:
     One read-only h5py handle per process, shared by tf.data threads under a lock.
     """
 
-    def __init__(self, path: Path, split: str, channels: Sequence[str], regions: RegionSet):
-        self.path, self.split, self.regions = Path(path), split, regions
+    def __init__(self, path: Path, split: str, channels: Sequence[str], regions: RegionSet, context: int = 0):
+        self.path, self.split, self.regions, self.context = Path(path), split, regions, context
         self.channels = [MODALITIES.index(c) for c in channels]
         try:
             with h5py.File(self.path, "r") as h5:
@@ -63,6 +64,7 @@ class SliceSource:
                 self.count = int(group["images"].shape[0])
                 self.size = int(group["images"].shape[1])
                 self.case = group["case"][()].astype(np.int64)
+                self.z = group["slice"][()].astype(np.int64)
                 self.case_ids = [c.decode() if isinstance(c, bytes) else str(c) for c in group["case_ids"][()]]
                 self.region_voxels = group["region_voxels"][()].astype(np.int64)
         except FileNotFoundError:
@@ -78,7 +80,7 @@ class SliceSource:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return self.size, self.size, len(self.channels)
+        return self.size, self.size, len(self.channels) * (2 * self.context + 1)
 
     def tumour_positions(self) -> np.ndarray:
         """Slices that hold whole tumour (for tumour-aware sampling)."""
@@ -97,10 +99,15 @@ class SliceSource:
                 self._file = h5py.File(self.path, "r", rdcc_nbytes=LABEL_CHUNK_CACHE_BYTES)
                 group = self._file[self.split]
                 self._datasets = (group["images"], group["labels"])
-            images = _read_rows(self._datasets[0], unique)
+            neighbours = neighbour_rows(unique, self.case, self.z, self.context) if self.context else unique[:, None]
+            needed = np.unique(neighbours[neighbours >= 0])
+            images = _read_rows(self._datasets[0], needed)[..., self.channels].astype(np.float32)
             labels = _read_rows(self._datasets[1], unique)
         masks = self.regions.masks(labels[inverse]).astype(np.float32)
-        return images[inverse][..., self.channels].astype(np.float32), masks
+        at = np.searchsorted(needed, np.maximum(neighbours, 0))
+        planes = [np.where((neighbours[:, column] >= 0)[:, None, None, None], images[at[:, column]], 0.0)
+                  for column in range(neighbours.shape[1])]
+        return np.concatenate(planes, axis=-1)[inverse].astype(np.float32), masks
 
 
 def _read_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:

@@ -226,7 +226,7 @@ def expected_input_shape(settings: Settings) -> tuple[int, ...]:
     from trainer.models.unet import input_shape
 
     data = settings.data
-    return input_shape(settings.train.model, len(data.channels), data.image_size, data.crop_size)
+    return input_shape(settings.train.model, settings.model, len(data.channels), data.image_size, data.crop_size)
 
 
 def ir_checkpoint(ir: Path) -> str:

@@ -150,19 +150,22 @@ def parity_inputs(settings: Settings, count: int, seed: int) -> tuple[np.ndarray
 
 
 def held_out_slices(settings: Settings, count: int) -> tuple[np.ndarray, str]:
-    """The validation slices with the most tumour (test or train slices when there is no validation set)."""
+    """The validation slices with the most tumour (test or train slices when there is no validation
+    set), with their context slices, read as training reads them."""
     import h5py
 
+    from trainer.data.pipeline import SliceSource
+    from trainer.regions import RegionSet
+
     path = settings.data.slices_h5
-    channels = [MODALITIES.index(c) for c in settings.data.channels]
     with h5py.File(path, "r") as h5:
         split = next((s for s in ("val", "test", "train") if s in h5 and h5[s]["images"].shape[0]), None)
         if split is None:
             raise DataError(f"{path}: no slices")
-        tumour = h5[split]["region_voxels"][:, 0].astype(np.int64)  # whole-tumour pixels; signed: negated below
-        chosen = np.sort(np.argsort(-tumour, kind="stable")[:count])
-        images = h5[split]["images"][chosen][..., channels].astype(np.float32)
-    return images, f"{len(chosen)} {split} slice(s) with the most tumour from {path}"
+    source = SliceSource(path, split, settings.data.channels, RegionSet(settings.model.regions),
+                         settings.model.context_slices_2d)
+    chosen = np.sort(np.argsort(-source.region_voxels[:, 0], kind="stable")[:count])
+    return source.read(chosen)[0], f"{len(chosen)} {split} slice(s) with the most tumour from {path}"
 
 
 def held_out_crop(settings: Settings) -> tuple[np.ndarray, str]:

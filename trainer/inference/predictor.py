@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 
 from trainer.config.settings import MODALITIES, Settings
+from trainer.data.context import stack_volume_context
 from trainer.data.prepare2d import brain_slices, resize_slices
 from trainer.inference.engines import Engine, EngineRequest, open_engine
 
@@ -27,6 +28,7 @@ class Predictor:
     blending: str = "gaussian"
     batch_size: int = 0  # 0 = 32 slices (2D) or 8 windows (3D)
     mirror_axes: tuple[int, ...] = ()  # volume axes flipped at test time; every combination is averaged
+    context: int = 0  # 2D: context slices on each side (model.context_slices_2d)
 
     @classmethod
     def from_run(cls, settings: Settings, which: str = "best", engine: str = "auto", precision: str = "auto",
@@ -35,7 +37,7 @@ class Predictor:
         runner, source = open_engine(settings, EngineRequest(engine, precision, ir), which)
         return cls(runner, settings.train.model, [MODALITIES.index(c) for c in data.channels],
                    data.image_size, tuple(data.crop_size), mirror_axes=settings.model.mirror_axes(settings.train.model),
-                   **options), source
+                   context=settings.model.context_slices_2d, **options), source
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         """The whole-tumour probability (x, y, z): the models' output channel 0."""
@@ -72,7 +74,7 @@ class Predictor:
         keep = brain_slices(image)
         if not len(keep):
             return np.zeros((*image.shape[:3], self._output_channels()), dtype=np.float32)
-        slices = resize_slices(image[:, :, keep], self.image_size)
+        slices = resize_slices(stack_volume_context(image, self.context)[:, :, keep], self.image_size)
         predicted = np.concatenate([self.engine.predict(group) for group in self._batches(slices, 32)])
         probability = np.zeros((*image.shape[:3], predicted.shape[-1]), dtype=np.float32)
         width, height = image.shape[1], image.shape[0]

@@ -100,12 +100,21 @@ def UNet3D(settings: ModelSettings, channels: int, crop: tuple[int, int, int] | 
 
 def build_model(kind: str, model: ModelSettings, channels: int, image_size: int,
                 crop: tuple[int, int, int] | None) -> tf.keras.Model:
+    """The run's model for ``channels`` modalities (the 2D model's context slices multiply them)."""
     if kind == "2d":
-        return UNet2D(model, channels, image_size)
+        return UNet2D(model, channels * context_planes(model), image_size)
     return UNet3D(model, channels, crop)
 
 
-def input_shape(kind: str, channels: int, image_size: int, crop: tuple[int, int, int]) -> tuple[int, ...]:
-    """The per-sample input a trained model takes: a 2D slice of ``image_size``, or a 3D ``crop``."""
-    spatial = (image_size,) * 2 if kind == "2d" else tuple(crop)
-    return (*spatial, channels)
+def context_planes(model: ModelSettings) -> int:
+    """Slices the 2D model sees at once: its own and ``context_slices_2d`` on each side."""
+    return 2 * model.context_slices_2d + 1
+
+
+def input_shape(kind: str, model: ModelSettings, channels: int, image_size: int,
+                crop: tuple[int, int, int]) -> tuple[int, ...]:
+    """The per-sample input a trained model takes: a 2D slice (with its context slices) of
+    ``image_size``, or a 3D ``crop``."""
+    if kind == "2d":
+        return (image_size, image_size, channels * context_planes(model))
+    return (*crop, channels)

@@ -50,7 +50,8 @@ class ModelShape:
     def from_settings(cls, settings: Settings, precision: str, batch: int | None = None) -> "ModelShape":
         data, kind = settings.data, settings.train.model
         spatial = (data.image_size,) * 2 if kind == "2d" else tuple(data.crop_size)
-        return cls(kind, spatial, len(data.channels), len(settings.model.regions),
+        planes = 2 * settings.model.context_slices_2d + 1 if kind == "2d" else 1
+        return cls(kind, spatial, len(data.channels) * planes, len(settings.model.regions),
                    batch or settings.train.batch_size, settings.model, "fp32" if precision == "fp32" else "bf16")
 
     def describe(self) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 REAL_SHAPE = (240, 240, 155)
+DIFFICULTIES = ("standard", "hard")
 
 # Tissue classes used internally; each dataset maps them to its own label values.
 BACKGROUND, OEDEMA, NECROTIC, ENHANCING = 0, 1, 2, 3
@@ -35,15 +36,30 @@ _CONTRAST = {
 MODALITY_ORDER = ("flair", "t1", "t1ce", "t2")
 
 
+# Hard phantom: each tumour tissue's signed contrast against the tissue it infiltrates, per
+# contrast; the case draws one faintness in [0.2, 0.45] that scales the oedema's and the rim's
+# (the non-enhancing core follows the oedema within a few percent).
+_HARD_OEDEMA = {"flair": 1.0, "t1": -0.45, "t1ce": -0.40, "t2": 0.85}
+_HARD_RIM = {"flair": 0.6, "t1": -0.2, "t1ce": 1.0, "t2": 0.5}
+HARD_CONTRAST_RANGE = (0.20, 0.45)
+HARD_RIMLESS_SHARE = 1 / 7
+INFILTRATION_FADE = 0.4  # the outer share of the oedema's radius over which its signal fades out
+
+
 @dataclass(frozen=True)
 class PhantomCase:
     images: dict[str, np.ndarray]  # modality -> (x, y, z) float32, 0 outside the brain
     classes: np.ndarray            # (x, y, z) uint8 in {BACKGROUND, OEDEMA, NECROTIC, ENHANCING}
     high_grade: bool
+    contrast: float | None = None  # hard: the oedema's FLAIR contrast against the tissue it infiltrates
 
 
-def make_case(seed: int | tuple[int, ...], shape: tuple[int, int, int] = REAL_SHAPE) -> PhantomCase:
+def make_case(seed: int | tuple[int, ...], shape: tuple[int, int, int] = REAL_SHAPE,
+              difficulty: str = "standard") -> PhantomCase:
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty: expected one of {DIFFICULTIES}, got {difficulty!r}")
     rng = np.random.default_rng(seed)
+    hard = difficulty == "hard"
     scale = np.asarray(shape, dtype=np.float32) / np.asarray(REAL_SHAPE, dtype=np.float32)
     x, y, z, grid = _centred_grid(shape, rng, scale)
 
@@ -62,9 +78,12 @@ def make_case(seed: int | tuple[int, ...], shape: tuple[int, int, int] = REAL_SH
     tissue[brain_r > 0.97] = _CSF  # sulcal CSF rim at the surface
 
     classes = np.zeros(shape, dtype=np.uint8)
-    high_grade = bool(rng.random() < 0.75)
-    _add_tumour(classes, x, y, z, grid, brain, brain_radii * scale, scale, rng, high_grade)
+    high_grade = bool(rng.random() < (1 - HARD_RIMLESS_SHARE if hard else 0.75))
+    infiltration = _add_tumour(classes, x, y, z, grid, brain, brain_radii * scale, scale, rng, high_grade)
     classes[~brain] = BACKGROUND
+    if hard:
+        images, contrast = _hard_images(tissue, classes, infiltration, brain, x, y, z, scale, rng)
+        return PhantomCase(images=images, classes=classes, high_grade=high_grade, contrast=contrast)
 
     bias = 1.0 + 0.12 * _smooth_field(x, y, z, rng, freq=0.02 / scale.mean(), terms=3)
     images = {}
@@ -83,6 +102,38 @@ def make_case(seed: int | tuple[int, ...], shape: tuple[int, int, int] = REAL_SH
         image[~brain] = 0.0
         images[modality] = image.astype(np.float32)
     return PhantomCase(images=images, classes=classes, high_grade=high_grade)
+
+
+def _hard_images(tissue, classes, infiltration, brain, x, y, z, scale, rng) -> tuple[dict[str, np.ndarray], float]:
+    """The hard phantom's contrasts: faint, heterogeneous, infiltrative (see the module docstring)."""
+    faintness = rng.uniform(*HARD_CONTRAST_RANGE)
+    core_offsets = rng.uniform(-0.05, 0.05, len(MODALITY_ORDER))  # core vs oedema: a few percent
+    bias = 1.0 + 0.25 * _smooth_field(x, y, z, rng, freq=0.02 / scale.mean(), terms=3)
+    texture = 0.12 * _smooth_field(x, y, z, rng, freq=0.25 / scale.mean(), terms=4)  # heterogeneity
+    noise = rng.uniform(0.04, 0.08)
+    images = {}
+    for index, modality in enumerate(MODALITY_ORDER):
+        means = np.asarray(_CONTRAST[modality]) * rng.uniform(0.85, 1.15, 6)
+        lut = np.zeros(16, dtype=np.float32)
+        lut[[_CSF, _GREY, _WHITE]] = means[:3]
+        image = lut[tissue]
+        # Contrast against the parenchyma the tumour infiltrates (it displaces CSF), not a fixed value.
+        parenchyma = np.where(tissue == _CSF, means[2], image).astype(np.float32)
+        oedema = parenchyma * (1 + faintness * _HARD_OEDEMA[modality])
+        core = oedema * (1 + core_offsets[index])
+        rim = parenchyma * (1 + faintness * _HARD_RIM[modality])
+        tumour = classes > 0
+        target = np.where(classes == ENHANCING, rim, np.where(classes == NECROTIC, core, oedema)).astype(np.float32)
+        # Infiltrative: the signal change fades towards the oedema's labelled edge.
+        weight = np.where(classes == OEDEMA, infiltration, 1.0).astype(np.float32)
+        change = (target - image) * weight * (1 + texture)
+        image = np.where(tumour, image + change, image)
+        image = image * bias
+        image += rng.normal(0.0, noise, size=tissue.shape).astype(np.float32)
+        image = np.clip(image, 0.01, None) * rng.uniform(600, 1400)
+        image[~brain] = 0.0
+        images[modality] = image.astype(np.float32)
+    return images, float(faintness * _HARD_OEDEMA["flair"])
 
 
 def _centred_grid(shape, rng, scale):
@@ -144,6 +195,11 @@ def _add_tumour(classes, x, y, z, grid, brain, brain_radii, scale, rng, high_gra
         region[core < 1.0] = NECROTIC
     region[~brain[box]] = BACKGROUND
     classes[box] = np.maximum(classes[box], region)
+    # How strongly each voxel shows the tumour: 1 inside, fading across the outer 40% of the
+    # oedema (used by the hard phantom only; drawing nothing, it leaves the rng as it was).
+    infiltration = np.zeros(classes.shape, dtype=np.float32)
+    infiltration[box] = np.clip((1.0 - oedema) / INFILTRATION_FADE, 0.0, 1.0)
+    return infiltration
 
 
 def _cap_tumour_volume(core_radii, halo, brain_radii):

@@ -60,13 +60,14 @@ class SynthRequest:
     appledouble: bool = True       # Decathlon: the official tarball carries ._* files
     workers: int = 0               # 0 = one per CPU core
     overwrite: bool = False
+    difficulty: str = "standard"   # "hard": faint, infiltrative, heterogeneous lesions (phantom.py)
 
 
 def write_brats(request: SynthRequest, progress: bool = True) -> Path:
     """BraTS 2019 training layout: HGG/ and LGG/ case folders, name_mapping.csv, survival_data.csv."""
     names = _brats_case_names(request.cases, request.seed)
     with atomic_dir(request.out, request.overwrite) as root:
-        jobs = [(_write_brats_case, (root, name, (request.seed, index), request.shape))
+        jobs = [(_write_brats_case, (root, name, (request.seed, index), request.shape, request.difficulty))
                 for index, name in enumerate(names)]
         grades = _run_jobs(jobs, request.workers, progress, "synth brats")
         _write_brats_tables(root, names, grades, request.seed)
@@ -81,10 +82,10 @@ def write_decathlon(request: SynthRequest, progress: bool = True) -> Path:
     with atomic_dir(request.out, request.overwrite) as root:
         for sub in ("imagesTr", "labelsTr", "imagesTs"):
             (root / sub).mkdir()
-        jobs = [(_write_decathlon_case, (root, case_id, (request.seed, case_id), request.shape, True))
-                for case_id in train_ids]
-        jobs += [(_write_decathlon_case, (root, case_id, (request.seed, case_id), request.shape, False))
-                 for case_id in test_ids]
+        jobs = [(_write_decathlon_case, (root, case_id, (request.seed, case_id), request.shape, True,
+                                         request.difficulty)) for case_id in train_ids]
+        jobs += [(_write_decathlon_case, (root, case_id, (request.seed, case_id), request.shape, False,
+                                          request.difficulty)) for case_id in test_ids]
         _run_jobs(jobs, request.workers, progress, "synth decathlon")
         _write_dataset_json(root, train_ids, test_ids, request.seed)
         if request.appledouble:
@@ -119,8 +120,8 @@ def _relabel(classes: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
     return lut[classes]
 
 
-def _write_brats_case(root: Path, name: str, seed: tuple[int, int], shape) -> str:
-    case = make_case(seed, shape)
+def _write_brats_case(root: Path, name: str, seed: tuple[int, int], shape, difficulty: str = "standard") -> str:
+    case = make_case(seed, shape, difficulty)
     grade = "HGG" if case.high_grade else "LGG"
     folder = root / grade / name
     folder.mkdir(parents=True)
@@ -132,8 +133,9 @@ def _write_brats_case(root: Path, name: str, seed: tuple[int, int], shape) -> st
     return grade
 
 
-def _write_decathlon_case(root: Path, case_id: int, seed: tuple[int, int], shape, labelled: bool) -> None:
-    case = make_case(seed, shape)
+def _write_decathlon_case(root: Path, case_id: int, seed: tuple[int, int], shape, labelled: bool,
+                          difficulty: str = "standard") -> None:
+    case = make_case(seed, shape, difficulty)
     name = f"BRATS_{case_id:03d}.nii.gz"
     image = np.stack([case.images[m] for m in MODALITY_ORDER], axis=-1).astype(np.float32)
     geometry = decathlon_geometry(shape)
