@@ -121,6 +121,26 @@ DATASETS = {
 }
 
 
+HARD = DATA / "hard"  # one BraTS-layout hard set, prepared for both models (the dataset seam)
+HARD_DATA_FLAGS = ["--set", f"data.slices_h5={HARD / 'slices.h5'}", "--set", f"data.decathlon_split={HARD / 'volumes.split.json'}",
+                   "--set", f"data.cache_dir={HARD / 'cache'}"]
+
+
+def ensure_hard_data(log: Path | None = None) -> list[str]:
+    """The hard phantom (20 full-size BraTS-layout cases, seed 0), prepared as 2D slices and 3D
+    volumes; returns the --set flags that point a run at it."""
+    raw = HARD / "raw" / "MICCAI_BraTS_2019_Data_Training"
+    if not raw.exists():
+        timed(CLI + ["synth", "--format", "brats", "--out", raw, "--cases", "20", "--seed", "0", "--difficulty",
+                     "hard", "--quiet"], log)
+    if not (HARD / "slices.h5").exists():
+        timed(CLI + ["prepare", "--src", raw, "--model", "2d", "--out", HARD / "slices.h5", "--quiet"], log)
+    if not (HARD / "volumes.split.json").exists():
+        timed(CLI + ["prepare", "--src", raw, "--model", "3d", "--out", HARD / "cache", *HARD_DATA_FLAGS, "--quiet"],
+              log)
+    return HARD_DATA_FLAGS
+
+
 def ensure_data(model: str, log: Path | None = None) -> None:
     """The synthetic default (20 full-size cases, seed 0, the demo's) for `model`, made once."""
     synth, prepare, marker = DATASETS[model]

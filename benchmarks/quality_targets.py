@@ -20,6 +20,8 @@ Usage (results land in benchmarks/results/quality_<tag>.json; finished runs are 
     python benchmarks/quality_targets.py --model 3d --seeds 1,2 --isas native,avx2
     python benchmarks/quality_targets.py --model 2d --seeds 1,2 --isas native --regions wt,tc,et --epochs 10 \
         --tag regions2d_e10
+    python benchmarks/quality_targets.py --model 2d --difficulty hard --regions wt,tc,et --epochs 10 --seeds 1,2 \
+        --isas native --tag hard_2d_k2 --set model.context_slices_2d=2
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import json
 import statistics
 import time
 
-from common import CLI, HOROVODRUN, ROOT, RESULTS, ensure_data, ps_job, save, timed
+from common import CLI, HOROVODRUN, ROOT, RESULTS, ensure_data, ensure_hard_data, ps_job, save, timed
 
 RUNS = ROOT / "runs" / "quality"
 ISA_ENV = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2"}}
@@ -53,7 +55,7 @@ def run_one(model: str, mode: str, isa: str, seed: int, args, log) -> dict:
     recipe = recipe_for(model, args.epochs)
     workers = 1 if mode == "single" else 2
     model_flags = ["--model", model, "--run-dir", RUNS, "--run-name", name, *recipe["extra"],
-                   "--set", f"model.regions=[{','.join(args.regions)}]", *args.set_flags]
+                   "--set", f"model.regions=[{','.join(args.regions)}]", *args.data_flags, *args.set_flags]
     train_flags = [*model_flags, "--epochs", str(recipe["epochs"]), "--batch-size", str(recipe["batch"] // workers),
                    "--set", f"train.steps_per_epoch={recipe['steps']}", "--set", f"train.seed={seed}",
                    "--set", "train.scale_lr=false", "--quiet"]  # same global batch and LR in every mode
@@ -146,6 +148,8 @@ def main() -> None:
     parser.add_argument("--modes", default="single")
     parser.add_argument("--dist-isas", default=None, help="ISA paths for horovod/ps rows (default: --isas)")
     parser.add_argument("--regions", default="wt")
+    parser.add_argument("--difficulty", choices=["standard", "hard"], default="standard",
+                        help="hard: the hard phantom (synth --difficulty hard), one BraTS-layout set for both models")
     parser.add_argument("--epochs", type=int, default=None,
                         help="train longer than the demo's recipe (recorded in the JSON; use a new --tag)")
     parser.add_argument("--tag", default=None, help="result name (default quality_<model>)")
@@ -157,13 +161,16 @@ def main() -> None:
     args.set_flags = [item for flag in args.set_flags for item in ("--set", flag)]
     RESULTS.mkdir(parents=True, exist_ok=True)
     log = RESULTS / f"quality_{args.tag}.log"
-    ensure_data(args.model, log)
+    args.data_flags = ensure_hard_data(log) if args.difficulty == "hard" else []
+    if args.difficulty == "standard":
+        ensure_data(args.model, log)
     def isas(mode: str) -> list[str]:
         return (args.dist_isas or args.isas).split(",") if mode != "single" else args.isas.split(",")
 
     runs = [run_one(args.model, mode, isa, int(seed), args, log)
             for mode in args.modes.split(",") for seed in args.seeds.split(",") for isa in isas(mode)]
-    save(f"quality_{args.tag}", {"model": args.model, "recipe": recipe_for(args.model, args.epochs),
+    save(f"quality_{args.tag}", {"model": args.model, "difficulty": args.difficulty,
+                                 "recipe": recipe_for(args.model, args.epochs),
                                  "regions": args.regions,
                                  "extra_settings": args.set_flags, "runs": runs, "summary": summarise(runs)})
 

@@ -9,15 +9,10 @@ import json
 import numpy as np
 import SimpleITK as sitk
 
-from support.data import brats_case_folders, run_cli
+from support.data import TINY_2D, TINY_3D, brats_case_folders, run_cli
 
 pytestmark = pytest.mark.slow  # trains models or starts processes: not in scripts/test.sh --fast
 
-TINY_2D = ["--set", "model.base_filters_2d=4", "--set", "train.batch_size=4", "--set", "train.steps_per_epoch=2",
-           "--set", "train.validation_steps=1", "--quiet"]
-TINY_3D = ["--set", "train.precision=fp32", "--set", "model.base_filters_3d=2", "--set", "train.batch_size=1",
-           "--set", "train.steps_per_epoch=2", "--set", "train.validation_steps=1",
-           "--set", "data.crop_size=[32,32,32]", "--quiet"]
 
 
 def test_the_3d_model_on_a_brats_folder(brats_dataset, tmp_path):

@@ -18,8 +18,6 @@ from trainer.planning import speed
 from trainer.planning.fingerprint import fingerprint
 from trainer.planning.memory import Available, ModelShape, check_fits, predict_peak, unet_tensors
 
-TINY_2D = ["--set", "model.base_filters_2d=4", "--set", "train.batch_size=4", "--set", "train.steps_per_epoch=2",
-           "--set", "train.validation_steps=1", "--quiet"]
 
 
 @pytest.mark.parametrize("kind, model, spatial", [

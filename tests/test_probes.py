@@ -49,7 +49,7 @@ def test_run_dir_spelt_any_way_survives_the_real_rsync_delete(mirror, tmp_path, 
     run_dir = (str(tmp_path / "link") if spelling == "link"
                else spelling.replace("{workdir}", str(workdir).lstrip("/") if spelling.startswith("//")
                                      else str(workdir)))
-    settings = settings_with(f"train.run_dir={run_dir}", f"data.slices_h5=../unet-train/prep/s.h5")
+    settings = settings_with(f"train.run_dir={run_dir}", "data.slices_h5=../unet-train/prep/s.h5")
     excludes = mirror_excludes(settings, str(workdir), source)
     assert "/experiments/" in excludes and "/prep/s.h5" in excludes, excludes
     sync(source, workdir, excludes)

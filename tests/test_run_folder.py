@@ -14,17 +14,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from support.data import brats_case_folders, prepare_brats_cli, run_cli
+from support.data import TINY_2D, TINY_3D, brats_case_folders, prepare_brats_cli, run_cli
 from launcher.hosts import hosts_and_slots
 from trainer.errors import UserError
 
 pytestmark = pytest.mark.slow  # trains models or starts processes: not in scripts/test.sh --fast
 
-TINY = ["--set", "model.base_filters_2d=4", "--set", "train.batch_size=4", "--set", "train.steps_per_epoch=2",
-        "--set", "train.validation_steps=1", "--quiet"]
-TINY_3D = ["--set", "train.precision=fp32", "--set", "model.base_filters_3d=2", "--set", "train.batch_size=1",
-           "--set", "train.steps_per_epoch=2", "--set", "train.validation_steps=1",
-           "--set", "data.crop_size=[32,32,32]", "--quiet"]
 CHANNELS = ("flair", "t1", "t1ce", "t2")
 
 
@@ -39,7 +34,7 @@ def region_run(brats_dataset, tmp_path_factory):
     prepared = prepare_brats_cli(src, work / "prep" / "slices.h5", work)
     assert prepared.returncode == 0, prepared.stderr
     result = run_cli("train", "--run-name", "r", "--epochs", "1", "--set", "model.regions=[wt,tc,et]",
-                     "--set", f"data.slices_h5={work / 'prep' / 'slices.h5'}", *TINY, cwd=work, timeout=300)
+                     "--set", f"data.slices_h5={work / 'prep' / 'slices.h5'}", *TINY_2D, cwd=work, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return work, heldout / case.name, result
 
@@ -159,7 +154,7 @@ def test_an_unreachable_source_is_reported_at_the_start_and_its_fix_at_the_end(b
     assert prepared.returncode == 0, prepared.stderr
     shutil.rmtree(tmp_path / "moving")  # the raw volumes are on another host now
     result = run_cli("train", "--run-name", "gone", "--epochs", "1", "--set", f"data.slices_h5={tmp_path / 'slices.h5'}",
-                     *TINY, cwd=tmp_path, timeout=300)
+                     *TINY_2D, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stderr
     start = log.index("raw volumes not found")

@@ -15,17 +15,9 @@ import pytest
 import SimpleITK as sitk
 import tensorflow as tf
 
-from support.data import REPO_ROOT, run_cli
+from support.data import REPO_ROOT, TINY_2D, TINY_3D, run_cli
 
 pytestmark = pytest.mark.slow  # trains models or starts processes: not in scripts/test.sh --fast
-
-TINY_2D = ["--set", "model.base_filters_2d=4", "--set", "train.batch_size=4", "--set", "train.steps_per_epoch=2",
-           "--set", "train.validation_steps=1", "--quiet"]
-# float32: at 2-4 filters, mixed bf16 3D training turned NaN within 2 steps on an AVX-512 bf16 EPYC
-# (16 filters, the default, did not); bf16 3D at real sizes is measured by benchmarks/quality_targets.py.
-TINY_3D = ["--set", "train.precision=fp32",
-           "--set", "model.base_filters_3d=2", "--set", "train.batch_size=1", "--set", "train.steps_per_epoch=2",
-           "--set", "train.validation_steps=1", "--set", "data.crop_size=[32,32,32]", "--quiet"]
 
 
 def data_flags_2d(slices: Path, brats: Path) -> list[str]:

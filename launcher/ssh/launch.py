@@ -14,7 +14,6 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.base import SOURCE_ROOT, LaunchError, LaunchRequest

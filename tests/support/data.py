@@ -18,6 +18,14 @@ DECATHLON_CASES = 4
 DECATHLON_TEST_CASES = 1
 DECATHLON_SEED = 5
 CLI_TIMEOUT_S = 120
+# The smallest real training runs: a few filters, two steps an epoch, one validation batch.
+TINY_2D = ["--set", "model.base_filters_2d=4", "--set", "train.batch_size=4", "--set", "train.steps_per_epoch=2",
+           "--set", "train.validation_steps=1", "--quiet"]
+# float32: at 2-4 filters, mixed bf16 3D training turned NaN within 2 steps on an AVX-512 bf16 EPYC
+# (16 filters, the default, did not); bf16 3D at real sizes is measured by benchmarks/quality_targets.py.
+TINY_3D = ["--set", "train.precision=fp32", "--set", "model.base_filters_3d=2", "--set", "train.batch_size=1",
+           "--set", "train.steps_per_epoch=2", "--set", "train.validation_steps=1",
+           "--set", "data.crop_size=[32,32,32]", "--quiet"]
 
 
 def run_cli(*args, cwd, timeout: float = CLI_TIMEOUT_S, env: dict | None = None) -> subprocess.CompletedProcess:

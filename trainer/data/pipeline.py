@@ -68,8 +68,9 @@ class SliceSource:
                 self.case_ids = [c.decode() if isinstance(c, bytes) else str(c) for c in group["case_ids"][()]]
                 self.region_voxels = group["region_voxels"][()].astype(np.int64)
         except FileNotFoundError:
-            raise DataError(f"{self.path}: prepared slices not found "
-                            f"(run 'unet-train prepare --format brats')") from None
+            raise DataError(f"{self.path}: prepared slices not found (data.slices_h5); run 'unet-train prepare "
+                            f"--src DIR --model 2d', or --set data.slices_h5=FILE for the --out you gave "
+                            f"prepare") from None
         except (OSError, KeyError) as exc:
             raise DataError(f"{self.path}: not a prepared slices file (no '{split}' data: {exc})") from None
         if self.count == 0:
