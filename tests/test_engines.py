@@ -415,7 +415,7 @@ def test_parity_crop_is_centred_on_the_tumour_of_a_held_out_case(decathlon_datas
     from trainer.inference.export import held_out_crop
 
     split = tmp_path / "split.json"
-    save_split(split, {"train": ["BRATS_001"], "val": ["BRATS_002"], "test": []}, 0, decathlon_dataset)
+    save_split(split, {"train": ["BRATS_001"], "val": ["BRATS_002"], "test": []}, 0, decathlon_dataset, "decathlon")
     settings = Settings(data=DataSettings(decathlon_dir=decathlon_dataset, decathlon_split=split, cache_dir=None,
                                           crop_size=(32, 32, 16), channels=("flair", "t2")),
                         train=TrainSettings(model="3d"))

@@ -288,7 +288,7 @@ def test_stop_cannot_be_cancelled_and_sigterm_stops_the_launch(tmp_path, monkeyp
         raise AssertionError("SIGTERM was not handled")
 
     monkeypatch.setattr(distributed.Ansible, "run", fake_run)
-    monkeypatch.setattr(launcher, "doctor", fake_doctor)
+    monkeypatch.setattr(launcher, "preflight", fake_doctor)
     previous = signal.signal(signal.SIGTERM, lambda *_: None)  # a regression must not kill pytest
     try:
         assert launcher.launch() == 128 + signal.SIGTERM

@@ -157,7 +157,7 @@ def _evaluation_settings_3d(decathlon_dataset: Path, tmp_path: Path, test_ids: l
     from trainer.data.split import save_split
 
     split = tmp_path / "eval.split.json"
-    save_split(split, {"train": [], "val": [], "test": test_ids}, 0, decathlon_dataset)
+    save_split(split, {"train": [], "val": [], "test": test_ids}, 0, decathlon_dataset, "decathlon")
     return Settings(data=DataSettings(decathlon_dir=decathlon_dataset, decathlon_split=split, cache_dir=None),
                     train=TrainSettings(model="3d", run_dir=tmp_path, run_name="stub"))
 

@@ -91,7 +91,9 @@ class RawDataset:
         return {case.case_id: case for case in self.cases}
 
     def describe(self) -> str:
-        return f"{self.root} ({self.layout}, {len(self.cases)} labelled cases)"
+        """The file that lists the cases (Decathlon's dataset.json) or the folder that holds them."""
+        where = self.root / "dataset.json" if self.layout == "decathlon" else self.root
+        return f"{where} ({self.layout}, {len(self.cases)} labelled cases)"
 
 
 # What each model trains on: its prepared data, the split file beside it, and the setting that
