@@ -2,12 +2,11 @@
 of ranks x threads, on this machine. One configuration per process (``unet-train benchmark
 --mode train``: the real training step and input pipeline), so no run inherits another's memory.
 
-    python benchmarks/plan_accuracy.py --data DIR [--out benchmarks/results/plan_accuracy.json]
-    python benchmarks/plan_accuracy.py --data DIR --fit      # the memory constants, from other configurations
+    python benchmarks/plan_accuracy.py [--data DIR] [--out benchmarks/results/plan_accuracy.json]
+    python benchmarks/plan_accuracy.py --fit      # the memory constants, from other configurations
 
-DIR holds a Decathlon-layout set prepared both ways (``unet-train synth --format decathlon --out
-DIR/Task01_BrainTumour --cases 6``, then ``prepare --src ... --out DIR/cache --set
-data.decathlon_split=DIR/vol.split.json`` and ``prepare --src ... --model 2d --out DIR/slices.h5``).
+DIR (default data/plan) holds a Decathlon-layout set of 6 full-size cases prepared both ways; it is
+made on the first run (``synth --format decathlon``, ``prepare`` for 3D and for 2D).
 """
 from __future__ import annotations
 
@@ -23,9 +22,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(os.environ.get("UNET_BENCH_RESULTS") or ROOT / "benchmarks" / "results").resolve()
 sys.path.insert(0, str(ROOT))
 
-from trainer.config.settings import ModelSettings  # noqa: E402
+from trainer.config.loader import load_settings  # noqa: E402
+from trainer.config.settings import ModelSettings, settings_to_yaml  # noqa: E402
+from trainer.planning import speed  # noqa: E402
 from trainer.planning.memory import ModelShape, predict_peak, unet_tensors  # noqa: E402
 
 # (kind, edge, batch): the issue's targets, and the configurations the constants are fitted on
@@ -34,8 +36,9 @@ FIT = [("2d", 128, 4), ("2d", 128, 32), ("3d", 48, 2), ("3d", 96, 1), ("3d", 112
 PRECISIONS = ("fp32", "bf16")
 
 
-def measure(data: Path, kind: str, edge: int, batch: int, precision: str, steps: int, extra=()) -> dict:
-    """One benchmark process: its peak RSS and images/s."""
+def measure(data: Path, kind: str, edge: int, batch: int, precision: str, steps: int, extra=(),
+            ranks: int = 1) -> dict:
+    """One benchmark process (or ``ranks`` under horovodrun): the chief's peak RSS and the images/s."""
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "b.json"
         command = [sys.executable, "-m", "trainer.cli", "benchmark", "--model", kind, "--mode", "train",
@@ -44,6 +47,9 @@ def measure(data: Path, kind: str, edge: int, batch: int, precision: str, steps:
                    "--set", f"data.decathlon_split={data / 'vol.split.json'}", "--set", f"data.cache_dir={data / 'cache'}",
                    "--set", f"data.crop_size=[{edge},{edge},{edge}]", "--quiet", *extra]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+        if ranks > 1:
+            command = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(ranks), "-H",
+                       f"localhost:{ranks}", "--gloo", *command]
         started = time.perf_counter()
         result = subprocess.run(command, cwd=scratch, env=env, capture_output=True, text=True, timeout=3600)
         if result.returncode != 0:
@@ -51,6 +57,20 @@ def measure(data: Path, kind: str, edge: int, batch: int, precision: str, steps:
         report = json.loads(out.read_text())
     return {"peak_rss_mib": report["peak_rss_mib_per_worker"][0],
             "images_per_sec": report["train"]["images_per_sec"], "seconds": time.perf_counter() - started}
+
+
+def ensure_data(data: Path) -> None:
+    """6 full-size synthetic Decathlon cases, prepared as 3D volumes and as 2D slices (made once)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    cli = [sys.executable, "-m", "trainer.cli"]
+    raw = data / "Task01_BrainTumour"
+    steps = [(raw, ["synth", "--format", "decathlon", "--out", str(raw), "--cases", "6", "--test-cases", "0"]),
+             (data / "vol.split.json", ["prepare", "--src", str(raw), "--out", str(data / "cache"), "--set",
+                                        f"data.decathlon_split={data / 'vol.split.json'}"]),
+             (data / "slices.h5", ["prepare", "--src", str(raw), "--model", "2d", "--out", str(data / "slices.h5")])]
+    for made, command in steps:
+        if not made.exists():
+            subprocess.run([*cli, *command, "--quiet"], check=True, env=env, cwd=str(ROOT), timeout=3600)
 
 
 def shape(kind: str, edge: int, batch: int, precision: str) -> ModelShape:
@@ -86,29 +106,66 @@ def fit(data: Path, steps: int) -> dict:
 
 
 def accuracy(data: Path, steps: int) -> dict:
+    """Each target: predicted peak and calibrated images/s (plan's way) against the real training step."""
     rows = []
     for kind, edge, batch in TARGETS:
         for precision in PRECISIONS:
             found = measure(data, kind, edge, batch, precision, steps)
             predicted = predict_peak(shape(kind, edge, batch, precision)).total_mib
+            settings = load_settings(None, [f"train.model={kind}", f"train.precision={precision}",
+                                            f"data.crop_size=[{edge},{edge},{edge}]"])
+            calibrated = speed.calibrate(settings_to_yaml(settings), batch, steps=steps)
             rows.append({"kind": kind, "edge": edge, "batch": batch, "precision": precision,
                          "predicted_peak_mib": round(predicted, 1), "measured_peak_mib": round(found["peak_rss_mib"], 1),
                          "peak_error": round(predicted / found["peak_rss_mib"] - 1, 4),
-                         "measured_images_per_sec": found["images_per_sec"]})
+                         "predicted_images_per_sec": round(calibrated["images_per_sec"], 4),
+                         "measured_images_per_sec": round(found["images_per_sec"], 4),
+                         "speed_error": round(calibrated["images_per_sec"] / found["images_per_sec"] - 1, 4)})
             print(json.dumps(rows[-1]), flush=True)
-    return {"memory": rows, "worst_peak_error": max(abs(r["peak_error"]) for r in rows)}
+    return {"memory_and_speed": rows, "worst_peak_error": max(abs(r["peak_error"]) for r in rows),
+            "worst_speed_error": max(abs(r["speed_error"]) for r in rows)}
+
+
+def ranks_grid(data: Path, steps: int) -> dict:
+    """The plan's ranks x threads for this node against every split of its cores (2D 128^2, 16 a rank)."""
+    from trainer.planning.node import probe_node
+    from trainer.planning.planner import make_plan
+    from trainer.planning.fingerprint import DatasetFingerprint
+
+    node = probe_node()
+    cores = node.physical_cores
+    stub = DatasetFingerprint("", "brats", 1, 1, {}, {}, {a: [0, 128, 0] for a in "xyz"}, {}, [], {})
+    plan = make_plan(load_settings(None, []), stub, node, "2d")
+    chosen = (plan.ranks_per_node, next(c.value for c in plan.choices if c.key == "cpu.intra_op_threads"))
+    precision = next(c.value for c in plan.choices if c.key == "train.precision")
+    grid = []
+    for ranks in sorted({r for r in range(1, cores + 1) if cores % r == 0}):
+        threads = cores // ranks
+        extra = ["--set", f"cpu.intra_op_threads={threads}"]
+        if ranks == 1:
+            found = measure(data, "2d", 128, 16, precision, steps, extra)
+        else:
+            found = measure(data, "2d", 128, 16, precision, steps, ["--dist", "horovod", *extra], ranks=ranks)
+        grid.append({"ranks": ranks, "threads": threads, "images_per_sec": round(found["images_per_sec"], 3)})
+        print(json.dumps(grid[-1]), flush=True)
+    best = max(grid, key=lambda g: g["images_per_sec"])
+    planned = next(g for g in grid if (g["ranks"], g["threads"]) == chosen)
+    return {"grid": grid, "planned": planned, "best": best,
+            "planned_to_best": round(planned["images_per_sec"] / best["images_per_sec"], 4)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "plan")
     parser.add_argument("--fit", action="store_true", help="fit the memory constants (other configurations)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
     parser.add_argument("--quick", action="store_true", help="2 steps")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "plan_accuracy.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "plan_accuracy.json")
     args = parser.parse_args()
     steps = 2 if args.quick else args.steps
-    report = fit(args.data, steps) if args.fit else accuracy(args.data, steps)
+    ensure_data(args.data)
+    report = fit(args.data, steps) if args.fit else {**accuracy(args.data, steps), "ranks_x_threads":
+                                                      ranks_grid(args.data, steps)}
     out = args.out.with_name("plan_fit.json") if args.fit else args.out
     from trainer.fsutil import write_json
 
