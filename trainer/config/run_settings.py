@@ -13,6 +13,7 @@ The raw data follow the prepared data: unless ``--set`` names it, the raw datase
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -30,6 +31,7 @@ MODEL_KEYS = ("train.model", "model.regions", "model.base_filters_2d", "model.ba
 DEFAULT_KEYS = ("model.mirror_axes_2d", "model.mirror_axes_3d", "data.brats_dir", "data.slices_h5",
                 "data.decathlon_dir", "data.cache_dir", "data.decathlon_split", "data.split")
 RUN_SETTINGS_FILE = "settings.yaml"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,15 +74,20 @@ def settings_for_run(current: Settings, explicit: Explicit) -> Settings:
 def _adopt(current: Settings, run: Settings, explicit: Explicit, path: Path) -> Settings:
     merged = current.model_dump(mode="json", by_alias=True)
     theirs = run.model_dump(mode="json", by_alias=True)
+    adopted = []
     for key in MODEL_KEYS + DEFAULT_KEYS:
         run_value, value = _get(theirs, key), _get(merged, key)
         how = explicit.source(key)
         if how is None:
+            if value != run_value:
+                adopted.append(f"{key}={_show(run_value)}")
             _set(merged, key, run_value)
         elif key in MODEL_KEYS and value != run_value:
             raise ConfigError(f"{how}: {key} = {_show(value)} contradicts the run, which was trained with "
                               f"{key} = {_show(run_value)} ({path}); drop the override, or train a new run "
                               f"(--run-name)")
+    if adopted:
+        log.info("the run's own settings (%s) over the current ones: %s", path, ", ".join(adopted))
     return _validated(merged)
 
 
