@@ -43,7 +43,7 @@ _HARD_OEDEMA = {"flair": 1.0, "t1": -0.45, "t1ce": -0.40, "t2": 0.85}
 _HARD_RIM = {"flair": 0.6, "t1": -0.2, "t1ce": 1.0, "t2": 0.5}
 HARD_CONTRAST_RANGE = (0.20, 0.45)
 HARD_RIMLESS_SHARE = 1 / 7
-INFILTRATION_FADE = 0.4  # the outer share of the oedema's radius over which its signal fades out
+INFILTRATION_FADE = 0.12  # the outer share of the oedema's radius over which its signal fades out
 
 
 @dataclass(frozen=True)
@@ -108,9 +108,9 @@ def _hard_images(tissue, classes, infiltration, brain, x, y, z, scale, rng) -> t
     """The hard phantom's contrasts: faint, heterogeneous, infiltrative (see the module docstring)."""
     faintness = rng.uniform(*HARD_CONTRAST_RANGE)
     core_offsets = rng.uniform(-0.05, 0.05, len(MODALITY_ORDER))  # core vs oedema: a few percent
-    bias = 1.0 + 0.25 * _smooth_field(x, y, z, rng, freq=0.02 / scale.mean(), terms=3)
+    bias = 1.0 + 0.2 * _smooth_field(x, y, z, rng, freq=0.02 / scale.mean(), terms=3)
     texture = 0.12 * _smooth_field(x, y, z, rng, freq=0.25 / scale.mean(), terms=4)  # heterogeneity
-    noise = rng.uniform(0.04, 0.08)
+    noise = rng.uniform(0.03, 0.06)
     images = {}
     for index, modality in enumerate(MODALITY_ORDER):
         means = np.asarray(_CONTRAST[modality]) * rng.uniform(0.85, 1.15, 6)
@@ -195,8 +195,8 @@ def _add_tumour(classes, x, y, z, grid, brain, brain_radii, scale, rng, high_gra
         region[core < 1.0] = NECROTIC
     region[~brain[box]] = BACKGROUND
     classes[box] = np.maximum(classes[box], region)
-    # How strongly each voxel shows the tumour: 1 inside, fading across the outer 40% of the
-    # oedema (used by the hard phantom only; drawing nothing, it leaves the rng as it was).
+    # How strongly each voxel shows the tumour: 1 inside, fading across the oedema's outer rim
+    # (used by the hard phantom only; drawing nothing, it leaves the rng as it was).
     infiltration = np.zeros(classes.shape, dtype=np.float32)
     infiltration[box] = np.clip((1.0 - oedema) / INFILTRATION_FADE, 0.0, 1.0)
     return infiltration
