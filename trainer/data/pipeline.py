@@ -64,7 +64,7 @@ class SliceSource:
                 self.count = int(group["images"].shape[0])
                 self.size = int(group["images"].shape[1])
                 self.case = group["case"][()].astype(np.int64)
-                self.z = group["slice"][()].astype(np.int64)
+                self.z = group["slice"][()].astype(np.int64) if context else None  # only context needs z
                 self.case_ids = [c.decode() if isinstance(c, bytes) else str(c) for c in group["case_ids"][()]]
                 self.region_voxels = group["region_voxels"][()].astype(np.int64)
         except FileNotFoundError:
