@@ -26,7 +26,7 @@ RESULTS = Path(os.environ.get("UNET_BENCH_RESULTS") or ROOT / "benchmarks" / "re
 sys.path.insert(0, str(ROOT))
 
 from trainer.config.loader import load_settings  # noqa: E402
-from trainer.config.settings import ModelSettings, settings_to_yaml  # noqa: E402
+from trainer.config.settings import ModelSettings  # noqa: E402
 from trainer.planning import speed  # noqa: E402
 from trainer.planning.memory import ModelShape, predict_peak, unet_tensors  # noqa: E402
 
@@ -114,11 +114,12 @@ def accuracy(data: Path, steps: int) -> dict:
             predicted = predict_peak(shape(kind, edge, batch, precision)).total_mib
             settings = load_settings(None, [f"train.model={kind}", f"train.precision={precision}",
                                             f"data.crop_size=[{edge},{edge},{edge}]"])
-            calibrated = speed.calibrate(settings_to_yaml(settings), batch, steps=steps)
+            calibrated = speed.predict_speed(settings, batch, steps=steps)
             rows.append({"kind": kind, "edge": edge, "batch": batch, "precision": precision,
                          "predicted_peak_mib": round(predicted, 1), "measured_peak_mib": round(found["peak_rss_mib"], 1),
                          "peak_error": round(predicted / found["peak_rss_mib"] - 1, 4),
                          "predicted_images_per_sec": round(calibrated["images_per_sec"], 4),
+                         "timed_at": calibrated["timed_at"], "scaled_by": round(calibrated["scaled_by"], 3),
                          "measured_images_per_sec": round(found["images_per_sec"], 4),
                          "speed_error": round(calibrated["images_per_sec"] / found["images_per_sec"] - 1, 4)})
             print(json.dumps(rows[-1]), flush=True)

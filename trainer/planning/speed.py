@@ -1,7 +1,8 @@
 """Speed: a few calibrated steps on this node, and what N nodes would make of them.
 
 Calibration runs the real training step (the runtime's stepper, the model in the run's
-precision) on one random batch held in memory, a few times: the in-memory ceiling, which the
+precision) on one random batch held in memory, a few times (3D crops above 64^3 at 64^3, scaled by
+their voxels): the in-memory ceiling, which the
 end-to-end rate matched within 5% on both models (docs/results.md). It runs in its own process
 (``python -m trainer.planning.speed``) so its threads and memory are those of a training rank.
 
@@ -57,6 +58,28 @@ def project(compute_step_s: float, global_batch_per_node: int, params: int, node
     step = compute_step_s + communication
     images = nodes * global_batch_per_node / step
     return Projection(nodes, step, images, compute_step_s / step)
+
+
+CALIBRATION_EDGE_3D = 64  # larger 3D crops are timed at 64^3 and scaled by their voxels: seconds, not minutes
+
+
+def predict_speed(settings, batch: int, steps: int = 3) -> dict:
+    """images/s of ``batch`` on this node: timed directly, or for a 3D crop larger than 64^3 timed at
+    64^3 and scaled by the voxel ratio (the UNet's cost is its convolutions, linear in voxels)."""
+    import math
+
+    from trainer.config.settings import settings_to_yaml
+
+    crop = tuple(settings.data.crop_size)
+    factor = 1.0
+    if settings.train.model == "3d" and math.prod(crop) > CALIBRATION_EDGE_3D ** 3:
+        factor = math.prod(crop) / CALIBRATION_EDGE_3D ** 3
+        settings = settings.model_copy(update={"data": settings.data.model_copy(
+            update={"crop_size": (CALIBRATION_EDGE_3D,) * 3})})
+    measured = calibrate(settings_to_yaml(settings), batch, steps)
+    step = measured["step_s"] * factor
+    return {**measured, "step_s": step, "images_per_sec": batch / step, "timed_at": list(settings.data.crop_size)
+            if settings.train.model == "3d" else [settings.data.image_size] * 2, "scaled_by": factor}
 
 
 def calibrate(settings_yaml: str, batch: int, steps: int = 3, warmup: int = 1, timeout_s: float = 900) -> dict:
