@@ -7,10 +7,20 @@
   step against plain Horovod), and its share at the default `train.elastic_commit_steps` (10);
 * a lost rank: elastic Horovod, 3 ranks (localhost:2 + 127.0.0.1:1), the 127.0.0.1 rank
   SIGKILLed mid-epoch at the default commit interval: seconds from the kill to the next completed
-  step, and steps lost (steps done at the kill minus the step the survivors rolled back to).
+  step, and steps lost (steps done at the kill minus the step the survivors rolled back to);
+* Slurm time limits and preemption (``slurm_preemption``): a job on the tests' single-node Slurm
+  (Horovod 2 tasks, PS chief + 1 PS + 2 workers) gets SIGUSR1 in its batch shell (what
+  ``--signal=B:USR1@s`` sends before the time limit) after the periodic checkpoint at step 3:
+  seconds from the signal to the complete step checkpoint, steps lost (steps applied before the
+  exit minus the step the requeued job resumed from), and the requeued job's wait (Slurm holds
+  a requeued job until the old job credentials expire: AuthInfo cred_expire, 20 s on this
+  cluster, 120 s by default, then the benchmark starts it at once instead of at the scheduler's
+  next pass).
 
-Each configuration runs in its own processes, alternated, repeated. Needs data/brats_slices.h5.
-Usage: python benchmarks/resilience.py [--rounds 2] -> benchmarks/results/resilience.json
+Each configuration runs in its own processes, alternated, repeated. Needs data/brats_slices.h5
+(the Slurm part prepares synthetic cases when it is absent, as slurm_overhead.py does).
+Usage: python benchmarks/resilience.py [--rounds 2] [--only slurm_preemption]
+       -> benchmarks/results/resilience.json (--only: that key replaced, the others kept)
 """
 from __future__ import annotations
 
@@ -20,6 +30,7 @@ import re
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -122,11 +133,112 @@ def _environ(proc) -> dict:
         return {}
 
 
+CRED_EXPIRE_S = 20
+SLURM_STEPS = 12
+
+
+def slurm_preemption(rounds: int) -> dict:
+    """SIGUSR1 to the batch shell mid-epoch, then checkpoint, exit 75, requeue, resume, finish."""
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import support.slurm_cluster as cluster_module
+    from slurm_overhead import slices
+
+    work = Path(tempfile.mkdtemp(prefix="unet-preempt-bench-"))
+    data = slices(work)
+    config = cluster_module._config
+    cluster_module._config = lambda *a: re.sub(r"^(AuthInfo=\S+)$", rf"\1,cred_expire={CRED_EXPIRE_S}",
+                                               config(*a), flags=re.M)
+    cluster = cluster_module.start_slurm_cluster()
+    cluster_module._config = config
+    rows: dict[str, list] = {"horovod": [], "ps": []}
+    try:
+        for round_ in range(rounds):
+            for mode, tasks in (("horovod", 2), ("ps", 4)):
+                rows[mode].append(_preempted_job(cluster, data, work, mode, tasks, round_))
+    finally:
+        cluster.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    summary = {mode: {key: statistics.median(values) if (values := [r[key] for r in runs if r[key] is not None])
+                      else None for key in ("signal_to_checkpoint_s", "steps_lost", "requeue_wait_s")}
+               | {"runs": len(runs), "completed": sum(r["exit_code"] == 0 for r in runs)}
+               for mode, runs in rows.items() if runs}
+    return {"cluster": f"single-node slurm-wlm 22.05 on 127.0.0.1 (tests/support/slurm_cluster.py), "
+                       f"AuthInfo cred_expire={CRED_EXPIRE_S}", "data": str(data),
+            "training": f"2D default model, 2 epochs x {SLURM_STEPS} steps, global batch 16, signal after the "
+                        f"periodic checkpoint at step 3", "median": summary, "rows": rows}
+
+
+def _preempted_job(cluster, data: Path, work: Path, mode: str, tasks: int, round_: int) -> dict:
+    from slurm_overhead import free_base
+
+    name = f"preempt_{mode}_{round_}"
+    runs = work / "runs"
+    base = free_base(tasks + 1)
+    cmd = [*CLI, "distributed", "--scheduler", "slurm", "--mode", mode, "--nodes", "1", "--ntasks-per-node",
+           str(tasks), "--run-name", name, "--model", "2d", "--epochs", "2", "--set", "train.batch_size=8",
+           "--time", "30:00", "--set", "cluster.slurm.signal_s=60", "--set", f"data.slices_h5={data}",
+           "--set", f"train.steps_per_epoch={SLURM_STEPS}", "--set", "train.validation_steps=1",
+           "--set", "train.image_every_epochs=0", "--set", "train.validate_full_volumes=false",
+           "--set", "train.checkpoint_every_steps=3", "--set", "train.checkpoint_every_minutes=0", "--quiet",
+           "--set", f"train.run_dir={runs}", "--set", f"cluster.python={sys.executable}",
+           "--set", f"cluster.slurm.port_base={base}", "--set", f"cluster.control_port={base + tasks}",
+           "--set", "cluster.slurm.poll_s=0.5"]
+    log = RESULTS / f"resilience_{name}.log"
+    run = runs / name
+    with open(log, "w") as handle:
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=work, env=env(**cluster.env),
+                                stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while not (run / "checkpoints" / "steps" / "step-3.index").exists():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"run ended early: {log}")
+                time.sleep(0.1)
+            job_id = json.loads((run / "slurm" / "job.json").read_text())["job_id"]
+            signalled = time.time()
+            cluster.client("scancel", "--signal=USR1", "--batch", job_id, timeout=60)
+            requeued = running_again = nudged = None
+            while proc.poll() is None:
+                record = cluster.client("scontrol", "show", "job", "-o", job_id).stdout
+                if requeued is None and re.search(r"\bRestarts=1\b", record):
+                    requeued = time.time()
+                if requeued and running_again is None and "JobState=RUNNING" in record:
+                    running_again = time.time()
+                if requeued and not nudged and time.time() > requeued + CRED_EXPIRE_S + 2:
+                    cluster.client("scontrol", "update", f"JobId={job_id}", "StartTime=now")  # eligible: start now
+                    nudged = time.time()
+                time.sleep(0.25)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    [entry] = json.loads((run / "preemptions.json").read_text())
+    resumed = re.search(r"resuming from \S+: epoch \d+, step (\d+)", text)
+    resumed_step = int(resumed.group(1)) if resumed else None
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+    return {"exit_code": proc.returncode, "signal_to_checkpoint_s": entry["signal_to_checkpoint_s"],
+            "checkpoint_save_s": entry["save_s"], "checkpoint_step": entry["global_step"],
+            "step_in_epoch": entry["step_in_epoch"], "resumed_from_step": resumed_step,
+            "steps_lost": entry["global_step"] - resumed_step if resumed_step is not None else None,
+            "final_step": summary.get("step"), "expected_final_step": 2 * SLURM_STEPS,
+            "signal_to_requeue_s": requeued - signalled if requeued else None,
+            "requeue_wait_s": running_again - requeued if requeued and running_again else None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--only", choices=["slurm_preemption"], help="run one part and replace only its key in "
+                                                                     "the existing results")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.only == "slurm_preemption":
+        path = RESULTS / "resilience.json"
+        results = json.loads(path.read_text()) if path.exists() else {}
+        results["slurm_preemption"] = slurm_preemption(args.rounds)
+        save("resilience", results)
+        return
     rows: dict[str, list] = {}
     for round_ in range(args.rounds):
         rows.setdefault("single_no_step_checkpoints_s", []).append(single(f"plain_{round_}", 0))
@@ -152,7 +264,8 @@ def main() -> None:
         "checkpoint_share_every_100_steps": checkpoint_s / (100 * step),
         "one_elastic_commit_s": commit_s,
         "commit_share_at_default_every_10_steps": commit_s / (10 * median["horovod_plain_s"]),
-        "lost_rank": rows["lost_rank"]})
+        "lost_rank": rows["lost_rank"],
+        "slurm_preemption": slurm_preemption(args.rounds)})
 
 
 if __name__ == "__main__":

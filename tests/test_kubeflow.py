@@ -162,3 +162,116 @@ def test_a_run_name_too_long_for_kubernetes_is_refused(tmp_path):
     image = run_bounded(unet_train_cmd("manifests", "--target", "kubeflow", "--image", "x;rm -rf /",
                                        "--out", tmp_path / "m.yaml"), 60, cwd=tmp_path)
     assert image.returncode != 0 and "cluster.kubeflow.image" in image.stdout
+
+
+# ---------------------------------------------------------------- MPIJob that starts, TFJob that survives its start order
+
+def containers(job: dict, kind: str) -> list[dict]:
+    specs = job["spec"].get("mpiReplicaSpecs") or job["spec"]["tfReplicaSpecs"]
+    return specs[kind]["template"]["spec"]["containers"]
+
+
+def test_mpijob_starts_workers_first_and_passes_the_environment(tmp_path, validators):
+    from launcher.kubeflow import SSH_PORT
+
+    job = by_kind(render(tmp_path, "horovod", "--workers", "2", "--threads", "3"))["MPIJob"]
+    assert errors(validators["MPIJob"], job) == []
+    spec = job["spec"]
+    assert spec["launcherCreationPolicy"] == "WaitForWorkersReady"  # no mpirun before every sshd is up
+    [worker] = containers(job, "Worker")
+    assert worker["readinessProbe"]["tcpSocket"] == {"port": SSH_PORT}
+    assert {"name": "ssh", "containerPort": SSH_PORT} in worker["ports"]
+    [launcher] = containers(job, "Launcher")
+    args = launcher["args"]
+    exported = {args[i + 1] for i, arg in enumerate(args) if arg == "-x"}
+    assert {"PATH", "LD_LIBRARY_PATH", "OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"} <= exported
+    assert args.index("-x") < args.index("unet-train")  # mpirun's options, not the program's
+    env = {item["name"]: item["value"] for item in launcher["env"]}
+    assert env["OMP_NUM_THREADS"] == env["TF_NUM_INTRAOP_THREADS"] == "3"
+    # /dev/shm: a memory emptyDir on the workers, where the ranks run (NCCL's shared memory)
+    pod = spec["mpiReplicaSpecs"]["Worker"]["template"]["spec"]
+    shm = next(v for v in pod["volumes"] if v.get("emptyDir") is not None)
+    assert shm["emptyDir"] == {"medium": "Memory"}
+    assert {"name": shm["name"], "mountPath": "/dev/shm"} in worker["volumeMounts"]
+
+
+def test_mpijob_runs_as_the_images_non_root_user_or_as_root(tmp_path, validators):
+    from launcher.kubeflow import USER_HOME, USER_ID, render as render_documents
+    from trainer.config.settings import Settings, TrainSettings
+
+    job = by_kind(render(tmp_path, "horovod"))["MPIJob"]  # the default: mpi-operator's non-root example
+    assert job["spec"]["sshAuthMountPath"] == "/home/mpiuser/.ssh" == f"{USER_HOME}/.ssh" and USER_ID == 1000
+    for kind in ("Launcher", "Worker"):
+        pod = job["spec"]["mpiReplicaSpecs"][kind]["template"]["spec"]
+        assert pod["securityContext"]["fsGroup"] == 1000, kind  # the workspace volume is writable by it
+        [container] = pod["containers"]
+        assert container["securityContext"]["runAsUser"] == 1000, kind
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    [worker] = containers(job, "Worker")
+    assert worker["command"] == ["/usr/sbin/sshd"] and worker["args"] == ["-De", "-f", "/home/mpiuser/.sshd_config"]
+    assert "--allow-run-as-root" not in containers(job, "Launcher")[0]["args"]
+    root = by_kind(render_documents(Settings(train=TrainSettings(run_name="r")), "horovod", user=None))["MPIJob"]
+    assert errors(validators["MPIJob"], root) == []
+    assert "sshAuthMountPath" not in root["spec"]  # the operator's default, /root/.ssh
+    assert "securityContext" not in containers(root, "Worker")[0] and containers(root, "Worker")[0]["args"] == ["-De"]
+    assert "--allow-run-as-root" in containers(root, "Launcher")[0]["args"]
+
+
+def test_tfjob_restarts_workers_and_mounts_a_per_run_token_secret(tmp_path, validators):
+    from launcher.kubeflow import TOKEN_DIR, TOKEN_FILE
+
+    out = tmp_path / "ps.yaml"
+    docs = by_kind(render(tmp_path, "ps", "--set", "cluster.max_restarts=5"))
+    job = docs["TFJob"]
+    assert errors(validators["TFJob"], job) == []
+    specs = job["spec"]["tfReplicaSpecs"]
+    assert specs["Worker"]["restartPolicy"] == "OnFailure" and job["spec"]["runPolicy"]["backoffLimit"] == 5
+    assert specs["PS"]["restartPolicy"] == specs["Chief"]["restartPolicy"] == "Never"
+    secret = docs["Secret"]
+    token = secret["stringData"]["token"]
+    assert secret["type"] == "Opaque" and len(token) == 64 and int(token, 16) >= 0
+    for kind, spec in specs.items():
+        pod = spec["template"]["spec"]
+        volume = next(v for v in pod["volumes"] if "secret" in v)
+        assert volume["secret"] == {"secretName": secret["metadata"]["name"], "defaultMode": 0o400}, kind
+        [container] = pod["containers"]
+        assert {"name": volume["name"], "mountPath": TOKEN_DIR, "readOnly": True} in container["volumeMounts"], kind
+    settings = yaml.safe_load(docs["ConfigMap"]["data"]["settings.yaml"])
+    assert settings["cluster"]["token_file"] == TOKEN_FILE
+    assert (out.stat().st_mode & 0o777) == 0o600  # the file holds the token
+    assert "--enable-scheme=tfjob" in out.read_text().splitlines()[1]  # next to mpi-operator: the CRD conflict
+    again = by_kind(render(tmp_path, "ps"))["Secret"]["stringData"]["token"]
+    assert again != token  # a fresh token per rendering (per run)
+
+
+# ---------------------------------------------------------------- the image's ssh settings (docker/ssh/)
+
+def ssh_options(path: Path) -> dict[str, str]:
+    """'Keyword value' lines of an ssh(d) config file, keywords lower-cased (ssh reads them so)."""
+    options = {}
+    for line in path.read_text().splitlines():
+        words = line.split(None, 1)
+        if words and not words[0].startswith("#") and len(words) == 2:
+            options.setdefault(words[0].lower(), words[1].strip())
+    return options
+
+
+def test_the_image_installs_the_ssh_settings_mpi_operator_relies_on():
+    """mpi-operator's build/base/Dockerfile: StrictHostKeyChecking no and UserKnownHostsFile /dev/null
+    for the client, StrictModes no for sshd. Ours are drop-ins from docker/ssh/, the same port as
+    the manifests' readiness probe, copied by the Dockerfile where Debian's configs include them."""
+    from launcher.kubeflow import SSH_DIR, SSH_PORT, USER_HOME
+
+    client = ssh_options(SSH_DIR / "ssh_config.conf")
+    assert client["host"] == "*" and client["stricthostkeychecking"] == "no"
+    assert client["userknownhostsfile"] == "/dev/null" and client["port"] == str(SSH_PORT)
+    server = ssh_options(SSH_DIR / "sshd_config.conf")
+    assert server["strictmodes"] == "no" and server["port"] == str(SSH_PORT)
+    assert server["passwordauthentication"] == "no"
+    user = ssh_options(SSH_DIR / "mpiuser_sshd_config")  # sshd -f, as the non-root user
+    assert user["include"] == "/etc/ssh/sshd_config.d/*.conf"
+    assert user["hostkey"] == f"{USER_HOME}/.ssh/id_rsa" and user["pidfile"].startswith(USER_HOME)
+    dockerfile = (SSH_DIR.parent.parent / "Dockerfile").read_text()
+    assert "COPY docker/ssh/ssh_config.conf /etc/ssh/ssh_config.d/" in dockerfile
+    assert "COPY docker/ssh/sshd_config.conf /etc/ssh/sshd_config.d/" in dockerfile
+    assert f"docker/ssh/mpiuser_sshd_config {USER_HOME}/.sshd_config" in dockerfile

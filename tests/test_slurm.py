@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,9 +23,20 @@ needs_slurm = pytest.mark.skipif(not available(), reason="slurm-wlm/munge not in
 TIMEOUT = 300
 
 
+# Slurm holds a requeued job until the job credentials of its last run have expired (AuthInfo
+# cred_expire, 120 s by default) before it may start again. The tests' cluster uses 20 s.
+CRED_EXPIRE_S = 20
+
+
 @pytest.fixture(scope="module")
 def slurm():
-    cluster = start_slurm_cluster()
+    import support.slurm_cluster as cluster_module
+
+    config = cluster_module._config
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cluster_module, "_config", lambda *args: re.sub(
+            r"^(AuthInfo=\S+)$", rf"\1,cred_expire={CRED_EXPIRE_S}", config(*args), flags=re.M))
+        cluster = start_slurm_cluster()
     try:
         yield cluster
     finally:
@@ -90,9 +102,12 @@ def test_dry_run_shows_the_whole_batch_script_and_writes_nothing(tmp_path):
                  "#SBATCH --mem=64G", f"#SBATCH --output={tmp_path / 'runs' / 'dry' / 'slurm'}/job-%j.out",
                  f"#SBATCH --chdir={tmp_path}"):
         assert f"\n{line}\n" in out, line
-    srun = next(line for line in out.splitlines() if line.startswith("exec srun"))
+    srun = next(line for line in out.splitlines() if line.startswith("srun "))
     assert "--mpi=pmix" in srun and "--kill-on-bad-exit=1" in srun and "--cpus-per-task=8" in srun
-    assert "slurm-task --mode horovod --settings" in srun
+    assert "-m launcher.slurm.role --mode horovod --settings" in srun and srun.endswith(" &")
+    for line in ("#SBATCH --open-mode=append", "#SBATCH --signal=B:USR1@120", "#SBATCH --requeue"):
+        assert f"\n{line}\n" in out, line
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in out
     assert "sbatch --parsable" in out and "scancel --name=unet-train-dry" in out
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
     ps = run_bounded(unet_train_cmd("distributed", "--scheduler", "slurm", "--mode", "ps", "--ntasks-per-node", "4",
@@ -193,8 +208,9 @@ def test_ps_roles_come_from_tensorflows_slurm_resolver(monkeypatch):
     assert "cluster.chief_host=n1:7000" in argv and "logging.log_file=training-worker1.log" in argv
     assert roles[0].argv[3] == "chief" and "--index" not in roles[0].argv
     assert "cpu.intra_op_threads=3" in argv and "cpu.omp_num_threads=3" in argv  # from the allocation
-    shell = roles[3].exec_argv()
-    assert shell[:2] == ["sh", "-c"] and shell[4:6] == ["3", "worker1"] and tuple(shell[6:]) == argv
+    runner = roles[3].exec_argv()  # Python itself, no shell in between: Slurm's signals reach it
+    assert runner[:6] == ["/venv/bin/python", "-m", "launcher.slurm.role", "--run", "3", "worker1"]
+    assert runner[6] == "--" and tuple(runner[7:]) == argv[3:]
 
 
 def test_horovod_task_is_one_rank_with_the_allocations_threads():
@@ -205,6 +221,9 @@ def test_horovod_task_is_one_rank_with_the_allocations_threads():
     command = task_command(Settings(cpu=CpuSettings(knl_mcdram=True)), "horovod", "/s.yaml", env, python="/py")
     assert command.role == "rank 1" and command.host == "n7"
     assert command.argv[:3] == ("numactl", "-p", "1") or not _numactl()
+    # numactl execs Python, which runs the role: still no shell between Slurm and the trainer
+    assert command.exec_argv()[len(command.prefix):len(command.prefix) + 4] == ["/py", "-m", "launcher.slurm.role",
+                                                                               "--run"]
     assert "train" in command.argv and "horovod" in command.argv and "cpu.intra_op_threads=2" in command.argv
     pinned = task_command(Settings(cpu=CpuSettings(intra_op_threads=5)), "horovod", "/s.yaml", env, python="/py")
     assert "cpu.intra_op_threads=5" in pinned.argv  # cpu.intra_op_threads wins, as on SSH hosts
@@ -368,3 +387,94 @@ def test_ctrl_c_cancels_the_job(slurm, prepared_brats, tmp_path):
     assert "interrupted: cancelling the job" in out and "scancel" in out
     assert wait_gone(settings_file) == [], out[-3000:]
     assert slurm.client("squeue", "-h").stdout.strip() == ""
+
+
+# ---------------------------------------------------------------- time limits and preemption
+
+PREEMPT_STEPS = 40  # steps per epoch: the signal lands mid-epoch 1, after the periodic checkpoint at step 10
+
+
+def preempted_run(slurm, prepared_brats, tmp_path, mode: str, tasks: str, run: str) -> dict:
+    """Start a 2-epoch run, send the batch shell SIGUSR1 (what --signal=B:USR1@s does before the
+    time limit) once step 10 is checkpointed, and follow it through its requeue to the end.
+    Returns the launcher's exit code and output, the job's record and the timings."""
+    flags = tiny(prepared_brats, tmp_path, epochs=2) + [
+        "--set", f"train.steps_per_epoch={PREEMPT_STEPS}", "--set", "train.checkpoint_every_steps=10",
+        "--set", "train.validate_full_volumes=false", "--time", "20:00", "--set", "cluster.slurm.signal_s=60"]
+    log_path = tmp_path / f"{run}.out"
+    proc = subprocess.Popen([str(a) for a in unet_train_cmd(
+        "distributed", "--scheduler", "slurm", "--mode", mode, "--ntasks-per-node", tasks, "--run-name", run,
+        *flags)], cwd=tmp_path, env=child_env(**slurm.env), stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+    run_dir = tmp_path / "runs" / run
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (run_dir / "checkpoints" / "steps" / "step-10.index").exists():
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "training never reached step 10"
+            time.sleep(0.2)
+        job_id = json.loads((run_dir / "slurm" / "job.json").read_text())["job_id"]
+        signalled = time.time()
+        sent = slurm.client("scancel", "--signal=USR1", "--batch", job_id, timeout=60)
+        assert sent.returncode == 0, sent.stderr
+        requeued_at = nudged_at = None
+        while proc.poll() is None:
+            record = slurm.client("scontrol", "show", "job", "-o", job_id).stdout
+            if requeued_at is None and "Restarts=1" in record:
+                requeued_at = time.time()
+            if (nudged_at is None and requeued_at is not None and "JobState=PENDING" in record
+                    and time.time() > requeued_at + CRED_EXPIRE_S + 2):
+                # Eligible again (its begin time has passed): start it now rather than at the
+                # scheduler's next periodic pass (up to a minute later).
+                slurm.client("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+                nudged_at = time.time()
+            assert time.monotonic() < deadline + TIMEOUT, "the requeued job never finished"
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+    return {"rc": proc.returncode, "out": log_path.read_text(), "run_dir": run_dir, "job_id": job_id,
+            "signalled": signalled, "requeued_at": requeued_at}
+
+
+def check_preempted_run(result: dict, rank0: str, roles: list[str]) -> dict:
+    out, run_dir = result["out"], result["run_dir"]
+    assert result["rc"] == 0, out[-6000:]
+    [entry] = json.loads((run_dir / "preemptions.json").read_text())  # one checkpoint on a signal
+    assert entry["signal"] == "SIGUSR1" and entry["epoch"] == 1 and entry["slurm_restart_count"] == 0
+    assert 10 <= entry["step_in_epoch"] < PREEMPT_STEPS, entry  # mid-epoch, after the periodic step-10 save
+    assert entry["checkpoint"].endswith(f"step-{entry['global_step']}")
+    for role in roles:  # every task left with 75, the batch script requeued the job
+        assert f"({role}) exited 75" in out, role
+    assert f"every task checkpointed after SIGUSR1 (exit 75): scontrol requeue {result['job_id']}" in out
+    assert "restart 1" in out and "[slurm] job " in out and ": COMPLETED" in out
+    resumed = re.search(rf"\[{NODE} {rank0}\] .*resuming from \S+/step-(\d+): epoch 0, step (\d+)", out)
+    assert resumed and int(resumed.group(1)) == entry["global_step"], out[-6000:]
+    assert f"resuming epoch 1 at step {entry['step_in_epoch']}/{PREEMPT_STEPS}" in out
+    steps_lost = entry["global_step"] - int(resumed.group(2))  # applied before the exit, minus resumed from
+    assert steps_lost <= 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == 2 * PREEMPT_STEPS  # every step once: none skipped, none repeated
+    assert entry["signal_to_checkpoint_s"] < 60, entry
+    return {"steps_lost": steps_lost, "signal_to_checkpoint_s": entry["signal_to_checkpoint_s"],
+            "step_in_epoch": entry["step_in_epoch"]}
+
+
+@needs_slurm
+def test_horovod_usr1_checkpoints_requeues_and_resumes_mid_epoch(slurm, prepared_brats, tmp_path):
+    result = preempted_run(slurm, prepared_brats, tmp_path, "horovod", "2", "hvdpre")
+    check_preempted_run(result, "rank 0", ["rank 0", "rank 1"])
+    script = (result["run_dir"] / "job.sbatch").read_text()
+    assert "\n#SBATCH --signal=B:USR1@60\n" in script and "\n#SBATCH --requeue\n" in script
+    assert wait_gone(result["run_dir"] / "slurm" / "settings.yaml") == []
+    assert slurm.client("squeue", "-h").stdout.strip() == ""
+
+
+@needs_slurm
+def test_ps_usr1_chief_checkpoints_requeues_and_resumes_mid_epoch(slurm, prepared_brats, tmp_path):
+    """PS mode: the chief alone decides (only it runs the loop); ps and workers outlive the signal
+    until its checkpoint (read from the parameter server) is written, then leave with its 75."""
+    result = preempted_run(slurm, prepared_brats, tmp_path, "ps", "4", "pspre")
+    check_preempted_run(result, "chief", ["chief", "ps0", "worker0", "worker1"])
+    assert "ps 0: chief says stop (exit 75)" in result["out"]
+    assert wait_gone(result["run_dir"] / "slurm" / "settings.yaml") == []

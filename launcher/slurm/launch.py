@@ -6,6 +6,12 @@ runs/<run>/training.log -> ``scancel`` on Ctrl-C, SIGTERM, SIGHUP or a launcher 
 Slurm does what the SSH launcher's playbooks do: it places and starts the tasks, tracks every
 process they start and kills them all on cancel. Code, data and runs must live on a filesystem
 every node sees; nothing is synced.
+
+Time limits and preemption (job.py, trainer/training/preemption.py): cluster.slurm.signal_s
+before the time limit the tasks get SIGUSR1, checkpoint at the next step and exit 75; the batch
+script then requeues the job, which resumes from that step. The launcher keeps following the same
+job id through PENDING and RUNNING again (the output file is appended to, --open-mode=append),
+and the run counts as done when the job finally completes.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from launcher.slurm.follow import JobOutput, TaskLabels
 from launcher.slurm.job import PS_MODE, JobFiles, JobSpec, job_name, render_script
 from trainer.config.settings import Settings, settings_to_yaml
 from trainer.fsutil import write_json, write_text
+from trainer.training.preemption import PREEMPTED_EXIT
 
 CANCEL_WAIT_S = 180.0  # scancel: SIGTERM, then SIGKILL after the cluster's KillWait (default 30 s)
 
@@ -177,7 +184,11 @@ class SlurmLauncher:
             state = info.describe() if info else f"job {job_id}"
             if info is not None:
                 state += f", exit {info.exit_code}" + (f" (signal {info.signal})" if info.signal else "")
-            raise LaunchError(f"training failed: {state}{': ' + roles if roles else ''} "
+            hint = ""
+            if PREEMPTED_EXIT in failed.values():
+                hint = (f"; exit {PREEMPTED_EXIT} = checkpointed after a signal and not requeued: run the same "
+                        f"command again to resume from the checkpoint")
+            raise LaunchError(f"training failed: {state}{': ' + roles if roles else ''}{hint} "
                               f"(logs: {self.files.run_dir / 'training.log'}, {self.files.output(job_id)})")
 
     def _cancel(self, job_id: str, name: str, say_if_ended: bool = False) -> None:

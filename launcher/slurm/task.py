@@ -1,7 +1,7 @@
 """``unet-train slurm-task``: what srun starts for every task of a Slurm run, on that task's node.
 
 It turns the task's place in the job step (SLURM_PROCID, the step's node list and tasks per
-node) into the command of an ordinary role, prints one line saying which, and execs it:
+node) into the command of an ordinary role, prints one line saying which, and runs it:
 
 - horovod: every task is one rank, ``unet-train train --dist horovod``; the MPI ranks come from
   srun's PMIx (SLURM_PROCID == the MPI rank), so no horovodrun and no SSH between nodes;
@@ -10,8 +10,12 @@ node) into the command of an ordinary role, prints one line saying which, and ex
 
 Threads come from the allocation (SLURM_CPUS_PER_TASK, in physical cores), through the same
 ``cpu_choice`` the SSH launcher applies to a host's facts (numactl, cpu.intra_op_threads wins).
-The role runs under a tiny ``sh`` that prints its exit status, so the launcher can name the
-role that failed, as the SSH launcher does.
+
+The role runs in the task's own process (launcher/slurm/role.py; ``exec`` of Python, or of
+numactl, which execs Python), never under a shell that stays in between: Slurm's signals
+(SIGUSR1 before the time limit, SIGTERM at it) reach the Python that checkpoints on them
+(trainer/training/preemption.py). That process prints the role's exit status as its last line,
+so the launcher can name the role that failed, as the SSH launcher does.
 """
 from __future__ import annotations
 
@@ -32,10 +36,11 @@ from trainer.hardware.cpu import physical_cores
 PREFIX = "unet-train slurm-task:"
 ANNOUNCED = re.compile(re.escape(PREFIX) + r" task (\d+) on (\S+) is (.+?) \(")
 EXITED = re.compile(re.escape(PREFIX) + r" task (\d+) \((.+)\) exited (-?\d+)$")
-# Runs the role, then says how it ended. Task, role and command arrive as positional
-# arguments: nothing is re-parsed by the shell.
-_REPORT_EXIT = ('task=$1 role=$2; shift 2; "$@"; rc=$?; '
-                f'echo "{PREFIX} task $task ($role) exited $rc"; exit $rc')
+RUNNER = "launcher.slurm.role"  # python -m RUNNER: runs a role in its own process, reports its exit
+
+
+def exit_line(task: int | str, role: str, code: int) -> str:
+    return f"{PREFIX} task {task} ({role}) exited {code}"
 
 
 @dataclass(frozen=True)
@@ -45,15 +50,24 @@ class TaskCommand:
     role: str
     threads: int | None
     reason: str
-    argv: tuple[str, ...]   # the role's own command
+    argv: tuple[str, ...]   # the role's own command: [numactl ...] python -m trainer.cli ROLE ...
     log_name: str
+    prefix: tuple[str, ...] = ()   # numactl and its options, when a NUMA binding is asked for
 
     def announcement(self) -> str:
         return (f"{PREFIX} task {self.task} on {self.host} is {self.role} (threads {self.threads or 'auto'}: "
                 f"{self.reason})")
 
+    @property
+    def cli_args(self) -> tuple[str, ...]:
+        """The role's ``unet-train`` arguments (argv without numactl, python, -m, trainer.cli)."""
+        return self.argv[len(self.prefix) + 3:]
+
     def exec_argv(self) -> list[str]:
-        return ["sh", "-c", _REPORT_EXIT, "sh", str(self.task), self.role, *self.argv]
+        """What replaces the task's process: [numactl ...] python -m launcher.slurm.role --run TASK
+        ROLE -- ARGS. No shell: task, role and arguments are argv items, nothing is re-parsed."""
+        python = self.argv[len(self.prefix)]
+        return [*self.prefix, python, "-m", RUNNER, "--run", str(self.task), self.role, "--", *self.cli_args]
 
 
 def allocation_cores(env: Mapping[str, str]) -> int:
@@ -123,6 +137,6 @@ def task_command(settings: Settings, mode: str, settings_file: str, env: Mapping
     else:
         raise UserError(f"--mode: expected 'ps' or 'horovod', got {mode!r}")
     argv += ["--set", f"logging.log_file=training-{log_name}.log"]
-    return TaskCommand(task, host, role, choice.threads, reason, tuple(argv), log_name)
+    return TaskCommand(task, host, role, choice.threads, reason, tuple(argv), log_name, tuple(choice.numactl))
 
 

@@ -27,6 +27,7 @@ from trainer.data.streams import Streams, build_streams
 from trainer.errors import TrainingError
 from trainer.fsutil import write_json, write_text
 from trainer.runtime.contract import Runtime, Stepper
+from trainer.training import preemption
 from trainer.training.callbacks import (EpochCheckpoint, EpochLine, JsonHistory, LearningRateController,
                                         StepCheckpoint, TensorBoard, Throughput)
 from trainer.training.session import Session, open_session
@@ -55,8 +56,9 @@ def train(settings: Settings, runtime: Runtime, progress: bool = True) -> TrainR
             return _result(settings, session, 0)
         stepper = runtime.make_stepper(session.model, session.optimizer, settings)
         variables = session.model.variables + list(session.optimizer.variables) + session.state.all_variables()
-        epochs_run = runtime.run(lambda: _run_epochs(settings, runtime, session, stepper, progress),
-                                 variables, lambda: session.step)
+        with preemption.watching():  # SIGUSR1 (SIGTERM under Slurm): checkpoint at a step boundary, exit 75
+            epochs_run = runtime.run(lambda: _run_epochs(settings, runtime, session, stepper, progress),
+                                     variables, lambda: session.step)
         return _finish(settings, runtime, session, epochs_run)
 
 
@@ -125,6 +127,8 @@ def _run_epochs(settings: Settings, runtime: Runtime, session: Session, stepper:
                              session.store.save_step(session.step))
                 callbacks.on_train_end()
                 return epochs_run
+            if preemption.agreed(runtime):  # every worker stops at this same step (raises Preempted)
+                preemption.stop_here(settings, runtime, session, epoch, step + 1, streams.steps_per_epoch)
         del batches
         logs.update(stepper.train_logs())
         logs["input_wait_share"] = waited / max(waited + computed, 1e-9)

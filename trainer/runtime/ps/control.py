@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 Task = tuple[str, int]
 MAX_LINE = 4096
 HANDSHAKE_S = 10.0  # a whole handshake, either side
+WAIT_LOG_S = 10.0   # a role waiting for the chief says so this often
 NONCE = re.compile(r"[0-9a-f]{32}")
 JOBS = ("ps", "worker")
 
@@ -154,10 +155,14 @@ class ControlServer:
         """The chief's channel: network checked, token loaded (or created), bound to the chief's address."""
         from trainer.network import check_host_interfaces, check_private_network
         from trainer.runtime.ps.cluster import ClusterLayout
+        from trainer.runtime.ps.peers import roles_by_host, wait_until_resolvable
         from trainer.runtime.ps.token import load_or_create_token
 
         layout = ClusterLayout.from_settings(cluster)
-        check_private_network(layout.ps + layout.workers + (layout.chief,), cluster.allow_public_network)
+        hosts = layout.ps + layout.workers + (layout.chief,)
+        # its own name too: a TFJob's headless service resolves only once the pod is ready
+        wait_until_resolvable(hosts, cluster.startup_timeout_s, "chief", roles_by_host(layout.spec()))
+        check_private_network(hosts, cluster.allow_public_network)
         check_host_interfaces("chief", cluster.allow_public_network)
         token = load_or_create_token(Path(cluster.token_file))
         host, port = layout.control_address
@@ -284,14 +289,21 @@ class ControlServer:
                 self.on_lost(task)
 
     def wait_for(self, tasks: list[Task], timeout_s: float, describe: Callable[[Task], str]) -> None:
-        deadline = time.monotonic() + timeout_s
+        started = time.monotonic()
+        deadline, next_log = started + timeout_s, started + WAIT_LOG_S
         while True:
             with self._lock:
                 missing = [task for task in tasks if task not in self._registered]
                 refused, last = self.refused, list(self._refusals)[-1:]
             if not missing:
                 return
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now >= next_log:
+                log.warning("chief: waiting for %s to register (%.0f s of %g s, cluster.startup_timeout_s)",
+                            ", ".join(f"{job} {index} ({describe((job, index))})" for job, index in missing),
+                            now - started, timeout_s)
+                next_log = now + WAIT_LOG_S
+            if now > deadline:
                 names = ", ".join(f"{job} {index} ({describe((job, index))})" for job, index in missing)
                 note = f"; {refused} connection(s) refused (last: {last[0]})" if refused else ""
                 raise TrainingError(f"cluster start-up: no answer within {timeout_s:g} s from {names}; "
@@ -335,7 +347,8 @@ class ControlClient:
     @classmethod
     def connect(cls, address: tuple[str, int], job: str, index: int, timeout_s: float,
                 token: bytes) -> "ControlClient":
-        deadline = time.monotonic() + timeout_s
+        started = time.monotonic()
+        deadline, next_log = started + timeout_s, started + WAIT_LOG_S
         while True:
             conn = None
             try:
@@ -344,10 +357,16 @@ class ControlClient:
             except (OSError, _HandshakeFailed) as exc:
                 if conn is not None:
                     conn.close()
-                if time.monotonic() > deadline:
-                    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                now = time.monotonic()
+                if now > deadline:
                     raise TrainingError(f"{job} {index}: chief control channel {address[0]}:{address[1]}: no "
                                         f"registration within {timeout_s:g} s ({reason})") from None
+                if now >= next_log:  # the chief may still be starting (or its name not resolve yet)
+                    log.warning("%s %d: still waiting for the chief at %s:%d (%s; %.0f s of %g s, "
+                                "cluster.startup_timeout_s)", job, index, address[0], address[1], reason,
+                                now - started, timeout_s)
+                    next_log = now + WAIT_LOG_S
                 time.sleep(0.2)
 
     @classmethod

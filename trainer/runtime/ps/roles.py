@@ -11,7 +11,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 from trainer.config.settings import Settings
 from trainer.errors import InfrastructureError, UserError
@@ -19,11 +19,15 @@ from trainer.network import check_host_interfaces, check_private_network
 from trainer.hardware.cpu import apply_cpu_environment, configure_threads
 from trainer.runtime.ps.cluster import ClusterLayout, export_tf_config
 from trainer.runtime.ps.control import ControlClient
+from trainer.runtime.ps.peers import roles_by_host, wait_until_resolvable
 from trainer.runtime.ps.token import load_or_create_token
+from trainer.training import preemption
 
 log = logging.getLogger(__name__)
 # Set by launcher/ssh/remote/supervise.sh: the file that says "this role ended on purpose, do not restart it".
 FINISHED_FILE_ENV = "UNET_ROLE_FINISHED_FILE"
+# Called with the exit code just before exit_now ends the process (os._exit skips atexit).
+BEFORE_EXIT: list[Callable[[int], None]] = []
 
 
 def declare_finished() -> None:
@@ -37,10 +41,14 @@ def declare_finished() -> None:
 
 def serve(settings: Settings, job: str, index: int) -> int:
     """Start this task's server, register with the chief, return the exit code it asks for."""
+    preemption.defer_to_chief(f"{job} {index}")  # the chief checkpoints from this task's variables first
     layout = ClusterLayout.from_settings(settings.cluster)
     address = layout.address(job, index)
     # Before the server opens its port: it listens on every interface and authenticates no one.
-    check_private_network(layout.ps + layout.workers + (layout.chief,), settings.cluster.allow_public_network)
+    # A peer's name may not resolve yet (a TFJob replica still starting): wait for it, then check.
+    hosts = layout.ps + layout.workers + (layout.chief,)
+    wait_until_resolvable(hosts, settings.cluster.startup_timeout_s, f"{job} {index}", roles_by_host(layout.spec()))
+    check_private_network(hosts, settings.cluster.allow_public_network)
     check_host_interfaces(f"{job} {index}", settings.cluster.allow_public_network)
     token = load_or_create_token(Path(settings.cluster.token_file))
     export_tf_config(layout, job, index)
@@ -115,12 +123,20 @@ def run_chief(settings: Settings, progress: bool) -> NoReturn:
         traceback.print_exc()
     finally:
         if runtime is not None:
+            if code == preemption.PREEMPTED_EXIT:  # checkpointed after a signal: every role leaves with 75 too
+                runtime.control.stop_all(code)
             runtime.shutdown(code == 0)
         exit_now(code)
 
 
 def exit_now(code: int) -> NoReturn:
-    """Leave without waiting for TensorFlow's gRPC threads, which never join on their own."""
+    """Leave without waiting for TensorFlow's gRPC threads, which never join on their own.
+    ``BEFORE_EXIT`` callbacks run first (the Slurm task runner reports the exit code there)."""
+    for callback in BEFORE_EXIT:
+        try:
+            callback(code)
+        except Exception:  # noqa: BLE001 - leaving anyway
+            pass
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()

@@ -1,6 +1,8 @@
 """The control channel's shared secret: a random token in a file only its owner may read.
 
-``unet-train distributed`` writes a fresh token per run and syncs it (mode 0600) to every host.
+``unet-train distributed`` writes a fresh token per run and syncs it (mode 0600) to every host;
+``unet-train manifests --target kubeflow`` puts a fresh one per run in a Kubernetes Secret,
+mounted read-only (defaultMode 0400) where ``cluster.token_file`` points.
 Roles started by hand share ``cluster.token_file``: whichever role starts first creates it,
 atomically (a complete file appears under the name, or nothing), and the others read it; on
 several hosts, copy it (``scp -p``) or keep it on a shared home.
@@ -61,15 +63,26 @@ def read_token(path: Path) -> bytes:
     except OSError as exc:
         raise UserError(f"{label}: cannot read it ({exc.strerror})") from None
     with handle:
-        if info.st_mode & 0o077:
+        if kubernetes_secret(info):
+            pass  # root's file, read-only, readable by this pod's group only: a mounted Secret
+        elif info.st_mode & 0o077:
             raise UserError(f"{label}: readable by others (mode {stat.S_IMODE(info.st_mode):04o}); it is the "
                             f"cluster's secret: chmod 600 {path}")
-        if info.st_uid != os.getuid():
+        elif info.st_uid != os.getuid():
             raise UserError(f"{label}: owned by uid {info.st_uid}, not this user ({os.getuid()})")
         text = handle.read(TOKEN_HEX_CHARS + 2).decode("ascii", errors="replace").strip()
     if not re.fullmatch(f"[0-9a-f]{{{TOKEN_HEX_CHARS}}}", text):
         raise UserError(f"{label}: expected {TOKEN_HEX_CHARS} hex digits (delete it and a role will write a new one)")
     return text.encode("ascii")
+
+
+def kubernetes_secret(info: os.stat_result) -> bool:
+    """A token a Kubernetes Secret volume mounts for a non-root pod (``unet-train manifests``:
+    defaultMode 0400 and the pod's fsGroup): owned by root, which the kubelet makes readable to the
+    fsGroup (0440), writable by no one and unreadable by others. Root's own file in this process's
+    group is as trusted as this user's own 0600 file: root could read or replace either."""
+    groups = {os.getgid(), *os.getgroups()}
+    return info.st_uid == 0 and os.getuid() != 0 and not info.st_mode & 0o237 and info.st_gid in groups
 
 
 def load_or_create_token(path: Path) -> bytes:
