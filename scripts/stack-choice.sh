@@ -6,6 +6,7 @@
 #   stack_requirements FILE  prints FILE with its tensorflow-cpu line replaced by TF_REQUIREMENT
 # Same TensorFlow version either way: Horovod 0.28.1 breaks on TF >= 2.16 / Keras 3 (horovod#4290).
 TF_VERSION=2.15.1
+HOROVOD_VERSION=0.28.1   # built from source against the MPI found on PATH (its sdist: requirements/horovod.lock)
 
 stack_choice() {
   HOROVOD_BUILD_ENV="HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=GLOO"
