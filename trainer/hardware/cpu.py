@@ -3,6 +3,14 @@
 TensorFlow reads TF_ENABLE_ONEDNN_OPTS and OpenMP/KMP variables once, at import time, so
 ``apply_cpu_environment`` must run first (the CLI calls it before importing anything that
 imports TensorFlow); thread-pool sizes are set right after import by ``configure_threads``.
+
+KMP_AFFINITY and KMP_BLOCKTIME are read only by an Intel (libiomp5) or LLVM (libomp) OpenMP
+runtime. Stock ``tensorflow-cpu`` links none: its oneDNN runs on TensorFlow's own Eigen thread
+pool (readelf -d libtensorflow_framework.so.2 / libtensorflow_cc.so.2: no OpenMP library), and
+measured here the variables changed nothing (a 2D UNet step, 3 alternated repeats per setting).
+So they are set, and logged, only where the installed TensorFlow links such a runtime (Intel's
+MKL builds link libiomp5); :func:`openmp_runtime` tells, from the shared libraries' dynamic
+sections, without importing TensorFlow. OMP_NUM_THREADS stays: numpy's OpenBLAS reads it.
 """
 from __future__ import annotations
 
@@ -75,8 +83,15 @@ def default_intra_threads(local_ranks: int, cores: int | None = None) -> int:
 MIN_INTER_OP_CLUSTER = 2
 
 
+# OpenMP runtimes that read KMP_* (GNU's libgomp does not: it has GOMP_* and OMP_* only)
+KMP_RUNTIMES = ("libiomp5", "libomp")
+_UNSET = object()
+
+
 def plan_threads(cpu: CpuSettings, local_ranks: int = 1, cores: int | None = None,
-                 cluster_task: bool = False) -> ThreadPlan:
+                 cluster_task: bool = False, openmp=_UNSET) -> ThreadPlan:
+    """``openmp``: the OpenMP runtime TensorFlow links (:func:`openmp_runtime`, looked up when not
+    given); KMP_AFFINITY/KMP_BLOCKTIME are planned only for one that reads them."""
     intra = cpu.intra_op_threads or default_intra_threads(local_ranks, cores)
     inter = cpu.inter_op_threads
     if cluster_task and inter < MIN_INTER_OP_CLUSTER:
@@ -88,12 +103,89 @@ def plan_threads(cpu: CpuSettings, local_ranks: int = 1, cores: int | None = Non
     env = {
         "TF_ENABLE_ONEDNN_OPTS": "1" if cpu.onednn else "0",
         "OMP_NUM_THREADS": str(omp),
-        "KMP_BLOCKTIME": str(cpu.kmp_blocktime),
-        "KMP_AFFINITY": cpu.kmp_affinity,
         "TF_NUM_INTRAOP_THREADS": str(intra),
         "TF_NUM_INTEROP_THREADS": str(inter),
     }
+    runtime = openmp_runtime() if openmp is _UNSET else openmp
+    if runtime is not None and runtime.startswith(KMP_RUNTIMES):
+        env["KMP_BLOCKTIME"] = str(cpu.kmp_blocktime)
+        env["KMP_AFFINITY"] = cpu.kmp_affinity
     return ThreadPlan(intra_op=intra, inter_op=inter, env=env)
+
+
+def openmp_runtime(package_dir: str | None = None) -> str | None:
+    """The OpenMP library the installed TensorFlow's shared libraries link (e.g. 'libiomp5.so'),
+    or None, read from their ELF dynamic sections (DT_NEEDED) without importing TensorFlow."""
+    import glob
+
+    if package_dir is None:
+        package_dir = _tensorflow_dir()
+        if package_dir is None:
+            return None
+    libraries = (glob.glob(os.path.join(package_dir, "libtensorflow_framework.so*"))
+                 + glob.glob(os.path.join(package_dir, "libtensorflow_cc.so*"))
+                 + glob.glob(os.path.join(package_dir, "python", "_pywrap_tensorflow_internal.so")))
+    for library in libraries:
+        for needed in needed_libraries(library):
+            if needed.startswith(("libiomp", "libomp", "libgomp")):
+                return needed
+    return None
+
+
+def _tensorflow_dir() -> str | None:
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("tensorflow")
+    except (ImportError, ValueError):
+        return None
+    return os.path.dirname(spec.origin) if spec and spec.origin else None
+
+
+def needed_libraries(path: str) -> list[str]:
+    """DT_NEEDED entries of a 64-bit little-endian ELF file ([] for anything else). Reads only
+    the program headers, the dynamic section and its string table (libtensorflow_cc is 0.5 GB)."""
+    import struct
+
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(64)
+            if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] != 2 or header[5] != 1:
+                return []
+            phoff, = struct.unpack_from("<Q", header, 0x20)
+            phentsize, phnum = struct.unpack_from("<HH", header, 0x36)
+            handle.seek(phoff)
+            table = handle.read(phentsize * phnum)
+            loads, dynamic = [], None
+            for i in range(phnum):
+                kind, _, offset, vaddr, _, filesz = struct.unpack_from("<IIQQQQ", table, i * phentsize)
+                if kind == 1:  # PT_LOAD: maps addresses to file offsets
+                    loads.append((vaddr, offset, filesz))
+                elif kind == 2:  # PT_DYNAMIC
+                    dynamic = (offset, filesz)
+            if dynamic is None:
+                return []
+            handle.seek(dynamic[0])
+            raw = handle.read(dynamic[1])
+            entries = [struct.unpack_from("<qQ", raw, i) for i in range(0, len(raw) - 15, 16)]
+            values = {tag: value for tag, value in entries if tag in (5, 10)}  # DT_STRTAB, DT_STRSZ
+            if 5 not in values or 10 not in values:
+                return []
+            start = next((offset + values[5] - vaddr for vaddr, offset, size in loads
+                          if vaddr <= values[5] < vaddr + size), None)
+            if start is None:
+                return []
+            handle.seek(start)
+            strings = handle.read(values[10])
+    except (OSError, struct.error):
+        return []
+    names = []
+    for tag, value in entries:
+        if tag == 0:  # DT_NULL
+            break
+        if tag == 1 and value < len(strings):  # DT_NEEDED
+            names.append(strings[value:strings.index(b"\0", value)].decode("ascii", "replace"))
+    return names
 
 
 def apply_cpu_environment(cpu: CpuSettings, local_ranks: int | None = None,
