@@ -79,6 +79,17 @@ def test_inference_stacks_equal_the_training_reads(sources, prepared_brats, brat
     np.testing.assert_allclose(stacked, context.read(rows)[0], atol=1e-5)
 
 
+def test_slices_with_many_channels_shrink_like_four_at_a_time():
+    """Seen: 5 planes x 4 modalities = 20 channels, shrunk 240 -> 128, made OpenCV's area resize
+    fail (it takes at most 4 channels); every channel must come out as it would alone."""
+    volume = np.random.default_rng(0).normal(size=(240, 240, 3, 20)).astype(np.float32)
+    together = resize_slices(volume, 128)
+    assert together.shape == (3, 128, 128, 20)
+    for channel in (0, 5, 19):
+        np.testing.assert_allclose(together[..., channel], resize_slices(volume[..., channel:channel + 1], 128)[..., 0],
+                                   atol=1e-6)
+
+
 def test_no_context_is_todays_model():
     import tensorflow as tf  # noqa: F401
 

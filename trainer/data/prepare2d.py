@@ -68,9 +68,15 @@ def brain_slices(image: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.any(image != 0, axis=(0, 1, 3)))
 
 
+OPENCV_MAX_CHANNELS = 4  # cv2.resize's area interpolation takes at most 4 channels when shrinking
+
+
 def _resize(image: np.ndarray, size: int, interpolation: int) -> np.ndarray:
-    resized = cv2.resize(image, (size, size), interpolation=interpolation)
-    return resized.reshape(size, size, image.shape[-1])
+    """(H, W, C) -> (size, size, C), any C: resized 4 channels at a time (context slices make 20)."""
+    parts = [cv2.resize(np.ascontiguousarray(image[..., first:first + OPENCV_MAX_CHANNELS]), (size, size),
+                        interpolation=interpolation).reshape(size, size, -1)
+             for first in range(0, image.shape[-1], OPENCV_MAX_CHANNELS)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
 
 
 def _convert_case(args: tuple[RawCase, int]) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
