@@ -93,6 +93,12 @@ JOBS: tuple[Job, ...] = (
     _quality("bn4d_bf16_3d", "--model", "3d", "--seeds", "1,2", "--isas", "native", *BF16),
     _quality("bn4d_avx2_3d", "--model", "3d", "--seeds", "1,2", "--isas", "avx2", *FP32),
     _quality("regions3d", "--model", "3d", "--seeds", "1,2", "--isas", "native,avx2", "--regions", "wt,tc,et"),
+    _quality("hard_3d", "--model", "3d", "--difficulty", "hard", "--regions", "wt,tc,et", "--seeds", "1,2",
+             "--isas", "native"),
+    _quality("hard_2d", "--model", "2d", "--difficulty", "hard", "--regions", "wt,tc,et", "--epochs", "10",
+             "--seeds", "1", "--isas", "native"),
+    _quality("hard_2d_k2", "--model", "2d", "--difficulty", "hard", "--regions", "wt,tc,et", "--epochs", "10",
+             "--seeds", "1", "--isas", "native", "--set", "model.context_slices_2d=2"),
     # fault tolerance; the real step against the old benchmark
     Job("resilience", "resilience", ("--rounds", "1"), ("--rounds", "1"), needs_slices=True),
     Job("plan_fit", "plan_accuracy", ("--fit", "--steps", "2"), ("--fit", "--quick")),

@@ -27,9 +27,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# Fitted from benchmarks/results/allreduce_time.json (loopback, 2 and 4 ranks): see docs/planning.md.
-ALPHA_S = 2.0e-4          # seconds per ring message
-BETA_S_PER_BYTE = 1.2e-9  # seconds per byte copied and reduced
+# Fitted by benchmarks/network_constants.py (a Horovod/Gloo allreduce of the UNets' gradients on
+# loopback at 2 and 4 ranks, 2-core Xeon: 4 ranks oversubscribe it, so alpha errs high); docs/planning.md.
+ALPHA_S = 0.00641          # seconds per ring message
+BETA_S_PER_BYTE = 1.05e-09  # seconds per byte copied and reduced
 
 
 @dataclass(frozen=True)
