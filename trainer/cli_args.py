@@ -94,7 +94,8 @@ def _add_plan(sub) -> None:
     plan.add_argument("--model", choices=["2d", "3d"], default=None,
                       help="plan this model (default: 3d when model.regions asks for tc/et, else 2d)")
     plan.add_argument("--nodes", type=_positive_int, default=1, help="project the speed up to N nodes (default 1)")
-    plan.add_argument("--network-gbps", type=float, default=10.0, help="network between nodes, Gb/s (default 10)")
+    plan.add_argument("--network-gbps", type=_positive_float, default=10.0,
+                      help="network between nodes, Gb/s (default 10)")
     plan.add_argument("--max-cases", type=_positive_int, default=20,
                       help="cases read for intensities and labels (headers: every case; default 20)")
     plan.add_argument("--no-calibrate", action="store_true", help="skip the few timed steps (no speed figures)")
@@ -315,6 +316,16 @@ def _positive_int(text: str) -> int:
     value = _non_negative_int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
     return value
 
 
