@@ -103,10 +103,13 @@ def follow_prepared_sources(settings: Settings, explicit: Explicit) -> Settings:
         source = recorded_source(split_file)
         if source is not None and source.is_dir() and source != _get_path(settings, key):
             changes[key] = str(source)
-    if not changes:
-        return settings
+    return with_values(settings, changes) if changes else settings
+
+
+def with_values(settings: Settings, values: dict[str, Any]) -> Settings:
+    """``settings`` with dotted keys set to ``values``, validated again like any settings."""
     merged = settings.model_dump(mode="json", by_alias=True)
-    for key, value in changes.items():
+    for key, value in values.items():
         _set(merged, key, value)
     return _validated(merged)
 

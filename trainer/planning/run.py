@@ -87,15 +87,10 @@ def load_plan(path: Path) -> dict[str, object]:
 
 
 def apply_plan(settings: Settings, values: dict[str, object]) -> Settings:
-    merged = settings.model_dump(mode="json", by_alias=True)
-    for dotted, value in values.items():
-        node = merged
-        *parents, last = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = value
+    from trainer.config.run_settings import with_values
+
     try:
-        return Settings.model_validate_json(json.dumps(merged), strict=True)
+        return with_values(settings, values)
     except Exception as exc:  # noqa: BLE001 - pydantic's error, in one line
         raise ConfigError(f"plan: invalid settings ({' '.join(str(exc).split())[:300]})") from None
 
