@@ -122,22 +122,26 @@ DATASETS = {
 
 
 HARD = DATA / "hard"  # one BraTS-layout hard set, prepared for both models (the dataset seam)
+HARD_CASES = 24
+HARD_SPLIT = ["--set", "data.split.val_fraction=0.17", "--set", "data.split.test_fraction=0.25"]
 HARD_DATA_FLAGS = ["--set", f"data.slices_h5={HARD / 'slices.h5'}", "--set", f"data.decathlon_split={HARD / 'volumes.split.json'}",
                    "--set", f"data.cache_dir={HARD / 'cache'}"]
 
 
 def ensure_hard_data(log: Path | None = None) -> list[str]:
-    """The hard phantom (20 full-size BraTS-layout cases, seed 0), prepared as 2D slices and 3D
-    volumes; returns the --set flags that point a run at it."""
+    """The hard phantom (24 full-size BraTS-layout cases, seed 0: 14 to train, 4 to validate, 6 held
+    out, one split for both models), prepared as 2D slices and 3D volumes; returns the --set flags
+    that point a run at it."""
     raw = HARD / "raw" / "MICCAI_BraTS_2019_Data_Training"
     if not raw.exists():
-        timed(CLI + ["synth", "--format", "brats", "--out", raw, "--cases", "20", "--seed", "0", "--difficulty",
-                     "hard", "--quiet"], log)
+        timed(CLI + ["synth", "--format", "brats", "--out", raw, "--cases", str(HARD_CASES), "--seed", "0",
+                     "--difficulty", "hard", "--quiet"], log)
     if not (HARD / "slices.h5").exists():
-        timed(CLI + ["prepare", "--src", raw, "--model", "2d", "--out", HARD / "slices.h5", "--quiet"], log)
-    if not (HARD / "volumes.split.json").exists():
-        timed(CLI + ["prepare", "--src", raw, "--model", "3d", "--out", HARD / "cache", *HARD_DATA_FLAGS, "--quiet"],
+        timed(CLI + ["prepare", "--src", raw, "--model", "2d", "--out", HARD / "slices.h5", *HARD_SPLIT, "--quiet"],
               log)
+    if not (HARD / "volumes.split.json").exists():
+        timed(CLI + ["prepare", "--src", raw, "--model", "3d", "--out", HARD / "cache", *HARD_DATA_FLAGS,
+                     *HARD_SPLIT, "--quiet"], log)
     return HARD_DATA_FLAGS
 
 

@@ -499,3 +499,22 @@ def test_synth_writes_the_hard_phantom(tmp_path, run_cli):
                      "--difficulty", "hard", "--workers", "1", "--quiet", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(brats_case_folders(tmp_path / "hard")) == 2
+
+
+def test_hard_rims_cover_only_a_cap_so_some_core_slices_show_no_rim():
+    from trainer.data.synth.phantom import ENHANCING, NECROTIC, make_case
+
+    rimmed = 0
+    for seed in range(8):
+        classes = make_case((0, seed), (120, 120, 78), "hard").classes
+        if not (classes == ENHANCING).any():
+            continue
+        rimmed += 1
+        core_slices = np.flatnonzero((classes >= NECROTIC).any(axis=(0, 1)))
+        rimless = [z for z in core_slices if not (classes[:, :, z] == ENHANCING).any()]
+        assert 0.1 <= len(rimless) / len(core_slices) <= 0.7, (seed, len(rimless), len(core_slices))
+        standard = make_case((0, seed), (120, 120, 78)).classes
+        if (standard == ENHANCING).any():  # the standard phantom's rim encloses its core in every slice
+            slices = np.flatnonzero((standard >= NECROTIC).any(axis=(0, 1)))
+            assert all((standard[:, :, z] == ENHANCING).any() for z in slices)
+    assert rimmed >= 4

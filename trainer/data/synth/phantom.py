@@ -43,6 +43,13 @@ _HARD_OEDEMA = {"flair": 1.0, "t1": -0.45, "t1ce": -0.40, "t2": 0.85}
 _HARD_RIM = {"flair": 0.6, "t1": -0.2, "t1ce": 1.0, "t2": 0.5}
 HARD_CONTRAST_RANGE = (0.20, 0.45)
 HARD_RIMLESS_SHARE = 1 / 7
+# Where a hard case has a rim, it enhances only on a cap of the core's surface facing up or down
+# (tilted by up to ~15 degrees); below the cap the core does not enhance. The cap's edge lies at
+# this range of cosines from its axis, so about 20-40% of the core's axial slices (10-40% of its
+# voxels) show no rim at all: in one slice that core looks like oedema, in the volume it continues
+# the rimmed part.
+HARD_RIM_CUT_RANGE = (-0.4, 0.3)
+HARD_CORE_OFFSET_RANGE = (0.03, 0.06)  # |core / oedema - 1| per contrast
 INFILTRATION_FADE = 0.12  # the outer share of the oedema's radius over which its signal fades out
 
 
@@ -79,7 +86,8 @@ def make_case(seed: int | tuple[int, ...], shape: tuple[int, int, int] = REAL_SH
 
     classes = np.zeros(shape, dtype=np.uint8)
     high_grade = bool(rng.random() < (1 - HARD_RIMLESS_SHARE if hard else 0.75))
-    infiltration = _add_tumour(classes, x, y, z, grid, brain, brain_radii * scale, scale, rng, high_grade)
+    infiltration = _add_tumour(classes, x, y, z, grid, brain, brain_radii * scale, scale, rng, high_grade,
+                               partial_rim=hard)
     classes[~brain] = BACKGROUND
     if hard:
         images, contrast = _hard_images(tissue, classes, infiltration, brain, x, y, z, scale, rng)
@@ -107,7 +115,9 @@ def make_case(seed: int | tuple[int, ...], shape: tuple[int, int, int] = REAL_SH
 def _hard_images(tissue, classes, infiltration, brain, x, y, z, scale, rng) -> tuple[dict[str, np.ndarray], float]:
     """The hard phantom's contrasts: faint, heterogeneous, infiltrative (see the module docstring)."""
     faintness = rng.uniform(*HARD_CONTRAST_RANGE)
-    core_offsets = rng.uniform(-0.05, 0.05, len(MODALITY_ORDER))  # core vs oedema: a few percent
+    # core vs oedema: a few percent in every contrast, of either sign
+    core_offsets = rng.uniform(*HARD_CORE_OFFSET_RANGE, len(MODALITY_ORDER)) * rng.choice([-1.0, 1.0],
+                                                                                           len(MODALITY_ORDER))
     bias = 1.0 + 0.2 * _smooth_field(x, y, z, rng, freq=0.02 / scale.mean(), terms=3)
     texture = 0.12 * _smooth_field(x, y, z, rng, freq=0.25 / scale.mean(), terms=4)  # heterogeneity
     noise = rng.uniform(0.03, 0.06)
@@ -164,8 +174,9 @@ def _smooth_field(x, y, z, rng, freq, terms):
     return (field / terms).astype(np.float32)
 
 
-def _add_tumour(classes, x, y, z, grid, brain, brain_radii, scale, rng, high_grade):
-    """Oedema halo around a lobulated core: enhancing rim + necrotic centre (HGG-like)."""
+def _add_tumour(classes, x, y, z, grid, brain, brain_radii, scale, rng, high_grade, partial_rim=False):
+    """Oedema halo around a lobulated core: enhancing rim + necrotic centre (HGG-like); with
+    ``partial_rim`` the rim covers only a cap of the core (HARD_RIM_CUT_RANGE)."""
     # Centre: anywhere in the inner 60 % of the brain, so position varies a lot.
     while True:
         direction = rng.normal(size=3)
@@ -191,6 +202,13 @@ def _add_tumour(classes, x, y, z, grid, brain, brain_radii, scale, rng, high_gra
         rim = rng.uniform(0.55, 0.75)
         region[core < 1.0] = ENHANCING
         region[core < rim] = NECROTIC
+        if partial_rim:  # draws only in the hard phantom: the standard one's rng is untouched
+            axis = np.array([*rng.normal(0.0, 0.25, 2), rng.choice([-1.0, 1.0])])
+            axis /= np.linalg.norm(axis)
+            cut = rng.uniform(*HARD_RIM_CUT_RANGE)
+            u, v, w = px / core_radii[0], py / core_radii[1], pz / core_radii[2]
+            cosine = (u * axis[0] + v * axis[1] + w * axis[2]) / np.sqrt(u * u + v * v + w * w + 1e-6)
+            region[(region == ENHANCING) & (cosine < cut)] = NECROTIC
     else:  # low grade: a non-enhancing core, little or no enhancement
         region[core < 1.0] = NECROTIC
     region[~brain[box]] = BACKGROUND
