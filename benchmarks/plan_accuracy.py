@@ -37,12 +37,12 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def measure(data: Path, kind: str, edge: int, batch: int, precision: str, steps: int, extra=(),
-            ranks: int = 1) -> dict:
+            ranks: int = 1, warmup: int = 2) -> dict:
     """One benchmark process (or ``ranks`` under horovodrun): the chief's peak RSS and the images/s."""
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "b.json"
         command = [sys.executable, "-m", "trainer.cli", "benchmark", "--model", kind, "--mode", "train",
-                   "--steps", str(steps), "--warmup", "1", "--batch-size", str(batch), "--out", str(out),
+                   "--steps", str(steps), "--warmup", str(warmup), "--batch-size", str(batch), "--out", str(out),
                    "--set", f"train.precision={precision}", "--set", f"data.slices_h5={data / 'slices.h5'}",
                    "--set", f"data.decathlon_split={data / 'vol.split.json'}", "--set", f"data.cache_dir={data / 'cache'}",
                    "--set", f"data.crop_size=[{edge},{edge},{edge}]", "--quiet", *extra]
@@ -55,8 +55,9 @@ def measure(data: Path, kind: str, edge: int, batch: int, precision: str, steps:
         if result.returncode != 0:
             raise SystemExit(f"{' '.join(command)}\n{result.stderr[-3000:]}")
         report = json.loads(out.read_text())
-    return {"peak_rss_mib": report["peak_rss_mib_per_worker"][0],
-            "images_per_sec": report["train"]["images_per_sec"], "seconds": time.perf_counter() - started}
+    return {"peak_rss_mib": report["peak_rss_mib_per_worker"][0], "images_per_sec": report["train"]["images_per_sec"],
+            "sustained_images_per_sec": report["train"]["sustained_images_per_sec"],
+            "seconds": time.perf_counter() - started}
 
 
 def ensure_data(data: Path) -> None:
@@ -105,8 +106,9 @@ def fit(data: Path, steps: int) -> dict:
     return {"fitted_on": rows, "constants": constants}
 
 
-def accuracy(data: Path, steps: int) -> dict:
-    """Each target: predicted peak and calibrated images/s (plan's way) against the real training step."""
+def accuracy(data: Path, steps: int, calibration_steps: int) -> dict:
+    """Each target: predicted peak and the plan's calibration (a few seconds on 4 cases prepared in
+    scratch) against a longer run of the real training step on the prepared set, sustained images/s."""
     rows = []
     for kind, edge, batch in TARGETS:
         for precision in PRECISIONS:
@@ -114,14 +116,16 @@ def accuracy(data: Path, steps: int) -> dict:
             predicted = predict_peak(shape(kind, edge, batch, precision)).total_mib
             settings = load_settings(None, [f"train.model={kind}", f"train.precision={precision}",
                                             f"data.crop_size=[{edge},{edge},{edge}]"])
-            calibrated = speed.predict_speed(settings, batch, steps=steps)
+            calibrated = speed.predict_speed(settings, data / "Task01_BrainTumour", batch, steps=calibration_steps)
             rows.append({"kind": kind, "edge": edge, "batch": batch, "precision": precision,
                          "predicted_peak_mib": round(predicted, 1), "measured_peak_mib": round(found["peak_rss_mib"], 1),
                          "peak_error": round(predicted / found["peak_rss_mib"] - 1, 4),
                          "predicted_images_per_sec": round(calibrated["images_per_sec"], 4),
-                         "timed_at": calibrated["timed_at"], "scaled_by": round(calibrated["scaled_by"], 3),
-                         "measured_images_per_sec": round(found["images_per_sec"], 4),
-                         "speed_error": round(calibrated["images_per_sec"] / found["images_per_sec"] - 1, 4)})
+                         "calibration_steps": calibrated["timed_steps"],
+                         "calibration_s": round(calibrated["seconds"], 1),
+                         "measured_images_per_sec": round(found["sustained_images_per_sec"], 4),
+                         "measured_steps": steps,
+                         "speed_error": round(calibrated["images_per_sec"] / found["sustained_images_per_sec"] - 1, 4)})
             print(json.dumps(rows[-1]), flush=True)
     return {"memory_and_speed": rows, "worst_peak_error": max(abs(r["peak_error"]) for r in rows),
             "worst_speed_error": max(abs(r["speed_error"]) for r in rows)}
@@ -147,7 +151,7 @@ def ranks_grid(data: Path, steps: int) -> dict:
             found = measure(data, "2d", 128, 16, precision, steps, extra)
         else:
             found = measure(data, "2d", 128, 16, precision, steps, ["--dist", "horovod", *extra], ranks=ranks)
-        grid.append({"ranks": ranks, "threads": threads, "images_per_sec": round(found["images_per_sec"], 3)})
+        grid.append({"ranks": ranks, "threads": threads, "images_per_sec": round(found["sustained_images_per_sec"], 3)})
         print(json.dumps(grid[-1]), flush=True)
     best = max(grid, key=lambda g: g["images_per_sec"])
     planned = next(g for g in grid if (g["ranks"], g["threads"]) == chosen)
@@ -159,13 +163,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "plan")
     parser.add_argument("--fit", action="store_true", help="fit the memory constants (other configurations)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
+    parser.add_argument("--steps", type=int, default=12, help="timed steps of each measured configuration")
+    parser.add_argument("--calibration-steps", type=int, default=3, help="the plan's minimum of timed steps")
     parser.add_argument("--quick", action="store_true", help="2 steps")
     parser.add_argument("--out", type=Path, default=RESULTS / "plan_accuracy.json")
     args = parser.parse_args()
     steps = 2 if args.quick else args.steps
     ensure_data(args.data)
-    report = fit(args.data, steps) if args.fit else {**accuracy(args.data, steps), "ranks_x_threads":
+    report = fit(args.data, steps) if args.fit else {**accuracy(args.data, steps, args.calibration_steps), "ranks_x_threads":
                                                       ranks_grid(args.data, steps)}
     out = args.out.with_name("plan_fit.json") if args.fit else args.out
     from trainer.fsutil import write_json

@@ -159,3 +159,25 @@ def test_plan_then_train_with_the_plan_and_set_on_top(brats_dataset, prepared_br
     shutil.rmtree(tmp_path / "runs")
     bad = run_cli("train", "--plan", tmp_path / "nothing.json", cwd=tmp_path)
     assert bad.returncode == 2 and "--plan" in bad.stderr and "not found" in bad.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, flags", [
+    ("2d", ["--set", "model.base_filters_2d=4"]),
+    ("3d", ["--set", "model.base_filters_3d=2", "--set", "data.crop_size=[32,32,32]", "--set", "train.precision=fp32"]),
+])
+def test_the_calibration_times_the_real_pipeline_on_a_prepared_sample(kind, flags, brats_dataset, tmp_path):
+    """plan's speed comes from the benchmark's train mode on a few cases prepared in scratch: the
+    sustained rate (input stalls included), at least CALIBRATION_SECONDS of steps, no scratch left."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    planned = run_cli("plan", "--src", brats_dataset, "--out", tmp_path / "plan.json", "--model", kind, *flags,
+                      "--quiet", cwd=tmp_path, timeout=600, env={"TMPDIR": str(scratch)})
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    assert "calibrated: " in planned.stdout
+    measured = json.loads((tmp_path / "plan.json").read_text())["speed"]
+    assert measured["timed_steps"] >= 3 and 0.0 <= measured["input_wait_share"] < 1.0
+    assert measured["images_per_sec"] > 0 and measured["step_s"] * measured["timed_steps"] >= speed.CALIBRATION_SECONDS \
+        or measured["timed_steps"] == 200
+    assert measured["timed_at"] == ([32, 32, 32] if kind == "3d" else [measured["timed_at"][0]] * 2)
+    assert list(scratch.iterdir()) == []  # the prepared sample is gone

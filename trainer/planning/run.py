@@ -48,7 +48,7 @@ def run_plan(settings: Settings, request: PlanRequest, progress: bool = True) ->
     lines += [f"predicted peak memory: {memory.total_mib / 1024:.2f} GB per rank ({shape.describe()}), budget "
               f"{plan.budget_mib / 1024:.2f} GB"]
     if request.calibrate:
-        measured = speed.predict_speed(planned, planned.train.batch_size)
+        measured = speed.predict_speed(planned, src, planned.train.batch_size)
         epoch_steps = _epoch_steps(planned, data)
         per_node = measured["images_per_sec"] * plan.ranks_per_node
         report["speed"] = {**measured, "ranks_per_node": plan.ranks_per_node, "images_per_sec_per_node": per_node,

@@ -1,10 +1,10 @@
 """Speed: a few calibrated steps on this node, and what N nodes would make of them.
 
-Calibration runs the real training step (the runtime's stepper, the model in the run's
-precision) on one random batch held in memory, a few times (3D crops above 64^3 at 64^3, scaled by
-their voxels): the in-memory ceiling, which the
-end-to-end rate matched within 5% on both models (docs/results.md). It runs in its own process
-(``python -m trainer.planning.speed``) so its threads and memory are those of a training rank.
+Calibration is ``unet-train benchmark``'s train mode (the runtime's stepper, the model in the run's
+precision, the real input pipeline) on a few cases of the dataset prepared into a scratch folder,
+at the planned size, for a few seconds; its figure is the sustained rate (an epoch is the sum of
+its steps, input stalls included). It runs in its own process (``python -m
+trainer.planning.speed``) so its threads and memory are those of a training rank.
 
 The multi-node projection (docs/planning.md) adds communication to the calibrated compute:
 
@@ -61,42 +61,66 @@ def project(compute_step_s: float, global_batch_per_node: int, params: int, node
     return Projection(nodes, step, images, compute_step_s / step)
 
 
-CALIBRATION_EDGE_3D = 64  # larger 3D crops are timed at 64^3 and scaled by their voxels: seconds, not minutes
+CALIBRATION_CASES = 4      # prepared into a scratch folder: the real input pipeline, in seconds
+CALIBRATION_SECONDS = 8.0  # timed steps run at least this long (and at least ``steps`` of them)
 
 
-def predict_speed(settings, batch: int, steps: int = 3) -> dict:
-    """images/s of ``batch`` on this node: timed directly, or for a 3D crop larger than 64^3 timed at
-    64^3 and scaled by the voxel ratio (the UNet's cost is its convolutions, linear in voxels)."""
-    import math
-
+def predict_speed(settings, src: Path, batch: int, steps: int = 3) -> dict:
+    """Sustained images/s of ``batch`` at the planned crop or slice size on this node: the real
+    training step on the real input pipeline, over a few cases of ``src`` prepared as training
+    would. Timed at the planned size itself: a bf16 step's cost is not linear in voxels (scaling
+    64^3 by voxels gave 0.73x the measured rate at 128^3), and the pipeline's share shrinks as steps grow."""
     from trainer.config.settings import settings_to_yaml
 
-    crop = tuple(settings.data.crop_size)
-    factor = 1.0
-    if settings.train.model == "3d" and math.prod(crop) > CALIBRATION_EDGE_3D ** 3:
-        factor = math.prod(crop) / CALIBRATION_EDGE_3D ** 3
-        settings = settings.model_copy(update={"data": settings.data.model_copy(
-            update={"crop_size": (CALIBRATION_EDGE_3D,) * 3})})
-    measured = calibrate(settings_to_yaml(settings), batch, steps)
-    step = measured["step_s"] * factor
-    return {**measured, "step_s": step, "images_per_sec": batch / step, "timed_at": list(settings.data.crop_size)
-            if settings.train.model == "3d" else [settings.data.image_size] * 2, "scaled_by": factor}
+    measured = calibrate(settings_to_yaml(settings), Path(src), batch, steps)
+    size = list(settings.data.crop_size) if settings.train.model == "3d" else [settings.data.image_size] * 2
+    return {**measured, "timed_at": size}
 
 
-def calibrate(settings_yaml: str, batch: int, steps: int = 3, warmup: int = 1, timeout_s: float = 900) -> dict:
-    """images/s and the median step of ``batch`` on this node, measured in a fresh process."""
+def calibrate(settings_yaml: str, src: Path, batch: int, steps: int = 3, warmup: int = 1,
+              timeout_s: float = 900) -> dict:
+    """The calibration, in a fresh process: its threads and memory are those of a training rank."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                                          os.environ.get("PYTHONPATH", "")])),
            "TF_CPP_MIN_LOG_LEVEL": "2"}
-    result = subprocess.run([sys.executable, "-m", "trainer.planning.speed", str(batch), str(steps), str(warmup)],
-                            input=settings_yaml, capture_output=True, text=True, timeout=timeout_s, env=env)
+    command = [sys.executable, "-m", "trainer.planning.speed", str(Path(src).resolve()), str(batch), str(steps),
+               str(warmup)]
+    result = subprocess.run(command, input=settings_yaml, capture_output=True, text=True, timeout=timeout_s, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"calibration failed: {result.stderr.strip().splitlines()[-1:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _measure(settings_yaml: str, batch: int, steps: int, warmup: int) -> dict:
-    """In this process: the settings' CPU plan, the model, ``warmup + steps`` training steps."""
+def sample_settings(settings, src: Path, scratch: Path):
+    """The first CALIBRATION_CASES cases of ``src`` prepared for the settings' model in ``scratch``
+    (slices, or volumes with a cache when the settings use one); the settings pointed at them."""
+    import dataclasses
+
+    from trainer.config.settings import SplitSettings
+    from trainer.data.datasets import PREPARED, RawDataset
+
+    dataset = RawDataset.open(src, settings.data.max_voxels)
+    sample = dataclasses.replace(dataset, cases=dataset.cases[:CALIBRATION_CASES])
+    split = SplitSettings(val_fraction=0.25 if len(sample.cases) > 1 else 0.0, test_fraction=0.0, seed=0)
+    prepared = PREPARED[settings.train.model]
+    data = {prepared.raw_key.split(".")[1]: Path(src), "split": split}
+    if prepared.kind == "slices":
+        from trainer.data.prepare2d import PrepareRequest, prepare_slices
+
+        data["slices_h5"] = scratch / "slices.h5"
+        prepare_slices(sample, PrepareRequest(out=data["slices_h5"], image_size=settings.data.image_size,
+                                              split=split, workers=1), progress=False)
+    else:
+        from trainer.data.volumes import prepare_volumes
+
+        data["decathlon_split"] = scratch / "volumes.split.json"
+        data["cache_dir"] = scratch / "cache" if settings.data.cache_dir is not None else None
+        prepare_volumes(sample, data["cache_dir"], split, data["decathlon_split"], progress=False)
+    return settings.model_copy(update={"data": settings.data.model_copy(update=data)})
+
+
+def _measure(settings_yaml: str, src: Path, batch: int, steps: int, warmup: int) -> dict:
+    """In this process: the settings' CPU plan, a prepared sample, the benchmark's train mode."""
     import tempfile
 
     import yaml
@@ -106,32 +130,22 @@ def _measure(settings_yaml: str, batch: int, steps: int, warmup: int) -> dict:
 
     settings = Settings.model_validate(yaml.safe_load(settings_yaml))
     configure_threads(apply_cpu_environment(settings.cpu))
-    import numpy as np
     import tensorflow as tf  # noqa: F401 - after the CPU environment
 
     from trainer.runtime.single import SingleRuntime
-    from trainer.training.session import open_session
+    from trainer.training.benchmark import BenchmarkRequest, run_benchmark
 
-    with tempfile.TemporaryDirectory() as scratch:
-        settings = settings.model_copy(update={"train": settings.train.model_copy(update={
-            "batch_size": batch, "run_dir": Path(scratch), "run_name": "calibration"})})
-        runtime = SingleRuntime()
-        session = open_session(settings, runtime)
-        stepper = runtime.make_stepper(session.model, session.optimizer, settings)
-        shape = session.model.input_shape[1:]
-        rng = np.random.default_rng(0)
-        images = rng.normal(size=(batch, *shape)).astype(np.float32)
-        masks = (rng.random((batch, *shape[:-1], len(settings.model.regions))) > 0.9).astype(np.float32)
-        times = []
-        for index in range(warmup + steps):
-            started = time.perf_counter()
-            stepper.train_step(images, masks)
-            if index >= warmup:
-                times.append(time.perf_counter() - started)
-        step = float(np.median(times))
-        return {"images_per_sec": batch / step, "step_s": step, "precision": session.policy,
-                "params": int(session.model.count_params())}
+    with tempfile.TemporaryDirectory(prefix="unet-calibration-") as scratch:
+        settings = sample_settings(settings, src, Path(scratch))
+        started = time.perf_counter()
+        report = run_benchmark(settings, SingleRuntime(), BenchmarkRequest(
+            modes=("train",), batch_size=batch, steps=steps, warmup=warmup, min_seconds=CALIBRATION_SECONDS))
+    train = report["train"]
+    rate = train["sustained_images_per_sec"]
+    return {"images_per_sec": rate, "step_s": batch / rate, "median_step_s": train["p50_ms"] / 1000,
+            "input_wait_share": train["input_wait_share"], "timed_steps": train["timed_steps"],
+            "seconds": time.perf_counter() - started, "precision": report["precision"], "params": int(report["params"])}
 
 
 if __name__ == "__main__":
-    print(json.dumps(_measure(sys.stdin.read(), *(int(a) for a in sys.argv[1:4]))))
+    print(json.dumps(_measure(sys.stdin.read(), Path(sys.argv[1]), *(int(a) for a in sys.argv[2:5]))))
