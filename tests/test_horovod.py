@@ -140,14 +140,17 @@ def test_benchmark_times_the_real_step_under_horovodrun(prepared_brats, tmp_path
     assert not (tmp_path / "runs").exists()  # a benchmark writes no run
 
 
-def test_region_model_two_ranks_equal_one_process_at_double_batch(prepared_brats, tmp_path):
-    """The WT/TC/ET model (three sigmoid outputs) keeps the sync-SGD equivalence under Horovod."""
-    regions = [*SGD_EXACT, "--set", "model.regions=[wt,tc,et]"]
+@pytest.mark.parametrize("context", [0, 1])
+def test_region_model_two_ranks_equal_one_process_at_double_batch(prepared_brats, tmp_path, context):
+    """The WT/TC/ET model (three sigmoid outputs), also with 2.5D input (neighbouring slices as
+    channels), keeps the sync-SGD equivalence under Horovod."""
+    regions = [*SGD_EXACT, "--set", "model.regions=[wt,tc,et]", "--set", f"model.context_slices_2d={context}"]
     single = model_weights(train_single(tmp_path, "single", 4, prepared_brats, *regions))
     ranks, log = horovod(tmp_path, "gloo", "hvd", 2, prepared_brats, *regions)
     assert "regions wt/tc/et" in log
     distributed = model_weights(ranks)
     assert any(v.ndim == 4 and v.shape[-1] == 3 for v in single.values())  # one output channel per region
+    assert any(v.ndim == 4 and v.shape[-2] == 4 * (1 + 2 * context) for v in single.values())  # the input channels
     worst = max(float(np.abs(single[k] - distributed[k]).max()) for k in single)
     assert worst < 2e-5, f"2-rank region SGD diverged from 1-process SGD by {worst}"
 

@@ -227,9 +227,10 @@ def test_ps_loss_stops_chief_and_rerun_resumes(cluster, prepared_brats, tmp_path
     assert [e["epoch"] for e in history] == [1, 2, 3, 4] and history[-1]["step"] == 8
 
 
-def test_ps_region_model_equals_one_process_at_double_batch(cluster, prepared_brats, tmp_path):
-    """The WT/TC/ET model keeps the sync-SGD equivalence with 1 PS + 2 workers."""
-    regions = [*SGD_EXACT, "--set", "model.regions=[wt,tc,et]"]
+@pytest.mark.parametrize("context", [0, 1])
+def test_ps_region_model_equals_one_process_at_double_batch(cluster, prepared_brats, tmp_path, context):
+    """The WT/TC/ET model, also with 2.5D input, keeps the sync-SGD equivalence with 1 PS + 2 workers."""
+    regions = [*SGD_EXACT, "--set", "model.regions=[wt,tc,et]", "--set", f"model.context_slices_2d={context}"]
     single = model_weights(train_single(tmp_path, "single", 4, prepared_brats, *regions))
     c = cluster()
     c.start_servers()
