@@ -45,7 +45,8 @@ def measure(data: Path, kind: str, edge: int, batch: int, precision: str, steps:
                    "--steps", str(steps), "--warmup", str(warmup), "--batch-size", str(batch), "--out", str(out),
                    "--set", f"train.precision={precision}", "--set", f"data.slices_h5={data / 'slices.h5'}",
                    "--set", f"data.decathlon_split={data / 'vol.split.json'}", "--set", f"data.cache_dir={data / 'cache'}",
-                   "--set", f"data.crop_size=[{edge},{edge},{edge}]", "--quiet", *extra]
+                   "--set", f"data.crop_size=[{edge},{edge},{edge}]", "--set",
+                   f"train.steps_per_epoch={speed.STEADY_STEPS_PER_EPOCH}", "--quiet", *extra]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
         if ranks > 1:
             command = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(ranks), "-H",
@@ -55,7 +56,8 @@ def measure(data: Path, kind: str, edge: int, batch: int, precision: str, steps:
         if result.returncode != 0:
             raise SystemExit(f"{' '.join(command)}\n{result.stderr[-3000:]}")
         report = json.loads(out.read_text())
-    return {"peak_rss_mib": report["peak_rss_mib_per_worker"][0], "images_per_sec": report["train"]["images_per_sec"],
+    return {"peak_rss_mib": report["peak_rss_mib_per_worker"][0], "peak_anon_mib": report["peak_anon_mib_per_worker"][0],
+            "images_per_sec": report["train"]["images_per_sec"],
             "sustained_images_per_sec": report["train"]["sustained_images_per_sec"],
             "seconds": time.perf_counter() - started}
 
@@ -91,7 +93,7 @@ def fit(data: Path, steps: int) -> dict:
             activation_mib = elements * (4 if precision == "fp32" else 2) * batch / 2 ** 20
             rows.append({"kind": kind, "edge": edge, "batch": batch, "precision": precision, **found,
                          "activation_mib": activation_mib,
-                         "rest_mib": found["peak_rss_mib"] - estimate.parameters_mib - estimate.pipeline_mib})
+                         "rest_mib": found["peak_anon_mib"] - estimate.parameters_mib - estimate.pipeline_mib})
             print(json.dumps(rows[-1]), flush=True)
     constants = {"base_mib": {}, "activation_factor": {}}
     for kind in ("2d", "3d"):
@@ -118,8 +120,9 @@ def accuracy(data: Path, steps: int, calibration_steps: int) -> dict:
                                             f"data.crop_size=[{edge},{edge},{edge}]"])
             calibrated = speed.predict_speed(settings, data / "Task01_BrainTumour", batch, steps=calibration_steps)
             rows.append({"kind": kind, "edge": edge, "batch": batch, "precision": precision,
-                         "predicted_peak_mib": round(predicted, 1), "measured_peak_mib": round(found["peak_rss_mib"], 1),
-                         "peak_error": round(predicted / found["peak_rss_mib"] - 1, 4),
+                         "predicted_peak_mib": round(predicted, 1), "measured_peak_mib": round(found["peak_anon_mib"], 1),
+                         "measured_peak_rss_mib": round(found["peak_rss_mib"], 1),
+                         "peak_error": round(predicted / found["peak_anon_mib"] - 1, 4),
                          "predicted_images_per_sec": round(calibrated["images_per_sec"], 4),
                          "calibration_steps": calibrated["timed_steps"],
                          "calibration_s": round(calibrated["seconds"], 1),

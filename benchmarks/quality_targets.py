@@ -42,8 +42,8 @@ RECIPES = {
 }
 
 
-def recipe_for(model: str, epochs: int | None) -> dict:
-    return {**RECIPES[model], "epochs": epochs or RECIPES[model]["epochs"]}
+def recipe_for(model: str, epochs: int | None, steps: int | None = None) -> dict:
+    return {**RECIPES[model], "epochs": epochs or RECIPES[model]["epochs"], "steps": steps or RECIPES[model]["steps"]}
 
 
 def run_one(model: str, mode: str, isa: str, seed: int, args, log) -> dict:
@@ -52,7 +52,7 @@ def run_one(model: str, mode: str, isa: str, seed: int, args, log) -> dict:
     record = RUNS / f"{name}.result.json"
     if record.exists():
         return json.loads(record.read_text())
-    recipe = recipe_for(model, args.epochs)
+    recipe = recipe_for(model, args.epochs, args.steps)
     workers = 1 if mode == "single" else 2
     model_flags = ["--model", model, "--run-dir", RUNS, "--run-name", name, *recipe["extra"],
                    "--set", f"model.regions=[{','.join(args.regions)}]", *args.data_flags, *args.set_flags]
@@ -152,6 +152,8 @@ def main() -> None:
                         help="hard: the hard phantom (synth --difficulty hard), one BraTS-layout set for both models")
     parser.add_argument("--epochs", type=int, default=None,
                         help="train longer than the demo's recipe (recorded in the JSON; use a new --tag)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps per epoch (default the recipe's: 2D 40, 3D 30), e.g. 3D at 2D's training time")
     parser.add_argument("--tag", default=None, help="result name (default quality_<model>)")
     parser.add_argument("--set", dest="set_flags", action="append", default=[],
                         help="extra --set KEY=VALUE for every run (e.g. train.precision=bf16)")
@@ -170,7 +172,7 @@ def main() -> None:
     runs = [run_one(args.model, mode, isa, int(seed), args, log)
             for mode in args.modes.split(",") for seed in args.seeds.split(",") for isa in isas(mode)]
     save(f"quality_{args.tag}", {"model": args.model, "difficulty": args.difficulty,
-                                 "recipe": recipe_for(args.model, args.epochs),
+                                 "recipe": recipe_for(args.model, args.epochs, args.steps),
                                  "regions": args.regions,
                                  "extra_settings": args.set_flags, "runs": runs, "summary": summarise(runs)})
 

@@ -136,6 +136,10 @@ def test_benchmark_times_the_real_step_under_horovodrun(prepared_brats, tmp_path
     train = report["train"]
     assert len(train["images_per_sec_per_worker"]) == 2 and all(v > 0 for v in train["images_per_sec_per_worker"])
     assert 0 <= train["input_wait_share"] <= 1 and 0 < train["share_of_nominal_peak"] < 1
+    assert len(train["step_seconds"]) == train["timed_steps"] == 2
+    assert train["sustained_images_per_sec"] == pytest.approx(4 * 2 / sum(train["step_seconds"]), rel=1e-2)
+    anonymous, resident = report["peak_anon_mib_per_worker"], report["peak_rss_mib_per_worker"]
+    assert len(anonymous) == 2 and all(0 < a < r for a, r in zip(anonymous, resident))  # RSS adds file pages
     assert report["nominal_peak"]["gflop_per_sec"] > 0 and len(report["pipeline"]["images_per_sec_per_worker"]) == 2
     assert not (tmp_path / "runs").exists()  # a benchmark writes no run
 

@@ -1,6 +1,9 @@
 """Peak memory of a training process, predicted before anything is allocated.
 
-    peak RSS = base + 16 x params + k x activations + pipeline
+    peak = base + 16 x params + k x activations + pipeline
+
+The peak is anonymous resident memory (RssAnon): file pages (TensorFlow's libraries, the mmap'd
+3D cache) are page cache the kernel reclaims, and the margin covers the libraries.
 
 * ``base``: the interpreter, TensorFlow, oneDNN and the input pipeline's fixed cost (measured);
 * 16 bytes a parameter: float32 weights, gradients and Adam's two slots;

@@ -63,6 +63,7 @@ def project(compute_step_s: float, global_batch_per_node: int, params: int, node
 
 CALIBRATION_CASES = 4      # prepared into a scratch folder: the real input pipeline, in seconds
 CALIBRATION_SECONDS = 8.0  # timed steps run at least this long (and at least ``steps`` of them)
+STEADY_STEPS_PER_EPOCH = 10_000  # no epoch boundary (a pipeline refill) inside a calibration
 
 
 def predict_speed(settings, src: Path, batch: int, steps: int = 3) -> dict:
@@ -116,7 +117,10 @@ def sample_settings(settings, src: Path, scratch: Path):
         data["decathlon_split"] = scratch / "volumes.split.json"
         data["cache_dir"] = scratch / "cache" if settings.data.cache_dir is not None else None
         prepare_volumes(sample, data["cache_dir"], split, data["decathlon_split"], progress=False)
-    return settings.model_copy(update={"data": settings.data.model_copy(update=data)})
+    # Steady state: a few cases would end an epoch every few steps, and each epoch start waits for
+    # its pipeline to fill (a 4.3 s step against 1.9 s at 144^3): a real epoch has hundreds of steps.
+    return settings.model_copy(update={"data": settings.data.model_copy(update=data), "train": settings.train.model_copy(
+        update={"steps_per_epoch": STEADY_STEPS_PER_EPOCH})})
 
 
 def _measure(settings_yaml: str, src: Path, batch: int, steps: int, warmup: int) -> dict:
