@@ -181,3 +181,4 @@ def test_the_calibration_times_the_real_pipeline_on_a_prepared_sample(kind, flag
         or measured["timed_steps"] == 200
     assert measured["timed_at"] == ([32, 32, 32] if kind == "3d" else [measured["timed_at"][0]] * 2)
     assert list(scratch.iterdir()) == []  # the prepared sample is gone
+
