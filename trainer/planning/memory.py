@@ -32,8 +32,8 @@ PREFETCHED_BATCHES = 4  # tf.data AUTOTUNE holds a few batches ahead of the step
 # activation bytes, per model kind and compute precision.
 # Fitted on 2D 128^2 b4/b32 and 3D 48^3 b2, 96^3 b1, 112^3 b2, fp32 and bf16 (benchmarks/results/plan_fit.json,
 # Xeon with AMX, oneDNN on); checked on other configurations by plan_accuracy.py (docs/results.md).
-BASE_MIB = {"2d": 634.7, "3d": 907.7}
-ACTIVATION_FACTOR = {("2d", "fp32"): 0.905, ("2d", "bf16"): 1.115, ("3d", "fp32"): 0.757, ("3d", "bf16"): 1.102}
+BASE_MIB = {"2d": 356.3, "3d": 443.6}
+ACTIVATION_FACTOR = {("2d", "fp32"): 0.903, ("2d", "bf16"): 1.136, ("3d", "fp32"): 0.888, ("3d", "bf16"): 1.42}
 MARGIN = 0.10  # of the available memory, kept free for the OS, page cache and estimate error
 
 
