@@ -182,3 +182,11 @@ def test_the_calibration_times_the_real_pipeline_on_a_prepared_sample(kind, flag
     assert measured["timed_at"] == ([32, 32, 32] if kind == "3d" else [measured["timed_at"][0]] * 2)
     assert list(scratch.iterdir()) == []  # the prepared sample is gone
 
+
+
+def test_a_failed_calibration_is_one_line_naming_the_data(tmp_path):
+    with pytest.raises(UserError) as caught:
+        speed.calibrate("train: {model: 9}", tmp_path, 1)  # settings the calibration process refuses
+    message = str(caught.value)
+    assert message.startswith(f"plan: the speed calibration on {tmp_path} failed (") and "--no-calibrate" in message
+    assert "\n" not in message

@@ -88,7 +88,10 @@ def calibrate(settings_yaml: str, src: Path, batch: int, steps: int = 3, warmup:
                str(warmup)]
     result = subprocess.run(command, input=settings_yaml, capture_output=True, text=True, timeout=timeout_s, env=env)
     if result.returncode != 0:
-        raise RuntimeError(f"calibration failed: {result.stderr.strip().splitlines()[-1:]}")
+        from trainer.errors import UserError
+
+        last = (result.stderr.strip().splitlines() or ["no message"])[-1]
+        raise UserError(f"plan: the speed calibration on {src} failed ({last}); --no-calibrate skips it")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
