@@ -103,8 +103,13 @@ class PreparedData:
     raw_key: str      # data.brats_dir | data.decathlon_dir: the model's raw dataset (either layout)
     kind: str         # "slices" (HDF5) | "volumes" (a .npy cache, optional)
 
+    @property
+    def raw_field(self) -> str:
+        """The raw_key's field in the data section (brats_dir | decathlon_dir)."""
+        return self.raw_key.split(".")[1]
+
     def raw_dir(self, settings: Settings) -> Path:
-        return Path(getattr(settings.data, self.raw_key.split(".")[1]))
+        return Path(getattr(settings.data, self.raw_field))
 
     def split_file(self, settings: Settings) -> Path:
         data = settings.data

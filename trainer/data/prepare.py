@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.config.settings import Settings
+from trainer.config.settings import DataSettings, Settings
 from trainer.data.datasets import PREPARED, RawDataset, detect_layout
 from trainer.data.split import split_path_for
 from trainer.errors import UserError
@@ -36,18 +36,30 @@ def prepare(settings: Settings, choice: PrepareChoice, progress: bool = True) ->
                         f"which is detected, or point --src at the {choice.layout} folder)")
     model = choice.model or DEFAULT_MODEL[layout]
     dataset = RawDataset.open(choice.src, settings.data.max_voxels)
+    slices = PREPARED[model].kind == "slices"
     data = settings.data
+    if choice.out is not None:
+        data = data.model_copy(update={"slices_h5" if slices else "cache_dir": choice.out})
+    counts = prepare_dataset(dataset, model, data, choice.workers, choice.overwrite, progress)
+    if slices:
+        return (f"wrote {data.slices_h5} from {dataset.describe()} (slices: "
+                + ", ".join(f"{k} {v}" for k, v in counts.items()) + f"); split: {split_path_for(data.slices_h5)}")
+    return (f"checked {sum(counts.values())} case(s) of {dataset.describe()} for the 3D model; "
+            f"cache: {data.cache_dir}; split: {data.decathlon_split}")
+
+
+def prepare_dataset(dataset: RawDataset, model: str, data: DataSettings, workers: int = 0, overwrite: bool = False,
+                    progress: bool = True) -> dict[str, int]:
+    """Write what ``model`` trains on to the paths in ``data``: slices to ``slices_h5``, or the checked
+    volumes' split to ``decathlon_split`` (and their cache to ``cache_dir`` when set); returns the
+    count per split part (slices or cases)."""
     if PREPARED[model].kind == "slices":
         from trainer.data.prepare2d import PrepareRequest, prepare_slices
 
-        request = PrepareRequest(out=choice.out or data.slices_h5, image_size=data.image_size, split=data.split,
-                                 workers=choice.workers, overwrite=choice.overwrite)
-        counts = prepare_slices(dataset, request, progress)
-        return (f"wrote {request.out} from {dataset.describe()} (slices: "
-                + ", ".join(f"{k} {v}" for k, v in counts.items()) + f"); split: {split_path_for(request.out)}")
+        request = PrepareRequest(out=Path(data.slices_h5), image_size=data.image_size, split=data.split,
+                                 workers=workers, overwrite=overwrite)
+        return prepare_slices(dataset, request, progress)
     from trainer.data.volumes import prepare_volumes
 
-    cache = choice.out or data.cache_dir
-    split = prepare_volumes(dataset, cache, data.split, data.decathlon_split, progress, choice.overwrite)
-    return (f"checked {sum(len(v) for v in split.values())} case(s) of {dataset.describe()} for the 3D model; "
-            f"cache: {cache}; split: {data.decathlon_split}")
+    split = prepare_volumes(dataset, data.cache_dir, data.split, data.decathlon_split, progress, overwrite)
+    return {part: len(cases) for part, cases in split.items()}

@@ -102,24 +102,19 @@ def sample_settings(settings, src: Path, scratch: Path):
 
     from trainer.config.settings import SplitSettings
     from trainer.data.datasets import PREPARED, RawDataset
+    from trainer.data.prepare import prepare_dataset
 
     dataset = RawDataset.open(src, settings.data.max_voxels)
     sample = dataclasses.replace(dataset, cases=dataset.cases[:CALIBRATION_CASES])
     split = SplitSettings(val_fraction=0.25 if len(sample.cases) > 1 else 0.0, test_fraction=0.0, seed=0)
     prepared = PREPARED[settings.train.model]
-    data = {prepared.raw_key.split(".")[1]: Path(src), "split": split}
+    data = {prepared.raw_field: Path(src), "split": split}
     if prepared.kind == "slices":
-        from trainer.data.prepare2d import PrepareRequest, prepare_slices
-
         data["slices_h5"] = scratch / "slices.h5"
-        prepare_slices(sample, PrepareRequest(out=data["slices_h5"], image_size=settings.data.image_size,
-                                              split=split, workers=1), progress=False)
     else:
-        from trainer.data.volumes import prepare_volumes
-
         data["decathlon_split"] = scratch / "volumes.split.json"
         data["cache_dir"] = scratch / "cache" if settings.data.cache_dir is not None else None
-        prepare_volumes(sample, data["cache_dir"], split, data["decathlon_split"], progress=False)
+    prepare_dataset(sample, settings.train.model, settings.data.model_copy(update=data), workers=1, progress=False)
     # Steady state: a few cases would end an epoch every few steps, and each epoch start waits for
     # its pipeline to fill (a 4.3 s step against 1.9 s at 144^3): a real epoch has hundreds of steps.
     return settings.model_copy(update={"data": settings.data.model_copy(update=data), "train": settings.train.model_copy(
