@@ -136,6 +136,35 @@ def test_the_projection_loses_efficiency_with_nodes_and_ps_loses_more():
     assert faster > ring[2]
 
 
+def _fingerprints():
+    from trainer.planning.fingerprint import DatasetFingerprint
+    from trainer.planning.node import NodeFingerprint
+
+    data = DatasetFingerprint(source="x", layout="brats", cases=20, sampled_cases=20, shapes={"240x240x155": 20},
+                              spacing={a: [1.0, 1.0, 1.0] for a in "xyz"},
+                              brain_extent={"x": [130, 140, 150], "y": [160, 170, 180], "z": [120, 130, 140]},
+                              intensity={}, labels=[0, 1, 2, 4], foreground_share={"wt": 0.05})
+    node = NodeFingerprint(physical_cores=8, allowed_cpus=8, sockets=1, numa_nodes=1, memory_total_gb=64.0,
+                           memory_available_gb=60.0, memory_source="test", isa=("avx2",), native_bf16=False,
+                           bf16_reason="test")
+    return data, node
+
+
+@pytest.mark.parametrize("context", [0, 2])
+def test_a_2d_plan_checks_the_memory_of_its_input_planes_and_adds_no_context_itself(context):
+    from trainer.planning.planner import make_plan
+
+    data, node = _fingerprints()
+    model = ModelSettings(regions=("wt", "tc", "et"), context_slices_2d=context)
+    settings = Settings().model_copy(update={"model": model})
+    plan = make_plan(settings, data, node, model="2d")
+    assert "model.context_slices_2d" not in plan.settings()  # measured: no context setting won on every region
+    shape = ModelShape.from_settings(settings, "fp32", plan.settings()["train.batch_size"])
+    assert shape.channels == 4 * (2 * context + 1)
+    assert plan.memory_mib == pytest.approx(predict_peak(shape).total_mib)  # the step it proposes, planes and all
+    assert make_plan(settings, data, node).settings()["train.model"] == "3d"  # the core wanted: 3D
+
+
 def test_plan_then_train_with_the_plan_and_set_on_top(brats_dataset, prepared_brats, tmp_path):
     planned = run_cli("plan", "--src", brats_dataset, "--out", tmp_path / "plan.json", "--no-calibrate",
                       "--set", "model.base_filters_2d=4", "--quiet", cwd=tmp_path, timeout=120)
