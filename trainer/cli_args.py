@@ -60,8 +60,9 @@ def _add_synth(sub) -> None:
     synth.add_argument("--no-appledouble", action="store_true",
                        help="decathlon: omit the macOS ._* files the official tarball carries")
     synth.add_argument("--difficulty", choices=["standard", "hard"], default="standard",
-                       help="hard: faint (20-45%% contrast), heterogeneous, infiltrative lesions, a core close to "
-                            "the oedema, 1 case in 7 without an enhancing rim, more noise (default standard)")
+                       help="hard: faint (20-45%% contrast), heterogeneous, infiltrative lesions, 1 case in 7 without "
+                            "an enhancing rim; elsewhere the rim covers a cap of the core, and below it the core "
+                            "looks like oedema in any one slice (default standard)")
     synth.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
 

@@ -38,18 +38,22 @@ MODALITY_ORDER = ("flair", "t1", "t1ce", "t2")
 
 # Hard phantom: each tumour tissue's signed contrast against the tissue it infiltrates, per
 # contrast; the case draws one faintness in [0.2, 0.45] that scales the oedema's and the rim's
-# (the non-enhancing core follows the oedema within a few percent).
+# (and the necrosis's; a non-enhancing core follows the oedema within a few percent).
 _HARD_OEDEMA = {"flair": 1.0, "t1": -0.45, "t1ce": -0.40, "t2": 0.85}
 _HARD_RIM = {"flair": 0.6, "t1": -0.2, "t1ce": 1.0, "t2": 0.5}
 HARD_CONTRAST_RANGE = (0.20, 0.45)
 HARD_RIMLESS_SHARE = 1 / 7
 # Where a hard case has a rim, it enhances only on a cap of the core's surface facing up or down
-# (tilted by up to ~15 degrees); below the cap the core does not enhance. The cap's edge lies at
-# this range of cosines from its axis, so about 20-40% of the core's axial slices (10-40% of its
-# voxels) show no rim at all: in one slice that core looks like oedema, in the volume it continues
-# the rimmed part.
-HARD_RIM_CUT_RANGE = (-0.4, 0.3)
-HARD_CORE_OFFSET_RANGE = (0.03, 0.06)  # |core / oedema - 1| per contrast
+# (tilted by up to ~15 degrees); below the cap the core neither enhances nor is necrotic. The
+# cap's edge lies at this range of cosines from its axis, so 16-30% of the core's axial slices
+# (20-45% of its voxels) show neither rim nor necrosis: in one slice that core looks like oedema,
+# in the volume it continues the rimmed part.
+HARD_RIM_CUT_RANGE = (-0.6, 0.0)
+# Behind an enhancing cap the core is necrotic and plain to see (dark on T1/T1ce, bright on T2),
+# as real necrosis is. Below the cap, and in cases without a rim, the core does not enhance:
+HARD_CORE_OFFSET_RANGE = (0.03, 0.06)  # |core / oedema - 1| per contrast, no rim anywhere (low grade)
+HARD_HIDDEN_CORE_OFFSET_RANGE = (0.0, 0.015)  # the same below a rim's cap: under the lesion's texture
+_HARD_NECROSIS = {"flair": -0.6, "t1": -0.8, "t1ce": -0.9, "t2": 0.6}  # against the oedema, x faintness
 INFILTRATION_FADE = 0.12  # the outer share of the oedema's radius over which its signal fades out
 
 
@@ -59,6 +63,7 @@ class PhantomCase:
     classes: np.ndarray            # (x, y, z) uint8 in {BACKGROUND, OEDEMA, NECROTIC, ENHANCING}
     high_grade: bool
     contrast: float | None = None  # hard: the oedema's FLAIR contrast against the tissue it infiltrates
+    hidden_core: np.ndarray | None = None  # hard: core voxels below a rim's cap, near-oedema in every contrast
 
 
 def make_case(seed: int | tuple[int, ...], shape: tuple[int, int, int] = REAL_SHAPE,
@@ -86,12 +91,15 @@ def make_case(seed: int | tuple[int, ...], shape: tuple[int, int, int] = REAL_SH
 
     classes = np.zeros(shape, dtype=np.uint8)
     high_grade = bool(rng.random() < (1 - HARD_RIMLESS_SHARE if hard else 0.75))
-    infiltration = _add_tumour(classes, x, y, z, grid, brain, brain_radii * scale, scale, rng, high_grade,
-                               partial_rim=hard)
+    infiltration, hidden_core = _add_tumour(classes, x, y, z, grid, brain, brain_radii * scale, scale, rng,
+                                            high_grade, partial_rim=hard)
     classes[~brain] = BACKGROUND
     if hard:
-        images, contrast = _hard_images(tissue, classes, infiltration, brain, x, y, z, scale, rng)
-        return PhantomCase(images=images, classes=classes, high_grade=high_grade, contrast=contrast)
+        hidden_core &= classes == NECROTIC
+        images, contrast = _hard_images(tissue, classes, infiltration, hidden_core, high_grade, brain, x, y, z,
+                                        scale, rng)
+        return PhantomCase(images=images, classes=classes, high_grade=high_grade, contrast=contrast,
+                           hidden_core=hidden_core)
 
     bias = 1.0 + 0.12 * _smooth_field(x, y, z, rng, freq=0.02 / scale.mean(), terms=3)
     images = {}
@@ -112,12 +120,14 @@ def make_case(seed: int | tuple[int, ...], shape: tuple[int, int, int] = REAL_SH
     return PhantomCase(images=images, classes=classes, high_grade=high_grade)
 
 
-def _hard_images(tissue, classes, infiltration, brain, x, y, z, scale, rng) -> tuple[dict[str, np.ndarray], float]:
+def _hard_images(tissue, classes, infiltration, hidden_core, high_grade, brain, x, y, z, scale,
+                 rng) -> tuple[dict[str, np.ndarray], float]:
     """The hard phantom's contrasts: faint, heterogeneous, infiltrative (see the module docstring)."""
     faintness = rng.uniform(*HARD_CONTRAST_RANGE)
-    # core vs oedema: a few percent in every contrast, of either sign
-    core_offsets = rng.uniform(*HARD_CORE_OFFSET_RANGE, len(MODALITY_ORDER)) * rng.choice([-1.0, 1.0],
-                                                                                           len(MODALITY_ORDER))
+    # a non-enhancing core vs oedema: a few percent in every contrast, of either sign; below a
+    # rim's cap, less than the texture's spread, so one slice cannot tell it from oedema
+    offset_range = HARD_HIDDEN_CORE_OFFSET_RANGE if high_grade else HARD_CORE_OFFSET_RANGE
+    core_offsets = rng.uniform(*offset_range, len(MODALITY_ORDER)) * rng.choice([-1.0, 1.0], len(MODALITY_ORDER))
     bias = 1.0 + 0.2 * _smooth_field(x, y, z, rng, freq=0.02 / scale.mean(), terms=3)
     texture = 0.12 * _smooth_field(x, y, z, rng, freq=0.25 / scale.mean(), terms=4)  # heterogeneity
     noise = rng.uniform(0.03, 0.06)
@@ -130,7 +140,9 @@ def _hard_images(tissue, classes, infiltration, brain, x, y, z, scale, rng) -> t
         # Contrast against the parenchyma the tumour infiltrates (it displaces CSF), not a fixed value.
         parenchyma = np.where(tissue == _CSF, means[2], image).astype(np.float32)
         oedema = parenchyma * (1 + faintness * _HARD_OEDEMA[modality])
-        core = oedema * (1 + core_offsets[index])
+        non_enhancing = oedema * (1 + core_offsets[index])
+        necrosis = oedema * (1 + faintness * _HARD_NECROSIS[modality])
+        core = np.where(hidden_core | (not high_grade), non_enhancing, necrosis)
         rim = parenchyma * (1 + faintness * _HARD_RIM[modality])
         tumour = classes > 0
         target = np.where(classes == ENHANCING, rim, np.where(classes == NECROTIC, core, oedema)).astype(np.float32)
@@ -176,7 +188,10 @@ def _smooth_field(x, y, z, rng, freq, terms):
 
 def _add_tumour(classes, x, y, z, grid, brain, brain_radii, scale, rng, high_grade, partial_rim=False):
     """Oedema halo around a lobulated core: enhancing rim + necrotic centre (HGG-like); with
-    ``partial_rim`` the rim covers only a cap of the core (HARD_RIM_CUT_RANGE)."""
+    ``partial_rim`` the rim covers only a cap of the core (HARD_RIM_CUT_RANGE).
+
+    Returns the infiltration weight and the mask of core voxels below the cap (empty without
+    ``partial_rim``), both over the whole volume."""
     # Centre: anywhere in the inner 60 % of the brain, so position varies a lot.
     while True:
         direction = rng.normal(size=3)
@@ -197,6 +212,7 @@ def _add_tumour(classes, x, y, z, grid, brain, brain_radii, scale, rng, high_gra
     oedema = _ellipsoid_distance(px, py, pz, core_radii * halo) / oedema_lobes
 
     region = np.zeros(core.shape, dtype=np.uint8)
+    below_cap = np.zeros(core.shape, dtype=bool)
     region[oedema < 1.0] = OEDEMA
     if high_grade:
         rim = rng.uniform(0.55, 0.75)
@@ -208,7 +224,8 @@ def _add_tumour(classes, x, y, z, grid, brain, brain_radii, scale, rng, high_gra
             cut = rng.uniform(*HARD_RIM_CUT_RANGE)
             u, v, w = px / core_radii[0], py / core_radii[1], pz / core_radii[2]
             cosine = (u * axis[0] + v * axis[1] + w * axis[2]) / np.sqrt(u * u + v * v + w * w + 1e-6)
-            region[(region == ENHANCING) & (cosine < cut)] = NECROTIC
+            below_cap = (region >= NECROTIC) & (cosine < cut)
+            region[below_cap] = NECROTIC
     else:  # low grade: a non-enhancing core, little or no enhancement
         region[core < 1.0] = NECROTIC
     region[~brain[box]] = BACKGROUND
@@ -217,7 +234,9 @@ def _add_tumour(classes, x, y, z, grid, brain, brain_radii, scale, rng, high_gra
     # (used by the hard phantom only; drawing nothing, it leaves the rng as it was).
     infiltration = np.zeros(classes.shape, dtype=np.float32)
     infiltration[box] = np.clip((1.0 - oedema) / INFILTRATION_FADE, 0.0, 1.0)
-    return infiltration
+    hidden_core = np.zeros(classes.shape, dtype=bool)
+    hidden_core[box] = below_cap
+    return infiltration, hidden_core
 
 
 def _cap_tumour_volume(core_radii, halo, brain_radii):
