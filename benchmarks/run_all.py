@@ -99,6 +99,8 @@ JOBS: tuple[Job, ...] = (
              "--seeds", "1,2", "--isas", "native"),
     _quality("hard_3d_e10x80_avx2", "--model", "3d", "--difficulty", "hard", "--regions", "wt,tc,et", "--steps",
              "80", "--seeds", "1", "--isas", "avx2"),
+    _quality("hard_2d_avx2", "--model", "2d", "--difficulty", "hard", "--regions", "wt,tc,et", "--epochs", "10",
+             "--seeds", "1", "--isas", "avx2"),
     _quality("hard_2d_k2", "--model", "2d", "--difficulty", "hard", "--regions", "wt,tc,et", "--epochs", "10",
              "--seeds", "1,2", "--isas", "native", "--set", "model.context_slices_2d=2"),
     _quality("hard_2d_k4", "--model", "2d", "--difficulty", "hard", "--regions", "wt,tc,et", "--epochs", "10",
