@@ -53,9 +53,14 @@ class ModelShape:
     def from_settings(cls, settings: Settings, precision: str, batch: int | None = None) -> "ModelShape":
         data, kind = settings.data, settings.train.model
         spatial = (data.image_size,) * 2 if kind == "2d" else tuple(data.crop_size)
-        planes = 2 * settings.model.context_slices_2d + 1 if kind == "2d" else 1
-        return cls(kind, spatial, len(data.channels) * planes, len(settings.model.regions),
+        return cls(kind, spatial, cls.input_channels(settings, kind), len(settings.model.regions),
                    batch or settings.train.batch_size, settings.model, "fp32" if precision == "fp32" else "bf16")
+
+    @staticmethod
+    def input_channels(settings: Settings, kind: str) -> int:
+        """Modalities x planes: a 2D model with context sees 2k + 1 slices of each."""
+        planes = 2 * settings.model.context_slices_2d + 1 if kind == "2d" else 1
+        return len(settings.data.channels) * planes
 
     def describe(self) -> str:
         size = f"{self.spatial[0]}^2" if self.kind == "2d" else "x".join(map(str, self.spatial))

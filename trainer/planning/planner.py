@@ -91,8 +91,7 @@ def make_plan(settings: Settings, data: DatasetFingerprint, node: NodeFingerprin
 
 def _fits(settings: Settings, kind: str, spatial: tuple[int, ...], batch: int, precision: str,
           budget_mib: float) -> float | None:
-    planes = 2 * settings.model.context_slices_2d + 1 if kind == "2d" else 1
-    shape = ModelShape(kind, spatial, len(settings.data.channels) * planes, len(settings.model.regions), batch,
+    shape = ModelShape(kind, spatial, ModelShape.input_channels(settings, kind), len(settings.model.regions), batch,
                        settings.model, precision)
     peak = predict_peak(shape).total_mib
     return peak if peak <= budget_mib else None
