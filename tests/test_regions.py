@@ -66,8 +66,37 @@ def test_post_processing_is_chosen_only_where_validation_dice_rises():
     assert helped.action in ("largest", "min_mm3:100") and helped.val_dice_after == pytest.approx(1.0)
     assert helped.val_dice_before < 1.0
     assert hurt.action == "none" and hurt.val_dice_after == hurt.val_dice_before == pytest.approx(1.0)
-    cleaned = postprocess.apply_decisions(with_false_blob[..., None], ["wt"], {"wt": helped.action}, spacing)
+    cleaned = postprocess.apply_decisions(with_false_blob[..., None], ["wt"], {"wt": helped_rule(helped)}, spacing, 0.5)
     assert np.array_equal(cleaned[..., 0], truth)
+
+
+def helped_rule(decision):
+    return postprocess.Rule(decision.threshold, decision.action)
+
+
+def test_a_region_threshold_is_raised_only_where_validation_dice_rises():
+    """A model that hedges (probability 0.65) over tissue a slice cannot tell apart: a higher threshold
+    removes the false part only if validation shows it false; a true part at 0.65 keeps 0.5."""
+    shape, spacing = (24, 24, 24), (1.0, 1.0, 1.0)
+    truth = _blob(shape, (4, 4, 4), 8)
+    hedged = _blob(shape, (4, 4, 12), 8)  # touches the truth: no component action can remove it
+    probabilities = np.where(truth, 0.95, 0.0) + np.where(hedged, 0.65, 0.0)
+    thresholds = postprocess.candidate_thresholds(0.5, True)
+    assert 0.5 in thresholds and len(thresholds) > 1
+    assert postprocess.candidate_thresholds(0.45, False) == (0.45,)
+    false_hedge = postprocess.score_case(truth[..., None], probabilities[..., None], spacing, ["tc"], thresholds)
+    decided, = postprocess.decide([false_hedge], ["tc"], 0.5)
+    assert 0.65 <= decided.threshold < 0.95 and decided.val_dice_after == pytest.approx(1.0)
+    assert decided.val_dice_before == pytest.approx(2 / 3)
+    masks = postprocess.apply_decisions(probabilities[..., None], ["tc"], {"tc": helped_rule(decided)}, spacing, 0.5)
+    assert np.array_equal(masks[..., 0], truth)
+    true_hedge = postprocess.score_case((truth | hedged)[..., None], probabilities[..., None], spacing, ["tc"],
+                                        thresholds)
+    kept, = postprocess.decide([true_hedge], ["tc"], 0.5)
+    assert (kept.threshold, kept.action) == (0.5, "none")  # ties keep the default
+    # a region without a stored rule: the default threshold, no action
+    assert np.array_equal(postprocess.apply_decisions(probabilities[..., None], ["tc"], {}, spacing, 0.5)[..., 0],
+                          truth | hedged)
 
 
 def test_a_small_false_enhancing_tumour_is_dropped_only_when_validation_has_such_a_case():
@@ -78,10 +107,11 @@ def test_a_small_false_enhancing_tumour_is_dropped_only_when_validation_has_such
     true_et = _blob(shape, (10, 10, 10), 9)                 # a small real ET, 729 mm^3 in one part
     low_grade = postprocess.score_case(empty[..., None], false_et[..., None], spacing, ["et"])
     high_grade = postprocess.score_case(true_et[..., None], true_et[..., None], spacing, ["et"])
-    assert low_grade["et"]["min_mm3:100"] == 0.0 and low_grade["et"]["drop_below_mm3:500"] == 0.0  # 559 mm^3
+    rule = postprocess.Rule
+    assert low_grade["et"][rule(0.5, "min_mm3:100")] == 0.0 and low_grade["et"][rule(0.5, "drop_below_mm3:500")] == 0.0
     smaller_false_et = _blob(shape, (4, 4, 4), 7) | _blob(shape, (20, 20, 20), 5)   # 468 mm^3 in all
     low_grade = postprocess.score_case(empty[..., None], smaller_false_et[..., None], spacing, ["et"])
-    assert low_grade["et"]["min_mm3:100"] == 0.0 and low_grade["et"]["drop_below_mm3:500"] == 1.0
+    assert low_grade["et"][rule(0.5, "min_mm3:100")] == 0.0 and low_grade["et"][rule(0.5, "drop_below_mm3:500")] == 1.0
     chosen, = postprocess.decide([low_grade, high_grade], ["et"])
     assert chosen.action == "drop_below_mm3:500"  # min_mm3:1000 would also remove the real 729 mm^3 ET
     assert (chosen.val_dice_before, chosen.val_dice_after) == (0.5, 1.0)
@@ -94,25 +124,33 @@ MIRRORED = postprocess.procedure(0.5, (1, 0))
 
 
 def test_a_stored_decision_with_an_unknown_action_is_refused_by_name(tmp_path):
-    postprocess.save(tmp_path, "ckpt-1", [postprocess.RegionDecision("et", "drop_below_mm3:abc", 0.5, 1.0, 3)],
+    postprocess.save(tmp_path, "ckpt-1", [postprocess.RegionDecision("et", "drop_below_mm3:abc", 0.5, 0.5, 1.0, 3)],
                      MIRRORED)
     with pytest.raises(TrainingError, match=r"postprocessing\.json: unknown post-processing action.*drop_below_mm3:abc"):
         postprocess.load(tmp_path, "ckpt-1", MIRRORED)
 
 
+def test_a_stored_threshold_outside_the_candidates_is_refused_by_name(tmp_path):
+    postprocess.save(tmp_path, "ckpt-1", [postprocess.RegionDecision("tc", "none", 0.05, 0.5, 1.0, 3)], MIRRORED)
+    with pytest.raises(TrainingError, match=r"postprocessing\.json: threshold\(s\) 0\.05 outside the candidates"):
+        postprocess.load(tmp_path, "ckpt-1", MIRRORED)
+
+
 def test_the_decision_is_stored_for_its_checkpoint_and_inference_procedure(tmp_path):
-    decisions = [postprocess.RegionDecision("wt", "largest", 0.8, 0.9, 3)]
-    postprocess.save(tmp_path, "ckpt-1", decisions, MIRRORED)
-    assert MIRRORED == {"threshold": 0.5, "mirror_axes": [0, 1]}
-    assert postprocess.load(tmp_path, "ckpt-1", MIRRORED) == {"wt": "largest"}
-    assert postprocess.load(tmp_path, "ckpt-2", MIRRORED) is None  # another checkpoint: decide again
-    # masks made another way (no mirroring, another threshold) were not what validation judged
-    assert postprocess.load(tmp_path, "ckpt-1", postprocess.procedure(0.5, ())) is None
-    assert postprocess.load(tmp_path, "ckpt-1", postprocess.procedure(0.4, (0, 1))) is None
+    tuned = postprocess.procedure(0.5, (1, 0), tune_thresholds=True)
+    decisions = [postprocess.RegionDecision("wt", "largest", 0.7, 0.8, 0.9, 3)]
+    postprocess.save(tmp_path, "ckpt-1", decisions, tuned)
+    assert MIRRORED == {"threshold": 0.5, "mirror_axes": [0, 1], "thresholds": [0.5]}
+    assert postprocess.load(tmp_path, "ckpt-1", tuned) == {"wt": postprocess.Rule(0.7, "largest")}
+    assert postprocess.load(tmp_path, "ckpt-2", tuned) is None  # another checkpoint: decide again
+    # masks made another way (no mirroring, another threshold, no tuning) were not what validation judged
+    assert postprocess.load(tmp_path, "ckpt-1", postprocess.procedure(0.5, (), True)) is None
+    assert postprocess.load(tmp_path, "ckpt-1", postprocess.procedure(0.4, (0, 1), True)) is None
+    assert postprocess.load(tmp_path, "ckpt-1", MIRRORED) is None
     legacy = json.loads((tmp_path / postprocess.FILE_NAME).read_text())
     del legacy["inference"]  # written before mirroring existed
     (tmp_path / postprocess.FILE_NAME).write_text(json.dumps(legacy))
-    assert postprocess.load(tmp_path, "ckpt-1", MIRRORED) is None
+    assert postprocess.load(tmp_path, "ckpt-1", tuned) is None
 
 
 # ---------------------------------------------------------------- a real region model, end to end

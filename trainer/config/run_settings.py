@@ -27,8 +27,9 @@ MODEL_KEYS = ("train.model", "model.regions", "model.base_filters_2d", "model.ba
               "model.dropout", "model.norm_2d", "model.norm_3d", "model.batch_norm_momentum", "model.threshold",
               "model.context_slices_2d",
               "data.channels", "data.image_size", "data.crop_size")
-# The run's by default, free to override: test-time mirroring and where the data live now.
-DEFAULT_KEYS = ("model.mirror_axes_2d", "model.mirror_axes_3d", "data.brats_dir", "data.slices_h5",
+# The run's by default, free to override: the inference procedure and where the data live now.
+DEFAULT_KEYS = ("model.mirror_axes_2d", "model.mirror_axes_3d", "model.tune_thresholds_2d",
+                "model.tune_thresholds_3d", "data.brats_dir", "data.slices_h5",
                 "data.decathlon_dir", "data.cache_dir", "data.decathlon_split", "data.split")
 RUN_SETTINGS_FILE = "settings.yaml"
 log = logging.getLogger(__name__)

@@ -41,8 +41,10 @@ def evaluate(settings: Settings, split_name: str = "test", limit: int | None = N
     decisions = postprocessing_for(settings, predictor, checkpoint, progress, dataset)
     rows = []
     for case in tqdm(cases, total=count, desc=f"evaluate {split_name}", unit="case", disable=not progress):
-        raw = predictor.predict_channels(case.image) > settings.model.threshold
-        masks = postprocess.apply_decisions(raw, regions.names, decisions, case.geometry.spacing)
+        probabilities = predictor.predict_channels(case.image)
+        raw = probabilities > settings.model.threshold
+        masks = postprocess.apply_decisions(probabilities, regions.names, decisions, case.geometry.spacing,
+                                            settings.model.threshold)
         rows.append({"case": case.case_id, **case_row(regions, regions.masks(case.labels), raw, masks,
                                                       case.geometry.spacing)})
         if save_predictions:
@@ -51,7 +53,7 @@ def evaluate(settings: Settings, split_name: str = "test", limit: int | None = N
     columns = [c for c in rows[0] if c != "case"]
     summary = {"checkpoint": checkpoint, "engine": describe(predictor.engine), "split": split_name,
                "cases": len(rows), "model": settings.train.model, "dataset": dataset.describe(), "regions": list(regions.names),
-               "postprocessing": decisions, **{name: _stats([row[name] for row in rows]) for name in columns}}
+               "postprocessing": postprocess.describe(decisions), **{name: _stats([row[name] for row in rows]) for name in columns}}
     for column in ("hd95", *(f"hd95_{r}" for r in regions.names if len(regions) > 1)):
         if summary[column]["undefined_cases"]:
             log.warning("%s is undefined for %d of %d case(s) (exactly one of truth/prediction empty); "
@@ -103,16 +105,16 @@ def validation_report(settings: Settings, progress: bool = True, **predictor_opt
               "cases": next(iter(regions.values()))["cases"],
               "dice": float(np.mean([r["val_dice_after"] for r in regions.values()])),
               "dice_raw": float(np.mean([r["val_dice_before"] for r in regions.values()])),
-              "postprocessing": {name: r["action"] for name, r in regions.items()}}
+              "postprocessing": {name: str(postprocess.Rule(r["threshold"], r["action"])) for name, r in regions.items()}}
     if len(regions) > 1:
         report.update({f"dice_{name}": r["val_dice_after"] for name, r in regions.items()})
     return report
 
 
 def postprocessing_for(settings: Settings, predictor: Predictor, checkpoint: str, progress: bool,
-                       dataset: RawDataset | None = None) -> dict[str, str]:
+                       dataset: RawDataset | None = None) -> dict[str, postprocess.Rule]:
     """The run's post-processing for ``checkpoint``: stored, or decided now on the validation split."""
-    inference = postprocess.procedure(settings.model.threshold, predictor.mirrored_axes())
+    inference = run_procedure(settings, predictor)
     stored = postprocess.load(settings.run_path, checkpoint, inference)
     if stored is not None:
         return stored
@@ -120,15 +122,22 @@ def postprocessing_for(settings: Settings, predictor: Predictor, checkpoint: str
     count, cases = iter_cases(settings, "val", None, dataset)
     if count == 0:
         log.warning("no validation cases: no post-processing")
-        return {region: "none" for region in regions.names}
+        return {region: postprocess.Rule(settings.model.threshold) for region in regions.names}
     scores = []
     for case in tqdm(cases, total=count, desc="post-processing (val)", unit="case", disable=not progress):
-        raw = predictor.predict_channels(case.image) > settings.model.threshold
-        scores.append(postprocess.score_case(regions.masks(case.labels), raw, case.geometry.spacing, regions.names))
-    decisions = postprocess.decide(scores, regions.names)
+        probabilities = predictor.predict_channels(case.image)
+        scores.append(postprocess.score_case(regions.masks(case.labels), probabilities, case.geometry.spacing,
+                                             regions.names, inference["thresholds"]))
+    decisions = postprocess.decide(scores, regions.names, settings.model.threshold)
     path = postprocess.save(settings.run_path, checkpoint, decisions, inference)
     log.info("post-processing decided on %d validation case(s), stored in %s", count, path)
-    return {d.region: d.action for d in decisions}
+    return {d.region: postprocess.Rule(d.threshold, d.action) for d in decisions}
+
+
+def run_procedure(settings: Settings, predictor: Predictor) -> dict:
+    """The inference procedure a run's post-processing is decided for and applied under."""
+    return postprocess.procedure(settings.model.threshold, predictor.mirrored_axes(),
+                                 settings.model.tune_thresholds(settings.train.model))
 
 
 def _stats(values: list[float]) -> dict:

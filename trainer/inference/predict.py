@@ -85,8 +85,8 @@ def predict_cases(settings: Settings, cases: list[CaseInput], options: PredictOp
         paths = output_paths(case, regions, options)
         image, geometry, convention = case.load(settings.data.max_voxels)
         probability = predictor.predict_channels(image)
-        raw = probability > settings.model.threshold
-        masks = postprocess.apply_decisions(raw, regions.names, decisions, geometry.spacing)
+        masks = postprocess.apply_decisions(probability, regions.names, decisions, geometry.spacing,
+                                            settings.model.threshold)
         if "probabilities" in paths:
             _write_probabilities(paths["probabilities"], probability, regions.names, geometry.spacing)
         if "png" in paths:
@@ -99,12 +99,12 @@ def predict_cases(settings: Settings, cases: list[CaseInput], options: PredictOp
 
 
 def _postprocessing(settings: Settings, predictor: Predictor, checkpoint: str,
-                    progress: bool) -> tuple[dict[str, str], str]:
+                    progress: bool) -> tuple[dict[str, postprocess.Rule], str]:
     """The run's decisions for this checkpoint and procedure, decided now when there are none yet."""
-    from trainer.inference.evaluate import postprocessing_for
+    from trainer.inference.evaluate import postprocessing_for, run_procedure
     from trainer.training.run import decide_command
 
-    inference = postprocess.procedure(settings.model.threshold, predictor.mirrored_axes())
+    inference = run_procedure(settings, predictor)
     decisions = postprocess.load(settings.run_path, checkpoint, inference)
     if decisions is not None:
         return decisions, _describe(decisions)
@@ -119,8 +119,8 @@ def _postprocessing(settings: Settings, predictor: Predictor, checkpoint: str,
     return decisions, _describe(decisions)
 
 
-def _describe(decisions: dict[str, str]) -> str:
-    return ", ".join(f"{region} {action}" for region, action in decisions.items()) or "none"
+def _describe(decisions: dict[str, postprocess.Rule]) -> str:
+    return ", ".join(f"{region} {rule}" for region, rule in decisions.items()) or "none"
 
 
 def _finished(paths: dict[str, Path]) -> bool:
