@@ -1,4 +1,4 @@
-"""2.5D context slices for the 2D model: order, edges, training reads equal inference stacks,
+"""2.5D context slices for the 2D model: order, stride, edges, training reads equal inference stacks,
 k = 0 is today's model, and a context run trains, predicts and exports with parity."""
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from trainer.regions import RegionSet
 def test_the_order_is_the_slice_then_its_neighbours_nearest_first():
     assert context_offsets(0) == [0]
     assert context_offsets(2) == [0, -1, 1, -2, 2]
+    assert context_offsets(2, stride=3) == [0, -3, 3, -6, 6]  # the same planes, three times as far
 
 
 def test_volume_stacks_shift_each_plane_and_pad_with_zeros():
@@ -31,6 +32,13 @@ def test_volume_stacks_shift_each_plane_and_pad_with_zeros():
     np.testing.assert_array_equal(stacked[:, :, :-1, 4:6], volume[:, :, 1:])  # plane +1: the slice above
     assert not stacked[:, :, 0, 2:4].any() and not stacked[:, :, -1, 4:6].any()  # past the volume's ends
     assert stack_volume_context(volume, 0) is volume
+    strided = stack_volume_context(volume, 1, stride=2)
+    np.testing.assert_array_equal(strided[:, :, 2:, 2:4], volume[:, :, :-2])  # plane -2
+    np.testing.assert_array_equal(strided[:, :, :-2, 4:6], volume[:, :, 2:])  # plane +2
+    assert not strided[:, :, :2, 2:4].any() and not strided[:, :, -2:, 4:6].any()
+    far = stack_volume_context(volume, 1, stride=8)  # reaching past both ends of a 5-slice volume
+    np.testing.assert_array_equal(far[..., :2], volume)
+    assert not far[..., 2:].any()
 
 
 def test_neighbours_stay_within_a_case_and_its_stored_slices():
@@ -38,12 +46,16 @@ def test_neighbours_stay_within_a_case_and_its_stored_slices():
     z = np.array([10, 11, 13, 4, 5, 6])  # case 0 has no stored slice 12
     rows = neighbour_rows(np.arange(6), case, z, 1)
     assert rows.tolist() == [[0, -1, 1], [1, 0, -1], [2, -1, -1], [3, -1, 4], [4, 3, 5], [5, 4, -1]]
+    strided = neighbour_rows(np.arange(6), case, z, 1, stride=2)  # row arithmetic fails where 12 is missing
+    assert strided.tolist() == [[0, -1, -1], [1, -1, 2], [2, 1, -1], [3, -1, 5], [4, -1, -1], [5, 3, -1]]
 
 
 @pytest.fixture(scope="module")
 def sources(prepared_brats):
     regions = RegionSet(("wt", "tc", "et"))
-    return {k: SliceSource(prepared_brats, "train", ("flair", "t1ce"), regions, k) for k in (0, 2)}
+    out = {k: SliceSource(prepared_brats, "train", ("flair", "t1ce"), regions, k) for k in (0, 2)}
+    out["strided"] = SliceSource(prepared_brats, "train", ("flair", "t1ce"), regions, 2, context_stride=3)
+    return out
 
 
 def test_training_reads_carry_the_context_planes(sources):
@@ -64,16 +76,17 @@ def test_training_reads_carry_the_context_planes(sources):
     assert not images[first, ..., 2:4].any()  # nothing below it
 
 
-def test_inference_stacks_equal_the_training_reads(sources, prepared_brats, brats_dataset):
+@pytest.mark.parametrize("key, stride", [(2, 1), ("strided", 3)])
+def test_inference_stacks_equal_the_training_reads(sources, prepared_brats, brats_dataset, key, stride):
     """The predictor builds each slice's context from the whole volume; training read it from the
     prepared slices. Both must give the model the same numbers."""
-    context = sources[2]
+    context = sources[key]
     case_id = context.case_ids[0]
     raw = RawDataset.open(brats_dataset).by_id()[case_id]
     image, _, _ = raw.load()
     channels = [MODALITIES.index(c) for c in ("flair", "t1ce")]
     keep = brain_slices(image)
-    stacked = resize_slices(stack_volume_context(image[..., channels], 2)[:, :, keep], context.size)
+    stacked = resize_slices(stack_volume_context(image[..., channels], 2, stride)[:, :, keep], context.size)
     rows = np.flatnonzero(context.case == 0)
     assert load_split(split_path_for(prepared_brats))["train"][0] == case_id
     np.testing.assert_allclose(stacked, context.read(rows)[0], atol=1e-5)
@@ -106,8 +119,8 @@ def test_no_context_is_todays_model():
 def test_a_context_run_trains_predicts_and_exports_with_parity(prepared_brats, brats_dataset, tmp_path):
     flags = ["--set", "model.base_filters_2d=4", "--set", "train.batch_size=4", "--set", "train.steps_per_epoch=2",
              "--set", "train.validation_steps=1", "--set", f"data.slices_h5={prepared_brats}", "--quiet"]
-    trained = run_cli("train", "--run-name", "ctx", "--epochs", "1", "--set", "model.context_slices_2d=1", *flags,
-                      cwd=tmp_path, timeout=300)
+    trained = run_cli("train", "--run-name", "ctx", "--epochs", "1", "--set", "model.context_slices_2d=1",
+                      "--set", "model.context_stride_2d=2", *flags, cwd=tmp_path, timeout=300)
     assert trained.returncode == 0, trained.stderr[-3000:]
     case = brats_case_folders(brats_dataset)[0]
     predicted = run_cli("predict", "--run-name", "ctx", case, "--out", tmp_path / "pred", "--quiet", cwd=tmp_path,
@@ -120,3 +133,6 @@ def test_a_context_run_trains_predicts_and_exports_with_parity(prepared_brats, b
     refused = run_cli("predict", "--run-name", "ctx", case, "--out", tmp_path / "p2", "--set",
                       "model.context_slices_2d=0", cwd=tmp_path)
     assert refused.returncode == 2 and "model.context_slices_2d" in refused.stderr
+    refused = run_cli("predict", "--run-name", "ctx", case, "--out", tmp_path / "p3", "--set",
+                      "model.context_stride_2d=1", cwd=tmp_path)
+    assert refused.returncode == 2 and "model.context_stride_2d" in refused.stderr

@@ -25,7 +25,7 @@ from trainer.errors import ConfigError
 # What the trained weights mean: an override must agree with the run.
 MODEL_KEYS = ("train.model", "model.regions", "model.base_filters_2d", "model.base_filters_3d", "model.upsampling",
               "model.dropout", "model.norm_2d", "model.norm_3d", "model.batch_norm_momentum", "model.threshold",
-              "model.context_slices_2d",
+              "model.context_slices_2d", "model.context_stride_2d",
               "data.channels", "data.image_size", "data.crop_size")
 # The run's by default, free to override: the inference procedure and where the data live now.
 DEFAULT_KEYS = ("model.mirror_axes_2d", "model.mirror_axes_3d", "model.tune_thresholds_2d",

@@ -134,6 +134,8 @@ class ModelSettings(_Section):
     # 2.5D: the 2D model also sees k slices above and below, every modality (input channels x (2k + 1));
     # 0 = one slice. Neighbours outside the brain or the volume are zeros, in training and inference.
     context_slices_2d: int = Field(0, ge=0, le=4)
+    # Slices between context planes: k planes at stride s reach k x s slices each side, same cost.
+    context_stride_2d: int = Field(1, ge=1, le=8)
     mirror_axes_2d: tuple[Literal[0, 1], ...] = Field((0, 1), max_length=2)
     mirror_axes_3d: tuple[Literal[0, 1, 2], ...] = Field((), max_length=3)
 

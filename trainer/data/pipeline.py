@@ -50,8 +50,10 @@ class SliceSource:
     One read-only h5py handle per process, shared by tf.data threads under a lock.
     """
 
-    def __init__(self, path: Path, split: str, channels: Sequence[str], regions: RegionSet, context: int = 0):
+    def __init__(self, path: Path, split: str, channels: Sequence[str], regions: RegionSet, context: int = 0,
+                 context_stride: int = 1):
         self.path, self.split, self.regions, self.context = Path(path), split, regions, context
+        self.context_stride = context_stride
         self.channels = [MODALITIES.index(c) for c in channels]
         try:
             with h5py.File(self.path, "r") as h5:
@@ -100,7 +102,7 @@ class SliceSource:
                 self._file = h5py.File(self.path, "r", rdcc_nbytes=LABEL_CHUNK_CACHE_BYTES)
                 group = self._file[self.split]
                 self._datasets = (group["images"], group["labels"])
-            neighbours = neighbour_rows(unique, self.case, self.z, self.context) if self.context else unique[:, None]
+            neighbours = neighbour_rows(unique, self.case, self.z, self.context, self.context_stride) if self.context else unique[:, None]
             needed = np.unique(neighbours[neighbours >= 0])
             images = _read_rows(self._datasets[0], needed)[..., self.channels].astype(np.float32)
             labels = _read_rows(self._datasets[1], unique)

@@ -165,9 +165,9 @@ def _validation_budget(settings: Settings, global_batch: int, cases: int) -> int
 
 def _slice_streams(settings: Settings, shard: Shard, global_batch: int, regions: RegionSet) -> Streams:
     data, train = settings.data, settings.train
-    context = settings.model.context_slices_2d
-    train_source = SliceSource(data.slices_h5, "train", data.channels, regions, context)
-    val_source = SliceSource(data.slices_h5, "val", data.channels, regions, context)
+    context = settings.model.context_slices_2d, settings.model.context_stride_2d
+    train_source = SliceSource(data.slices_h5, "train", data.channels, regions, *context)
+    val_source = SliceSource(data.slices_h5, "val", data.channels, regions, *context)
     steps = _steps(settings, train_source.count, global_batch)
     schedule = TrainSchedule(train_source.count, global_batch, steps, train.seed, data.shuffle,
                              train_source.tumour_positions(), data.tumour_slice_fraction)

@@ -163,7 +163,7 @@ def held_out_slices(settings: Settings, count: int) -> tuple[np.ndarray, str]:
         if split is None:
             raise DataError(f"{path}: no slices")
     source = SliceSource(path, split, settings.data.channels, RegionSet(settings.model.regions),
-                         settings.model.context_slices_2d)
+                         settings.model.context_slices_2d, settings.model.context_stride_2d)
     chosen = np.sort(np.argsort(-source.region_voxels[:, 0], kind="stable")[:count])
     return source.read(chosen)[0], f"{len(chosen)} {split} slice(s) with the most tumour from {path}"
 

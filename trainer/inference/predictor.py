@@ -29,6 +29,7 @@ class Predictor:
     batch_size: int = 0  # 0 = 32 slices (2D) or 8 windows (3D)
     mirror_axes: tuple[int, ...] = ()  # volume axes flipped at test time; every combination is averaged
     context: int = 0  # 2D: context slices on each side (model.context_slices_2d)
+    context_stride: int = 1  # 2D: slices between context planes (model.context_stride_2d)
 
     @classmethod
     def from_run(cls, settings: Settings, which: str = "best", engine: str = "auto", precision: str = "auto",
@@ -37,7 +38,8 @@ class Predictor:
         runner, source = open_engine(settings, EngineRequest(engine, precision, ir), which)
         return cls(runner, settings.train.model, [MODALITIES.index(c) for c in data.channels],
                    data.image_size, tuple(data.crop_size), mirror_axes=settings.model.mirror_axes(settings.train.model),
-                   context=settings.model.context_slices_2d, **options), source
+                   context=settings.model.context_slices_2d, context_stride=settings.model.context_stride_2d,
+                   **options), source
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         """The whole-tumour probability (x, y, z): the models' output channel 0."""
@@ -74,7 +76,7 @@ class Predictor:
         keep = brain_slices(image)
         if not len(keep):
             return np.zeros((*image.shape[:3], self._output_channels()), dtype=np.float32)
-        slices = resize_slices(stack_volume_context(image, self.context)[:, :, keep], self.image_size)
+        slices = resize_slices(stack_volume_context(image, self.context, self.context_stride)[:, :, keep], self.image_size)
         predicted = np.concatenate([self.engine.predict(group) for group in self._batches(slices, 32)])
         probability = np.zeros((*image.shape[:3], predicted.shape[-1]), dtype=np.float32)
         width, height = image.shape[1], image.shape[0]
