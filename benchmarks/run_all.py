@@ -98,13 +98,20 @@ JOBS: tuple[Job, ...] = (
     _quality("hard_2d", "--model", "2d", "--difficulty", "hard", "--regions", "wt,tc,et", "--epochs", "10",
              "--seeds", "1,2", "--isas", "native"),
     _quality("hard_3d_e10x80_avx2", "--model", "3d", "--difficulty", "hard", "--regions", "wt,tc,et", "--steps",
-             "80", "--seeds", "1", "--isas", "avx2"),
+             "80", "--seeds", "1,2", "--isas", "avx2"),
     _quality("hard_2d_avx2", "--model", "2d", "--difficulty", "hard", "--regions", "wt,tc,et", "--epochs", "10",
-             "--seeds", "1", "--isas", "avx2"),
+             "--seeds", "1,2", "--isas", "avx2"),
     _quality("hard_2d_k2", "--model", "2d", "--difficulty", "hard", "--regions", "wt,tc,et", "--epochs", "10",
              "--seeds", "1,2", "--isas", "native", "--set", "model.context_slices_2d=2"),
     _quality("hard_2d_k4", "--model", "2d", "--difficulty", "hard", "--regions", "wt,tc,et", "--epochs", "10",
              "--seeds", "1,2", "--isas", "native", "--set", "model.context_slices_2d=4"),
+    _quality("hard_2d_k4s2", "--model", "2d", "--difficulty", "hard", "--regions", "wt,tc,et", "--epochs", "10",
+             "--seeds", "1,2", "--isas", "native", "--set", "model.context_slices_2d=4", "--set",
+             "model.context_stride_2d=2"),
+    # whether validation's threshold choice holds on held-out cases (the 3D runs above must exist)
+    Job("threshold_curves_hard_3d", "threshold_curves", ("--runs", "hard_3d_e10x80_single_native_s1,"
+                                                         "hard_3d_e10x80_single_native_s2", "--out",
+                                                         "threshold_curves_hard_3d")),
     # fault tolerance; the real step against the old benchmark
     Job("resilience", "resilience", ("--rounds", "1"), ("--rounds", "1"), needs_slices=True),
     Job("plan_fit", "plan_accuracy", ("--fit", "--steps", "4"), ("--fit", "--quick")),
