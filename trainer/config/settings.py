@@ -120,8 +120,8 @@ class ModelSettings(_Section):
     batch_norm_momentum: float = Field(0.9, gt=0.0, lt=1.0)
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     # Post-processing also chooses each region's threshold on the validation split (0.3-0.9, kept only
-    # where its Dice rises). The 2D model over-segments at 0.5 on the hard phantom: in 4 runs of 4,
-    # validation chose 0.7-0.8 for TC and the held-out TC rose too (docs/results.md). 3D does not:
+    # where its Dice rises). The 2D model over-segments at 0.5 on the hard phantom: in 8 runs of 8,
+    # validation chose 0.8 for TC and the held-out TC rose too (docs/results.md). 3D does not:
     # in 2 runs of 2 validation chose 0.3 for TC and the held-out TC fell, so 3D keeps its threshold.
     tune_thresholds_2d: bool = True
     tune_thresholds_3d: bool = False
