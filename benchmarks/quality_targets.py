@@ -31,6 +31,7 @@ import statistics
 import time
 
 from common import CLI, HOROVODRUN, ROOT, RESULTS, ensure_data, ensure_hard_data, ps_job, save, timed
+from trainer.inference import postprocess
 
 RUNS = ROOT / "runs" / "quality"
 ISA_ENV = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2"}}
@@ -93,7 +94,7 @@ def collect(run_path, name: str, mode: str, isa: str, seed: int, train_s: float)
     that evaluation applied (postprocessing.json, decided on the whole validation volumes)."""
     summary = json.loads((run_path / "evaluation" / "summary.json").read_text())
     trained = json.loads((run_path / "summary.json").read_text())
-    validation = validation_figures(json.loads((run_path / "postprocessing.json").read_text()))
+    validation = postprocess.validation_figures(json.loads((run_path / "postprocessing.json").read_text()))
     history = json.loads((run_path / "history.json").read_text())["epochs"]
     regions = summary["regions"]
     per_region = {region: {key: summary[f"{key}_{region}"]["mean"] for key in ("dice", "hd95", "dice_raw", "hd95_raw")}
@@ -113,16 +114,6 @@ def collect(run_path, name: str, mode: str, isa: str, seed: int, train_s: float)
               "val_minus_test": validation["dice"] - summary["dice"]["mean"],
               "test_cases": summary["cases"], "val_cases": validation["cases"], "precision": trained["precision"]}
     return result
-
-
-def validation_figures(decided: dict) -> dict:
-    """Whole-volume validation Dice after and before post-processing, as validation.json has them."""
-    regions = decided["regions"]
-    figures = {"cases": next(iter(regions.values()))["cases"],
-               "dice": statistics.mean(r["val_dice_after"] for r in regions.values()),
-               "dice_raw": statistics.mean(r["val_dice_before"] for r in regions.values())}
-    figures.update({f"dice_{name}": r["val_dice_after"] for name, r in regions.items()})
-    return figures
 
 
 def summarise(runs: list[dict]) -> dict:

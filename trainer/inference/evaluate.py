@@ -99,16 +99,8 @@ def validation_report(settings: Settings, progress: bool = True, **predictor_opt
         return None
     predictor, checkpoint = Predictor.from_run(settings, **predictor_options)
     postprocessing_for(settings, predictor, checkpoint, progress, dataset)
-    stored = postprocess.stored(settings.run_path)
-    regions = stored["regions"]
-    report = {"checkpoint": checkpoint, "engine": describe(predictor.engine), "split": "val",
-              "cases": next(iter(regions.values()))["cases"],
-              "dice": float(np.mean([r["val_dice_after"] for r in regions.values()])),
-              "dice_raw": float(np.mean([r["val_dice_before"] for r in regions.values()])),
-              "postprocessing": {name: str(postprocess.Rule(r["threshold"], r["action"])) for name, r in regions.items()}}
-    if len(regions) > 1:
-        report.update({f"dice_{name}": r["val_dice_after"] for name, r in regions.items()})
-    return report
+    return {"checkpoint": checkpoint, "engine": describe(predictor.engine), "split": "val",
+            **postprocess.validation_figures(postprocess.stored(settings.run_path))}
 
 
 def postprocessing_for(settings: Settings, predictor: Predictor, checkpoint: str, progress: bool,
