@@ -18,7 +18,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import CLI, HOROVODRUN, RESULTS, save, timed
+from common import CLI, HOROVODRUN, RESULTS, default_data_flags, save, timed
 
 BATCH, STEPS, WARMUP = 16, 10, 3
 SAME_MODEL = ["--set", "model.norm_2d=none"]
@@ -26,7 +26,7 @@ SAME_MODEL = ["--set", "model.norm_2d=none"]
 
 def configs(old: Path) -> dict[str, tuple[list, dict]]:
     bench = ["benchmark", "--model", "2d", "--steps", str(STEPS), "--warmup", str(WARMUP)]
-    new = bench + ["--mode", "train", "--mode", "train_in_memory"]
+    new = bench + [*default_data_flags("2d"), "--mode", "train", "--mode", "train_in_memory"]
     return {
         "old_train_on_batch": ([sys.executable, "-m", "trainer.cli", *bench, "--mode", "train", "--batch-size",
                                 str(BATCH)], {"cwd": old}),

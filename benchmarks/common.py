@@ -109,46 +109,65 @@ def _ps_job(chief_args: list, extra: list, log: Path, workers: int, **extra_env:
 
 
 DATA = ROOT / "data"
+PREPARED = DATA / "prepared"
+# The synthetic default per model (20 full-size cases, seed 0): its synth command, its prepare
+# command, and the prepared dataset folder a run reads (``--data``).
 DATASETS = {
     "2d": (["synth", "--format", "brats", "--out", DATA / "raw/MICCAI_BraTS_2019_Data_Training", "--cases", "20",
             "--seed", "0"],
-           ["prepare", "--format", "brats", "--src", DATA / "raw/MICCAI_BraTS_2019_Data_Training",
-            "--out", DATA / "brats_slices.h5"], DATA / "brats_slices.h5"),
+           ["prepare", "--format", "brats", "--src", DATA / "raw/MICCAI_BraTS_2019_Data_Training", "--model", "2d",
+            "--out", PREPARED / "brats-default"], PREPARED / "brats-default"),
     "3d": (["synth", "--format", "decathlon", "--out", DATA / "raw/Task01_BrainTumour", "--cases", "20",
             "--seed", "0"],
-           ["prepare", "--format", "decathlon", "--src", DATA / "raw/Task01_BrainTumour",
-            "--out", DATA / "cache/decathlon"], DATA / "decathlon.split.json"),
+           ["prepare", "--format", "decathlon", "--src", DATA / "raw/Task01_BrainTumour", "--model", "3d",
+            "--out", PREPARED / "decathlon-default"], PREPARED / "decathlon-default"),
 }
+
+
+def prepared_for(folder: Path) -> list[str]:
+    """The models a prepared dataset folder holds data for ([] when it is not one yet)."""
+    from trainer.data.prepared import PreparedDataset
+    from trainer.errors import DataError
+
+    try:
+        return PreparedDataset.open(folder).prepared_for()
+    except DataError:
+        return []
+
+
+def default_data_flags(model: str) -> list:
+    """``--data`` for `model`'s synthetic default, without making it (see ensure_data)."""
+    return ["--data", DATASETS[model][2]]
 
 
 HARD = DATA / "hard"  # one BraTS-layout hard set, prepared for both models (the dataset seam)
 HARD_CASES = 24
 HARD_SPLIT = ["--set", "data.split.val_fraction=0.17", "--set", "data.split.test_fraction=0.25"]
-HARD_DATA_FLAGS = ["--set", f"data.slices_h5={HARD / 'slices.h5'}", "--set", f"data.decathlon_split={HARD / 'volumes.split.json'}",
-                   "--set", f"data.cache_dir={HARD / 'cache'}"]
+HARD_PREPARED = HARD / "prepared"  # 2D slices and the 3D cache side by side, one split
+HARD_DATA_FLAGS = ["--data", HARD_PREPARED]
 
 
-def ensure_hard_data(log: Path | None = None) -> list[str]:
+def ensure_hard_data(log: Path | None = None) -> list:
     """The hard phantom (24 full-size BraTS-layout cases, seed 0: 14 to train, 4 to validate, 6 held
-    out, one split for both models), prepared as 2D slices and 3D volumes; returns the --set flags
-    that point a run at it."""
+    out, one split for both models), prepared as 2D slices and 3D volumes into one dataset folder;
+    returns the flags that point a run at it."""
     raw = HARD / "raw" / "MICCAI_BraTS_2019_Data_Training"
     if not raw.exists():
         timed(CLI + ["synth", "--format", "brats", "--out", raw, "--cases", str(HARD_CASES), "--seed", "0",
                      "--difficulty", "hard", "--quiet"], log)
-    if not (HARD / "slices.h5").exists():
-        timed(CLI + ["prepare", "--src", raw, "--model", "2d", "--out", HARD / "slices.h5", *HARD_SPLIT, "--quiet"],
-              log)
-    if not (HARD / "volumes.split.json").exists():
-        timed(CLI + ["prepare", "--src", raw, "--model", "3d", "--out", HARD / "cache", *HARD_DATA_FLAGS,
-                     *HARD_SPLIT, "--quiet"], log)
+    for model in ("2d", "3d"):
+        if model not in prepared_for(HARD_PREPARED):
+            timed(CLI + ["prepare", "--src", raw, "--model", model, "--out", HARD_PREPARED, *HARD_SPLIT, "--quiet"],
+                  log)
     return HARD_DATA_FLAGS
 
 
-def ensure_data(model: str, log: Path | None = None) -> None:
-    """The synthetic default (20 full-size cases, seed 0, the demo's) for `model`, made once."""
-    synth, prepare, marker = DATASETS[model]
-    if not marker.exists():
+def ensure_data(model: str, log: Path | None = None) -> list:
+    """The synthetic default (20 full-size cases, seed 0, the demo's) for `model`, made once; returns
+    the flags that point a run at it."""
+    synth, prepare, folder = DATASETS[model]
+    if model not in prepared_for(folder):
         if not synth[synth.index("--out") + 1].exists():
             timed(CLI + synth + ["--quiet"], log)
         timed(CLI + prepare + ["--quiet"], log)
+    return default_data_flags(model)

@@ -3,7 +3,7 @@ Horovod 2 ranks (1 thread each, Gloo) vs parameter server (1 PS + 2 workers, 1 t
 each); steady-state step time and images/s (second epoch), bytes moved per step on
 loopback, and Horovod's allreduce time per step for the 2D and 3D models.
 
-Needs data/brats_slices.h5 (scripts/demo.sh makes it). Usage:
+Needs the 2D synthetic default, data/prepared/brats-default (run_all.py makes it). Usage:
     python benchmarks/distributed_modes.py -> benchmarks/results/distributed_modes.json
 """
 from __future__ import annotations
@@ -12,10 +12,10 @@ import json
 import subprocess
 import sys
 
-from common import CLI, HOROVODRUN, ROOT, RESULTS, env, ps_job, save, timed
+from common import CLI, HOROVODRUN, ROOT, RESULTS, default_data_flags, env, ps_job, save, timed
 
 GLOBAL_BATCH, STEPS = 8, 8
-COMMON = ["--model", "2d", "--epochs", "2", "--set", f"train.steps_per_epoch={STEPS}", "--set",
+COMMON = ["--model", "2d", *default_data_flags("2d"), "--epochs", "2", "--set", f"train.steps_per_epoch={STEPS}", "--set",
           "train.validation_steps=1", "--set", "train.image_every_epochs=0", "--set", "train.run_dir=runs/bench",
           "--quiet"]
 ONE_THREAD = ["--set", "cpu.intra_op_threads=1"]  # compute threads; inter-op stays at its default 2

@@ -1,7 +1,8 @@
 """Issue 6 figure: seconds from `unet-train distributed` to the first training step on 2 SSH
 hosts (sshd on 127.0.0.2 and 127.0.0.3), for Horovod and PS modes.
 
-Needs data/brats_slices.h5. Usage: python benchmarks/launch_overhead.py -> results/launch_overhead.json
+Needs the 2D synthetic default, data/prepared/brats-default (run_all.py makes it).
+Usage: python benchmarks/launch_overhead.py -> results/launch_overhead.json
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import CLI, ROOT, RESULTS, save, timed
+from common import CLI, DATASETS, ROOT, RESULTS, save, timed
 
 sys.path.insert(0, str(ROOT / "tests"))
 from support.sshd_hosts import free_port_on, start_sshd_hosts  # noqa: E402
@@ -32,7 +33,7 @@ def main() -> None:
                          "--set", f"cluster.ps_hosts=[127.0.0.1:{ports[0]}]",
                          "--set", f"cluster.worker_hosts=[127.0.0.1:{ports[1]},127.0.0.1:{ports[5]}]",
                          "--set", f"cluster.chief_host=127.0.0.1:{ports[2]}", "--set", f"cluster.control_port={ports[3]}",
-                         "--set", f"train.run_dir={work / 'runs'}", "--set", f"data.slices_h5={ROOT / 'data/brats_slices.h5'}",
+                         "--set", f"train.run_dir={work / 'runs'}", "--set", f"data.dataset={DATASETS['2d'][2]}",
                          "--set", "train.steps_per_epoch=2", "--set", "train.validation_steps=1",
                          "--set", "train.image_every_epochs=0", "--set", "train.batch_size=4"]
             wall = timed(cmd, RESULTS / "launch_overhead.log")

@@ -66,13 +66,14 @@ def parse_steps(lines: list[str]) -> list[list[tuple[str, str, str, str, float]]
     return steps
 
 
-def breakdown(model: str, precision: str) -> dict:
+def breakdown(model: str, precision: str, data_flags: list) -> dict:
     shape = SHAPES[model]
     with tempfile.TemporaryDirectory(prefix="onednn-") as scratch:
         out, log = Path(scratch) / "report.json", Path(scratch) / "verbose.log"
-        timed([*CLI, "benchmark", "--model", model, "--batch-size", str(shape["batch"]), "--steps", str(STEPS),
-               "--warmup", str(WARMUP), "--mode", "train_in_memory", "--set", f"train.precision={precision}",
-               "--set", "cpu.inter_op_threads=1", *shape["extra"], "--quiet", "--out", out], log, ONEDNN_VERBOSE="1")
+        timed([*CLI, "benchmark", "--model", model, *data_flags, "--batch-size", str(shape["batch"]),
+               "--steps", str(STEPS), "--warmup", str(WARMUP), "--mode", "train_in_memory",
+               "--set", f"train.precision={precision}", "--set", "cpu.inter_op_threads=1", *shape["extra"], "--quiet",
+               "--out", out], log, ONEDNN_VERBOSE="1")
         report = json.loads(out.read_text())
         steps = parse_steps(log.read_text().splitlines())
     kept = steps[DROPPED:]
@@ -137,12 +138,12 @@ def main() -> None:
     args = parser.parse_args()
     results: dict = {"method": __doc__.split("\n\n")[1].replace("\n", " "), "models": {}}
     for model in args.models.split(","):
-        ensure_data(model)
+        data_flags = ensure_data(model)
         runs: dict[str, list] = {"fp32": [], "bf16": []}
         for round_index in range(args.rounds):
             order = ("fp32", "bf16") if round_index % 2 == 0 else ("bf16", "fp32")  # alternate: the machine drifts
             for precision in order:
-                runs[precision].append(breakdown(model, precision))
+                runs[precision].append(breakdown(model, precision, data_flags))
                 print(model, precision, round_index + 1, f"{runs[precision][-1]['step_p50_ms']:.0f} ms", flush=True)
         medians = {p: median_run(r) for p, r in runs.items()}
         results["models"][model] = {**medians, "fp32_over_bf16": ratios(medians["fp32"], medians["bf16"]),

@@ -5,8 +5,9 @@ of ranks x threads, on this machine. One configuration per process (``unet-train
     python benchmarks/plan_accuracy.py [--data DIR] [--out benchmarks/results/plan_accuracy.json]
     python benchmarks/plan_accuracy.py --fit      # the memory constants, from other configurations
 
-DIR (default data/plan) holds a Decathlon-layout set of 6 full-size cases prepared both ways; it is
-made on the first run (``synth --format decathlon``, ``prepare`` for 3D and for 2D).
+DIR (default data/plan) holds a Decathlon-layout set of 6 full-size cases (DIR/Task01_BrainTumour)
+and its prepared dataset folder (DIR/prepared: 3D volumes and 2D slices, one split); both are made
+on the first run (``synth --format decathlon``, ``prepare`` for 3D and for 2D).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from trainer.config.loader import load_settings  # noqa: E402
 from trainer.config.settings import ModelSettings  # noqa: E402
-from trainer.planning import speed  # noqa: E402
+from trainer.commands import calibration  # noqa: E402
 from trainer.planning.memory import ModelShape, predict_peak, unet_tensors  # noqa: E402
 
 # (kind, edge, batch): the issue's targets, and the configurations the constants are fitted on
@@ -43,10 +44,9 @@ def measure(data: Path, kind: str, edge: int, batch: int, precision: str, steps:
         out = Path(scratch) / "b.json"
         command = [sys.executable, "-m", "trainer.cli", "benchmark", "--model", kind, "--mode", "train",
                    "--steps", str(steps), "--warmup", str(warmup), "--batch-size", str(batch), "--out", str(out),
-                   "--set", f"train.precision={precision}", "--set", f"data.slices_h5={data / 'slices.h5'}",
-                   "--set", f"data.decathlon_split={data / 'vol.split.json'}", "--set", f"data.cache_dir={data / 'cache'}",
+                   "--data", str(prepared_folder(data)), "--set", f"train.precision={precision}",
                    "--set", f"data.crop_size=[{edge},{edge},{edge}]", "--set",
-                   f"train.steps_per_epoch={speed.STEADY_STEPS_PER_EPOCH}", "--quiet", *extra]
+                   f"train.steps_per_epoch={calibration.STEADY_STEPS_PER_EPOCH}", "--quiet", *extra]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
         if ranks > 1:
             command = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(ranks), "-H",
@@ -62,18 +62,31 @@ def measure(data: Path, kind: str, edge: int, batch: int, precision: str, steps:
             "seconds": time.perf_counter() - started}
 
 
+def prepared_folder(data: Path) -> Path:
+    """The prepared dataset folder of ``data`` (3D volumes and 2D slices side by side, one split)."""
+    return data / "prepared"
+
+
 def ensure_data(data: Path) -> None:
-    """6 full-size synthetic Decathlon cases, prepared as 3D volumes and as 2D slices (made once)."""
+    """6 full-size synthetic Decathlon cases, prepared as 3D volumes and as 2D slices into one
+    dataset folder (made once)."""
+    from trainer.data.prepared import PreparedDataset
+    from trainer.errors import DataError
+
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
     cli = [sys.executable, "-m", "trainer.cli"]
-    raw = data / "Task01_BrainTumour"
-    steps = [(raw, ["synth", "--format", "decathlon", "--out", str(raw), "--cases", "6", "--test-cases", "0"]),
-             (data / "vol.split.json", ["prepare", "--src", str(raw), "--out", str(data / "cache"), "--set",
-                                        f"data.decathlon_split={data / 'vol.split.json'}"]),
-             (data / "slices.h5", ["prepare", "--src", str(raw), "--model", "2d", "--out", str(data / "slices.h5")])]
-    for made, command in steps:
-        if not made.exists():
-            subprocess.run([*cli, *command, "--quiet"], check=True, env=env, cwd=str(ROOT), timeout=3600)
+    raw, prepared = data / "Task01_BrainTumour", prepared_folder(data)
+    if not raw.exists():
+        subprocess.run([*cli, "synth", "--format", "decathlon", "--out", str(raw), "--cases", "6", "--test-cases",
+                        "0", "--quiet"], check=True, env=env, cwd=str(ROOT), timeout=3600)
+    for model in ("3d", "2d"):
+        try:
+            done = model in PreparedDataset.open(prepared).prepared_for()
+        except DataError:
+            done = False
+        if not done:
+            subprocess.run([*cli, "prepare", "--src", str(raw), "--model", model, "--out", str(prepared), "--quiet"],
+                           check=True, env=env, cwd=str(ROOT), timeout=3600)
 
 
 def shape(kind: str, edge: int, batch: int, precision: str) -> ModelShape:
@@ -118,7 +131,8 @@ def accuracy(data: Path, steps: int, calibration_steps: int) -> dict:
             predicted = predict_peak(shape(kind, edge, batch, precision)).total_mib
             settings = load_settings(None, [f"train.model={kind}", f"train.precision={precision}",
                                             f"data.crop_size=[{edge},{edge},{edge}]"])
-            calibrated = speed.predict_speed(settings, data / "Task01_BrainTumour", batch, steps=calibration_steps)
+            calibrated = calibration.predict_speed(settings, data / "Task01_BrainTumour", batch,
+                                                   steps=calibration_steps)
             rows.append({"kind": kind, "edge": edge, "batch": batch, "precision": precision,
                          "predicted_peak_mib": round(predicted, 1), "measured_peak_mib": round(found["peak_anon_mib"], 1),
                          "measured_peak_rss_mib": round(found["peak_rss_mib"], 1),
@@ -164,7 +178,8 @@ def ranks_grid(data: Path, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=ROOT / "data" / "plan")
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "plan",
+                        help="folder of the raw cases and their prepared dataset (default data/plan)")
     parser.add_argument("--fit", action="store_true", help="fit the memory constants (other configurations)")
     parser.add_argument("--steps", type=int, default=12, help="timed steps of each measured configuration")
     parser.add_argument("--calibration-steps", type=int, default=3, help="the plan's minimum of timed steps")
@@ -172,6 +187,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "plan_accuracy.json")
     args = parser.parse_args()
     steps = 2 if args.quick else args.steps
+    args.data = args.data.absolute()  # each measurement runs in a scratch folder
     ensure_data(args.data)
     report = fit(args.data, steps) if args.fit else {**accuracy(args.data, steps, args.calibration_steps), "ranks_x_threads":
                                                       ranks_grid(args.data, steps)}

@@ -1,7 +1,8 @@
 """Held-out quality as a distribution: seeds x oneDNN ISA paths x execution modes.
 
 Every run trains through the CLI in its own process(es) on the synthetic default data
-(20 cases at the real 240x240x155, the demo's), then `unet-train evaluate` scores the
+(20 cases at the real 240x240x155, the demo's; prepared into data/prepared/brats-default for 2D,
+data/prepared/decathlon-default for 3D, and every run gets --data), then `unet-train evaluate` scores the
 held-out test split on full volumes. Per configuration the JSON holds every run (test Dice
 per case and region, HD95, the logged best validation Dice and its gap to the test Dice,
 wall time) and the summary: mean and min per (mode, ISA), and for distributed modes the
@@ -183,9 +184,7 @@ def main() -> None:
     args.set_flags = [item for flag in args.set_flags for item in ("--set", flag)]
     RESULTS.mkdir(parents=True, exist_ok=True)
     log = RESULTS / f"quality_{args.tag}.log"
-    args.data_flags = ensure_hard_data(log) if args.difficulty == "hard" else []
-    if args.difficulty == "standard":
-        ensure_data(args.model, log)
+    args.data_flags = ensure_hard_data(log) if args.difficulty == "hard" else ensure_data(args.model, log)
     def isas(mode: str) -> list[str]:
         return (args.dist_isas or args.isas).split(",") if mode != "single" else args.isas.split(",")
 

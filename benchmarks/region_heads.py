@@ -10,7 +10,7 @@ import argparse
 import json
 import statistics
 
-from common import CLI, RESULTS, save, timed
+from common import CLI, RESULTS, ensure_data, save, timed
 
 MODELS = {"2d": ["--batch-size", "16"], "3d": ["--batch-size", "2", "--set", "data.crop_size=[64,64,64]"]}
 REGIONS = {"wt": "[wt]", "wt_tc_et": "[wt,tc,et]"}
@@ -21,12 +21,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    data_flags = {model: ensure_data(model, RESULTS / "region_heads.log") for model in MODELS}
     rows: dict[str, list[dict]] = {}
     for round_ in range(args.rounds):
         for model, flags in MODELS.items():
             for name, regions in REGIONS.items():
                 out = RESULTS / f"region_heads_{model}_{name}_{round_}.json"
-                timed([*CLI, "benchmark", "--model", model, *flags, "--steps", "8", "--warmup", "2",
+                timed([*CLI, "benchmark", "--model", model, *data_flags[model], *flags, "--steps", "8", "--warmup", "2",
                        "--mode", "train_in_memory", "--mode", "infer", "--set", f"model.regions={regions}",
                        "--out", out], RESULTS / "region_heads.log")
                 report = json.loads(out.read_text())

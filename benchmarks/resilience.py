@@ -17,8 +17,9 @@
   cluster, 120 s by default, then the benchmark starts it at once instead of at the scheduler's
   next pass).
 
-Each configuration runs in its own processes, alternated, repeated. Needs data/brats_slices.h5
-(the Slurm part prepares synthetic cases when it is absent, as slurm_overhead.py does).
+Each configuration runs in its own processes, alternated, repeated. Needs the 2D synthetic default,
+data/prepared/brats-default (run_all.py makes it; the Slurm part prepares synthetic cases when it
+is absent, as slurm_overhead.py does).
 Usage: python benchmarks/resilience.py [--rounds 2] [--only slurm_preemption]
        -> benchmarks/results/resilience.json (--only: that key replaced, the others kept)
 """
@@ -36,12 +37,12 @@ from pathlib import Path
 
 import psutil
 
-from common import CLI, HOROVODRUN, LOCK, ROOT, RESULTS, env, save, timed
+from common import CLI, HOROVODRUN, LOCK, ROOT, RESULTS, default_data_flags, env, save, timed
 
 RUNS = ROOT / "runs" / "resilience"
 STEPS = 12
-TRAIN = ["--model", "2d", "--epochs", "2", "--set", f"train.steps_per_epoch={STEPS}", "--set",
-         "train.validation_steps=1", "--set", "train.image_every_epochs=0", "--set",
+TRAIN = ["--model", "2d", *default_data_flags("2d"), "--epochs", "2", "--set", f"train.steps_per_epoch={STEPS}",
+         "--set", "train.validation_steps=1", "--set", "train.image_every_epochs=0", "--set",
          "train.validate_full_volumes=false", "--set", "train.checkpoint_every_minutes=0", "--quiet"]
 
 
@@ -143,10 +144,10 @@ def slurm_preemption(rounds: int) -> dict:
 
     sys.path.insert(0, str(ROOT / "tests"))
     import support.slurm_cluster as cluster_module
-    from slurm_overhead import slices
+    from slurm_overhead import prepared_data
 
     work = Path(tempfile.mkdtemp(prefix="unet-preempt-bench-"))
-    data = slices(work)
+    data = prepared_data(work)
     config = cluster_module._config
     cluster_module._config = lambda *a: re.sub(r"^(AuthInfo=\S+)$", rf"\1,cred_expire={CRED_EXPIRE_S}",
                                                config(*a), flags=re.M)
@@ -178,7 +179,7 @@ def _preempted_job(cluster, data: Path, work: Path, mode: str, tasks: int, round
     base = free_base(tasks + 1)
     cmd = [*CLI, "distributed", "--scheduler", "slurm", "--mode", mode, "--nodes", "1", "--ntasks-per-node",
            str(tasks), "--run-name", name, "--model", "2d", "--epochs", "2", "--set", "train.batch_size=8",
-           "--time", "30:00", "--set", "cluster.slurm.signal_s=60", "--set", f"data.slices_h5={data}",
+           "--time", "30:00", "--set", "cluster.slurm.signal_s=60", "--set", f"data.dataset={data}",
            "--set", f"train.steps_per_epoch={SLURM_STEPS}", "--set", "train.validation_steps=1",
            "--set", "train.image_every_epochs=0", "--set", "train.validate_full_volumes=false",
            "--set", "train.checkpoint_every_steps=3", "--set", "train.checkpoint_every_minutes=0", "--quiet",

@@ -39,7 +39,7 @@ class Job:
     args: tuple[str, ...] = ()
     quick: tuple[str, ...] | None = None  # the full flags for --quick; None: the script has no quick mode
     stored: bool = True               # its JSON is kept in benchmarks/results/ and quoted by docs/results.md
-    needs_slices: bool = False        # reads data/brats_slices.h5 without making it
+    needs_slices: bool = False        # reads the 2D default (data/prepared/brats-default) without making it
 
     def output(self, quick: bool) -> str:
         if quick and self.script == "quality_targets":

@@ -3,8 +3,9 @@ first training step, Horovod (2 tasks) and PS (chief + 1 PS + 2 workers), on a s
 (slurmctld + slurmd + munged on 127.0.0.1, as in the tests). Same training settings as
 launch_overhead.py (the SSH launcher's figure), so the two compare.
 
-Uses data/brats_slices.h5 when present, else prepares 6 synthetic full-size BraTS cases in a temp
-folder. Usage: python benchmarks/slurm_overhead.py -> results/slurm_overhead.json
+Uses the 2D synthetic default (data/prepared/brats-default) when it is prepared, else prepares 6
+synthetic full-size BraTS cases into a dataset folder in a temp folder.
+Usage: python benchmarks/slurm_overhead.py -> results/slurm_overhead.json
 """
 from __future__ import annotations
 
@@ -16,19 +17,22 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import CLI, ROOT, RESULTS, save, timed
+from common import CLI, DATASETS, ROOT, RESULTS, prepared_for, save, timed
 
 sys.path.insert(0, str(ROOT / "tests"))
 from support.slurm_cluster import start_slurm_cluster  # noqa: E402
 
 
-def slices(work: Path) -> Path:
-    default = ROOT / "data" / "brats_slices.h5"
-    if default.exists():
+def prepared_data(work: Path) -> Path:
+    """A prepared dataset folder holding 2D slices: the synthetic default's, else one made in ``work``."""
+    default = DATASETS["2d"][2]
+    if "2d" in prepared_for(default):
         return default
-    src, out = work / "brats", work / "brats_slices.h5"
+    src, out = work / "brats", work / "prepared"
     timed(CLI + ["synth", "--format", "brats", "--out", src, "--cases", "6", "--seed", "1", "--quiet"])
-    timed(CLI + ["prepare", "--format", "brats", "--src", src, "--out", out, "--quiet"])
+    # in `work`, so that the repository's data/prepared/last.json never names this temporary folder
+    timed(CLI + ["prepare", "--format", "brats", "--src", src, "--model", "2d", "--out", out,
+                 "--settings", ROOT / "settings.yaml", "--quiet"], cwd=work)
     return out
 
 
@@ -49,7 +53,7 @@ def free_base(count: int) -> int:
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="unet-slurm-bench-"))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    data = slices(work)
+    data = prepared_data(work)
     cluster = start_slurm_cluster()
     result = {"cluster": "single-node slurm-wlm 22.05 on 127.0.0.1 (tests/slurm_cluster.py)", "data": str(data)}
     try:
@@ -59,7 +63,7 @@ def main() -> None:
             cmd = CLI + ["distributed", "--scheduler", "slurm", "--mode", mode, "--nodes", "1",
                          "--ntasks-per-node", str(tasks), "--run-name", run, "--epochs", "1",
                          "--set", f"cluster.python={sys.executable}", "--set", f"train.run_dir={work / 'runs'}",
-                         "--set", f"data.slices_h5={data}", "--set", "train.steps_per_epoch=2",
+                         "--set", f"data.dataset={data}", "--set", "train.steps_per_epoch=2",
                          "--set", "train.validation_steps=1", "--set", "train.image_every_epochs=0",
                          "--set", "train.batch_size=4", "--set", f"cluster.slurm.port_base={base}",
                          "--set", f"cluster.control_port={base + tasks}"]

@@ -24,10 +24,10 @@ RUNS = ROOT / "runs" / "quality"
 
 def curves(run_name: str) -> dict:
     from trainer.config.loader import load_settings
-    from trainer.data.datasets import iter_cases, raw_dataset
+    from trainer.data.prepared import iter_cases, raw_dataset
     from trainer.inference import postprocess
     from trainer.inference.predictor import Predictor
-    from trainer.regions import RegionSet
+    from trainer.data.regions import RegionSet
 
     settings = load_settings(RUNS / run_name / "settings.yaml")
     regions = RegionSet(settings.model.regions)

@@ -20,7 +20,7 @@ import shutil
 import statistics
 import subprocess
 
-from common import CLI, ROOT, RESULTS, ensure_data, env, save, timed
+from common import CLI, ROOT, RESULTS, default_data_flags, ensure_data, env, save, timed
 
 SHAPES = {
     "2d": {"batch": 16, "steps": 20, "extra": []},
@@ -31,8 +31,9 @@ RUNS = ROOT / "runs" / "throughput"
 
 def ceiling(model: str, precision: str, out, isa_env: dict) -> dict:
     shape = SHAPES[model]
-    timed([*CLI, "benchmark", "--model", model, "--batch-size", str(shape["batch"]), "--steps", "10", "--warmup", "3",
-           "--mode", "train_in_memory", "--set", f"train.precision={precision}", *shape["extra"], "--out", out],
+    timed([*CLI, "benchmark", "--model", model, *default_data_flags(model), "--batch-size", str(shape["batch"]),
+           "--steps", "10", "--warmup", "3", "--mode", "train_in_memory", "--set", f"train.precision={precision}",
+           *shape["extra"], "--out", out],
           RESULTS / "throughput.log", **isa_env)
     report = json.loads(out.read_text())
     return {"images_per_sec": report["train_in_memory"]["images_per_sec"], "precision": report["precision"],
@@ -43,8 +44,8 @@ def end_to_end(model: str, precision: str, name: str, isa_env: dict) -> dict:
     """`unet-train train`, 2 epochs: the second epoch's images/s (no compilation, steady input)."""
     shape = SHAPES[model]
     shutil.rmtree(RUNS / name, ignore_errors=True)
-    timed([*CLI, "train", "--model", model, "--epochs", "2", "--batch-size", str(shape["batch"]),
-           "--run-dir", RUNS, "--run-name", name, "--set", f"train.steps_per_epoch={shape['steps']}",
+    timed([*CLI, "train", "--model", model, *default_data_flags(model), "--epochs", "2",
+           "--batch-size", str(shape["batch"]), "--run-dir", RUNS, "--run-name", name, "--set", f"train.steps_per_epoch={shape['steps']}",
            "--set", "train.validation_steps=1" if model == "2d" else "train.validation_steps=2",
            "--set", "train.image_every_epochs=0", "--set", "train.validate_full_volumes=false",
            "--set", "train.checkpoint_every_minutes=0", "--set", f"train.precision={precision}", "--quiet",
@@ -57,8 +58,8 @@ def end_to_end(model: str, precision: str, name: str, isa_env: dict) -> dict:
 
 
 def memory_144(precision: str, out, isa_env: dict) -> dict:
-    timed([*CLI, "benchmark", "--model", "3d", "--batch-size", "1", "--steps", "2", "--warmup", "1",
-           "--mode", "train_in_memory", "--set", "data.crop_size=[144,144,144]", "--set",
+    timed([*CLI, "benchmark", "--model", "3d", *default_data_flags("3d"), "--batch-size", "1", "--steps", "2",
+           "--warmup", "1", "--mode", "train_in_memory", "--set", "data.crop_size=[144,144,144]", "--set",
            f"train.precision={precision}", "--out", out], RESULTS / "throughput.log", **isa_env)
     report = json.loads(out.read_text())
     return {"peak_rss_mib": report["peak_rss_mib_per_worker"][0], "precision": report["precision"],
@@ -67,8 +68,9 @@ def memory_144(precision: str, out, isa_env: dict) -> dict:
 
 def refusal(isa_env: dict) -> str:
     """What `train.precision: bf16` says under an ISA cap without bf16."""
-    result = subprocess.run([*map(str, CLI), "benchmark", "--model", "2d", "--mode", "train_in_memory", "--steps", "1",
-                             "--warmup", "0", "--set", "train.precision=bf16"], cwd=ROOT, env=env(**isa_env),
+    result = subprocess.run([*map(str, CLI), "benchmark", "--model", "2d", *map(str, default_data_flags("2d")),
+                             "--mode", "train_in_memory", "--steps", "1", "--warmup", "0",
+                             "--set", "train.precision=bf16"], cwd=ROOT, env=env(**isa_env),
                             capture_output=True, text=True)
     return (result.stderr.strip().splitlines() or ["(no output)"])[-1] if result.returncode else "NOT REFUSED"
 

@@ -1,8 +1,9 @@
-"""What every launcher does, and which one a command gets.
+"""What every launcher does.
 
 A launcher starts a run's processes on machines it does not own: SSH hosts driven by Ansible
 (:mod:`launcher.ssh`) or a Slurm job (:mod:`launcher.slurm`). Each entry point returns the
-process exit code, so the CLI only dispatches.
+process exit code, so the command only dispatches; which launcher a command gets is decided
+above the launchers (``trainer.commands.distributed.open_launcher``).
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from trainer.config.settings import Settings
 from trainer.errors import UserError
 
 
@@ -47,24 +47,3 @@ class Launcher(Protocol):
 
     def doctor(self) -> int:
         """Preflight only: can these machines run this job?"""
-
-
-def open_launcher(settings: Settings, request: LaunchRequest, stopping: bool = False) -> Launcher:
-    """The Slurm launcher when cluster.scheduler is slurm (or, for --stop, when the run has a Slurm
-    job record and no --scheduler was named), else the SSH one."""
-    from launcher.slurm.launch import SlurmLauncher, has_job_record
-
-    slurm = settings.cluster.scheduler == "slurm" or (stopping and not request.scheduler_given
-                                                       and has_job_record(settings))
-    if slurm:
-        if request.hosts:
-            raise UserError("--hosts: not used with --scheduler slurm (Slurm picks the nodes; see --nodes, "
-                            "--partition)")
-        if request.elastic:
-            raise UserError("--elastic: SSH hosts only (--scheduler ssh); a Slurm job has a fixed set of nodes")
-        return SlurmLauncher(settings, request.mode)
-    from launcher.ssh.launch import SshLauncher
-
-    if not request.hosts and not stopping:
-        raise UserError("--hosts: required (e.g. --hosts node1,node2), or set cluster.hosts in settings.yaml")
-    return SshLauncher(settings, request)

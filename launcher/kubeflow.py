@@ -37,7 +37,9 @@ from pathlib import Path
 
 import yaml
 
+from launcher.roles import CHIEF, PS, WORKER, layout_values, role_args
 from trainer.config.settings import Settings, settings_to_yaml
+from trainer.config.values import with_values
 from trainer.errors import UserError
 from trainer.fsutil import write_text
 
@@ -76,15 +78,6 @@ def job_name(run: str) -> str:
         raise UserError(f"train.run_name {run!r}: gives the Kubernetes name {name!r}, which must be at most "
                         f"{MAX_JOB_NAME} characters of a-z, 0-9 and '-'; pick a shorter run name")
     return name
-
-
-def _with(settings: Settings, **sections) -> Settings:
-    """A copy of the settings with some keys replaced, validated again like any settings."""
-    data = settings.model_dump(mode="json", by_alias=True)
-    for dotted, value in sections.items():
-        section, key = dotted.split("__")
-        data[section][key] = value
-    return Settings.model_validate(data)
 
 
 def _labels(name: str) -> dict:
@@ -143,7 +136,8 @@ def mpijob(settings: Settings, user: int | None = USER_ID) -> list[dict]:
     slots = max(1, kubeflow.gpus_per_worker)  # one rank per GPU, or one CPU rank per worker
     ranks = kubeflow.workers * slots
     threads = kubeflow.threads
-    settings = _with(settings, train__dist="horovod", cpu__intra_op_threads=threads, cpu__omp_num_threads=threads)
+    settings = with_values(settings, {"train.dist": "horovod", "cpu.intra_op_threads": threads,
+                                      "cpu.omp_num_threads": threads})
     thread_env = {"OMP_NUM_THREADS": threads, "TF_NUM_INTRAOP_THREADS": threads,
                   "TF_NUM_INTEROP_THREADS": settings.cpu.inter_op_threads}
     exported = [arg for variable in ("PATH", "LD_LIBRARY_PATH", *THREAD_VARIABLES) for arg in ("-x", variable)]
@@ -199,10 +193,10 @@ def tfjob(settings: Settings, user: int | None = USER_ID) -> list[dict]:
     def address(kind: str, index: int) -> str:  # the operator's headless service for that replica
         return f"{name}-{kind}-{index}.{kubeflow.namespace}.svc:{port}"
 
-    settings = _with(settings, train__dist="ps", cpu__intra_op_threads=threads, cpu__omp_num_threads=threads,
-                     cluster__ps_hosts=[address("ps", i) for i in range(kubeflow.ps)],
-                     cluster__worker_hosts=[address("worker", i) for i in range(kubeflow.workers)],
-                     cluster__chief_host=address("chief", 0), cluster__token_file=TOKEN_FILE)
+    layout = layout_values([address(PS, i) for i in range(kubeflow.ps)],
+                           [address(WORKER, i) for i in range(kubeflow.workers)], address(CHIEF, 0))
+    settings = with_values(settings, {"train.dist": "ps", "cpu.intra_op_threads": threads,
+                                      "cpu.omp_num_threads": threads, **layout, "cluster.token_file": TOKEN_FILE})
     token = {"name": "token", "secret": {"secretName": f"{name}-token", "defaultMode": SECRET_MODE}}
 
     def replica(count: int, args: list[str], ports: list[dict], restart: str = "Never") -> dict:
@@ -229,9 +223,9 @@ def tfjob(settings: Settings, user: int | None = USER_ID) -> list[dict]:
            # cluster.max_restarts times; a lost PS or chief ends the job (rerun: it resumes)
            "spec": {"runPolicy": {"cleanPodPolicy": "Running", "backoffLimit": settings.cluster.max_restarts},
                     "tfReplicaSpecs": {
-                        "Chief": replica(1, ["chief"], grpc + control),
-                        "PS": replica(kubeflow.ps, ["ps", "--index", "$(REPLICA_INDEX)"], grpc),
-                        "Worker": replica(kubeflow.workers, ["worker", "--index", "$(REPLICA_INDEX)"], grpc,
+                        "Chief": replica(1, role_args(CHIEF, 0), grpc + control),
+                        "PS": replica(kubeflow.ps, role_args(PS, "$(REPLICA_INDEX)"), grpc),
+                        "Worker": replica(kubeflow.workers, role_args(WORKER, "$(REPLICA_INDEX)"), grpc,
                                           restart="OnFailure")}}}
     return [_config_map(name, kubeflow.namespace, settings), _claim(name, settings),
             _token_secret(name, kubeflow.namespace),

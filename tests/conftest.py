@@ -52,9 +52,16 @@ def decathlon_copy(decathlon_dataset, tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared_brats(brats_dataset, tmp_path_factory) -> Path:
-    """The tiny BraTS dataset prepared once through the CLI; returns the .h5 path."""
+    """The tiny BraTS dataset prepared once through the CLI for the 2D model; returns the prepared
+    dataset folder (read-only: copy it before changing anything)."""
     work = tmp_path_factory.mktemp("prepared")
-    out = work / "out" / "slices.h5"
+    out = work / "out" / "brats"
     result = prepare_brats_cli(brats_dataset, out, work)
     assert result.returncode == 0, result.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def brats_slices(prepared_brats) -> Path:
+    """The slices file inside the prepared tiny BraTS dataset (128 x 128)."""
+    return prepared_brats / "slices-128.h5"

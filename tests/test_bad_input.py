@@ -37,8 +37,8 @@ def assert_clean_failure(result: subprocess.CompletedProcess, out_dir: Path, out
 
 def _brats_outputs(tmp_path: Path) -> tuple[Path, Path, list[Path]]:
     out_dir = tmp_path / "out"
-    h5 = out_dir / "slices.h5"
-    return out_dir, h5, [h5, out_dir / "slices.split.json"]
+    h5 = out_dir / "slices-128.h5"
+    return out_dir, h5, [h5, out_dir / "prepared.json"]
 
 
 def _case(brats_copy: Path, index: int = 0) -> tuple[Path, str]:
@@ -48,7 +48,7 @@ def _case(brats_copy: Path, index: int = 0) -> tuple[Path, str]:
 
 def _prepare(brats_copy: Path, tmp_path: Path, workers: str = "1"):
     out_dir, h5, outputs = _brats_outputs(tmp_path)
-    result = prepare_brats_cli(brats_copy, h5, tmp_path, "--workers", workers)
+    result = prepare_brats_cli(brats_copy, out_dir, tmp_path, "--workers", workers)
     return result, out_dir, outputs
 
 
@@ -199,48 +199,54 @@ def test_folder_without_cases(tmp_path):
 
 # ---------------------------------------------------------------- output path
 
-def test_existing_output_is_refused_then_overwritten(brats_dataset, tmp_path):
+def test_a_folder_that_is_not_a_prepared_dataset_is_never_written_into(brats_dataset, tmp_path):
     out_dir, h5, _ = _brats_outputs(tmp_path)
     out_dir.mkdir()
-    h5.write_bytes(b"precious")
-    result = prepare_brats_cli(brats_dataset, h5, tmp_path)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "error:" in lines[0]
-    assert str(h5) in lines[0] and "--overwrite" in lines[0]
-    assert h5.read_bytes() == b"precious"
-    assert not (out_dir / "slices.split.json").exists()
-    assert sorted(p.name for p in out_dir.iterdir()) == ["slices.h5"]
+    (out_dir / "mine.h5").write_bytes(b"precious")
+    for extra in ((), ("--overwrite",)):
+        result = prepare_brats_cli(brats_dataset, out_dir, tmp_path, *extra)
+        line = assert_clean_failure(result, out_dir, [h5, out_dir / "prepared.json"],
+                                    [str(out_dir), "not a prepared dataset"])
+        assert line.startswith("unet-train prepare: error:"), line
+        assert sorted(p.name for p in out_dir.iterdir()) == ["mine.h5"]
+        assert (out_dir / "mine.h5").read_bytes() == b"precious"
 
-    result = prepare_brats_cli(brats_dataset, h5, tmp_path, "--overwrite")
+
+def test_existing_slices_are_refused_then_overwritten(brats_dataset, tmp_path):
+    out_dir, h5, _ = _brats_outputs(tmp_path)
+    assert prepare_brats_cli(brats_dataset, out_dir, tmp_path).returncode == 0
+    manifest = (out_dir / "prepared.json").read_text()
+    h5.write_bytes(b"precious")
+    result = prepare_brats_cli(brats_dataset, out_dir, tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(h5) in lines[0] and "--overwrite" in lines[0]
+    assert h5.read_bytes() == b"precious" and (out_dir / "prepared.json").read_text() == manifest
+    result = prepare_brats_cli(brats_dataset, out_dir, tmp_path, "--overwrite")
     assert result.returncode == 0, result.stderr
     with h5py.File(h5, "r") as handle:
         assert handle["train"]["images"].shape[0] > 0
-    assert (out_dir / "slices.split.json").is_file()
-    assert sorted(p.name for p in out_dir.iterdir()) == ["slices.h5", "slices.split.json"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["prepared.json", "slices-128.h5"]
 
 
-def test_existing_split_file_is_refused(brats_dataset, tmp_path):
+def test_a_malformed_manifest_is_named(brats_dataset, tmp_path):
     out_dir, h5, _ = _brats_outputs(tmp_path)
     out_dir.mkdir()
-    split = out_dir / "slices.split.json"
-    split.write_text("{}")
-    result = prepare_brats_cli(brats_dataset, h5, tmp_path)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    assert str(split) in result.stderr
-    assert split.read_text() == "{}"
+    (out_dir / "prepared.json").write_text("{}")
+    result = prepare_brats_cli(brats_dataset, out_dir, tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert str(out_dir / "prepared.json") in result.stderr
+    assert (out_dir / "prepared.json").read_text() == "{}"
     assert not h5.exists()
 
 
 def test_failed_overwrite_keeps_the_previous_output(brats_copy, brats_dataset, tmp_path):
     out_dir, h5, _ = _brats_outputs(tmp_path)
-    assert prepare_brats_cli(brats_dataset, h5, tmp_path).returncode == 0
+    assert prepare_brats_cli(brats_copy, out_dir, tmp_path).returncode == 0
     before = h5.read_bytes()
     folder, name = _case(brats_copy, 2)
     (folder / f"{name}_seg.nii.gz").write_text("hello")
-    result = prepare_brats_cli(brats_copy, h5, tmp_path, "--overwrite")
+    result = prepare_brats_cli(brats_copy, out_dir, tmp_path, "--overwrite")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert h5.read_bytes() == before
@@ -251,11 +257,11 @@ def test_failed_overwrite_keeps_the_previous_output(brats_copy, brats_dataset, t
 
 def _prepare_decathlon(run_cli, src: Path, tmp_path: Path, *extra):
     out_dir = tmp_path / "out"
-    cache = out_dir / "cache"
-    split = out_dir / "decathlon.split.json"
-    result = run_cli("prepare", "--format", "decathlon", "--src", src, "--out", cache,
-                     "--set", f"data.decathlon_split={split}", "--quiet", *extra, cwd=tmp_path)
-    return result, out_dir, cache, split
+    cache = out_dir / "volumes"
+    manifest = out_dir / "prepared.json"
+    result = run_cli("prepare", "--format", "decathlon", "--src", src, "--out", out_dir, "--quiet", *extra,
+                     cwd=tmp_path)
+    return result, out_dir, cache, manifest
 
 
 def test_decathlon_label_outside_label_set(run_cli, decathlon_copy, tmp_path):
@@ -268,7 +274,7 @@ def test_decathlon_label_outside_label_set(run_cli, decathlon_copy, tmp_path):
     write_volume(label, labels, volume.geometry)
     result, out_dir, cache, split = _prepare_decathlon(run_cli, decathlon_copy, tmp_path)
     assert_clean_failure(result, out_dir, [split, cache], ["BRATS_003.nii.gz", "label", "[4]"])
-    assert not [p for p in out_dir.iterdir()], "nothing may be left beside the cache either"
+    assert not out_dir.exists(), "a failed first prepare leaves no folder behind"
 
 
 def test_decathlon_non_finite_image(run_cli, decathlon_copy, tmp_path):
@@ -291,15 +297,14 @@ def test_decathlon_truncated_image(run_cli, decathlon_copy, tmp_path):
 
 
 def test_decathlon_existing_cache_is_refused(run_cli, decathlon_dataset, tmp_path):
-    out_dir = tmp_path / "out"
-    cache = out_dir / "cache"
-    cache.mkdir(parents=True)
-    (cache / "mine.txt").write_text("precious")
-    result, _, _, split = _prepare_decathlon(run_cli, decathlon_dataset, tmp_path)
-    line = assert_clean_failure(result, out_dir, [split], [str(cache), "already exists", "--overwrite"])
+    result, out_dir, cache, manifest = _prepare_decathlon(run_cli, decathlon_dataset, tmp_path)
+    assert result.returncode == 0, result.stderr
+    before = sorted(p.name for p in cache.iterdir())
+    result, _, _, _ = _prepare_decathlon(run_cli, decathlon_dataset, tmp_path)
+    line = assert_clean_failure(result, out_dir, [], [str(cache), "already exists", "--overwrite"])
     assert line.startswith("unet-train prepare: error:"), line
-    assert [p.name for p in cache.iterdir()] == ["mine.txt"]
-    assert sorted(p.name for p in out_dir.iterdir()) == ["cache"]
+    assert sorted(p.name for p in cache.iterdir()) == before
+    assert sorted(p.name for p in out_dir.iterdir()) == ["prepared.json", "volumes"]
 
 
 def test_decathlon_failed_overwrite_keeps_the_previous_cache(run_cli, decathlon_copy, tmp_path):
@@ -310,16 +315,16 @@ def test_decathlon_failed_overwrite_keeps_the_previous_cache(run_cli, decathlon_
     result, _, _, _ = _prepare_decathlon(run_cli, decathlon_copy, tmp_path, "--overwrite")
     assert_clean_failure(result, out_dir, [], ["BRATS_004.nii.gz"])
     assert {p.name: p.read_bytes() for p in cache.iterdir()} == before
-    assert sorted(p.name for p in out_dir.iterdir()) == ["cache", "decathlon.split.json"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["prepared.json", "volumes"]
 
 
 def test_unwritable_output_is_one_line_naming_the_file(run_cli, decathlon_dataset, tmp_path):
     """An OSError (here: --out below a regular file) is reported like a UserError, not a traceback."""
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")
-    result = run_cli("prepare", "--format", "decathlon", "--src", decathlon_dataset, "--out", blocker / "cache",
-                     "--set", f"data.decathlon_split={tmp_path / 's.json'}", "--quiet", cwd=tmp_path)
-    line = assert_clean_failure(result, tmp_path, [tmp_path / "s.json"], [str(blocker)])
+    result = run_cli("prepare", "--format", "decathlon", "--src", decathlon_dataset, "--out", blocker / "ds",
+                     "--quiet", cwd=tmp_path)
+    line = assert_clean_failure(result, tmp_path, [tmp_path / "data"], [str(blocker)])
     assert line.startswith("unet-train prepare: error:"), line
     assert blocker.read_text() == "x"
 

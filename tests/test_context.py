@@ -13,8 +13,8 @@ from trainer.data.context import context_offsets, neighbour_rows, stack_volume_c
 from trainer.data.datasets import RawDataset
 from trainer.data.pipeline import SliceSource
 from trainer.data.prepare2d import brain_slices, resize_slices
-from trainer.data.split import load_split, split_path_for
-from trainer.regions import RegionSet
+from trainer.data.prepared import PreparedDataset
+from trainer.data.regions import RegionSet
 
 
 def test_the_order_is_the_slice_then_its_neighbours_nearest_first():
@@ -51,10 +51,10 @@ def test_neighbours_stay_within_a_case_and_its_stored_slices():
 
 
 @pytest.fixture(scope="module")
-def sources(prepared_brats):
+def sources(brats_slices):
     regions = RegionSet(("wt", "tc", "et"))
-    out = {k: SliceSource(prepared_brats, "train", ("flair", "t1ce"), regions, k) for k in (0, 2)}
-    out["strided"] = SliceSource(prepared_brats, "train", ("flair", "t1ce"), regions, 2, context_stride=3)
+    out = {k: SliceSource(brats_slices, "train", ("flair", "t1ce"), regions, k) for k in (0, 2)}
+    out["strided"] = SliceSource(brats_slices, "train", ("flair", "t1ce"), regions, 2, context_stride=3)
     return out
 
 
@@ -88,7 +88,7 @@ def test_inference_stacks_equal_the_training_reads(sources, prepared_brats, brat
     keep = brain_slices(image)
     stacked = resize_slices(stack_volume_context(image[..., channels], 2, stride)[:, :, keep], context.size)
     rows = np.flatnonzero(context.case == 0)
-    assert load_split(split_path_for(prepared_brats))["train"][0] == case_id
+    assert PreparedDataset.open(prepared_brats).split["train"][0] == case_id
     np.testing.assert_allclose(stacked, context.read(rows)[0], atol=1e-5)
 
 
@@ -118,7 +118,7 @@ def test_no_context_is_todays_model():
 @pytest.mark.slow
 def test_a_context_run_trains_predicts_and_exports_with_parity(prepared_brats, brats_dataset, tmp_path):
     flags = ["--set", "model.base_filters_2d=4", "--set", "train.batch_size=4", "--set", "train.steps_per_epoch=2",
-             "--set", "train.validation_steps=1", "--set", f"data.slices_h5={prepared_brats}", "--quiet"]
+             "--set", "train.validation_steps=1", "--set", f"data.dataset={prepared_brats}", "--quiet"]
     trained = run_cli("train", "--run-name", "ctx", "--epochs", "1", "--set", "model.context_slices_2d=1",
                       "--set", "model.context_stride_2d=2", *flags, cwd=tmp_path, timeout=300)
     assert trained.returncode == 0, trained.stderr[-3000:]

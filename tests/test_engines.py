@@ -244,8 +244,8 @@ def learned_2d(prepared_brats, brats_dataset, tmp_path_factory):
     everywhere, where any rounding flips mask pixels, so mask parity would measure nothing."""
     work = tmp_path_factory.mktemp("learned2d")
     flags = ["--model", "2d", "--run-dir", work / "runs", "--run-name", "l", "--set", "model.base_filters_2d=4",
-             "--set", "model.dropout=0", "--set", f"data.slices_h5={prepared_brats}",
-             "--set", f"data.brats_dir={brats_dataset}", "--quiet"]
+             "--set", "model.dropout=0", "--set", f"data.dataset={prepared_brats}",
+             "--set", f"data.source={brats_dataset}", "--quiet"]
     result = run_cli("train", "--epochs", "3", "--set", "train.batch_size=8", "--set", "train.steps_per_epoch=40",
                      "--set", "train.validation_steps=2", "--set", "train.learning_rate=0.003", *flags,
                      cwd=work, timeout=600)
@@ -260,7 +260,7 @@ def _val_slices(h5_path, count: int) -> np.ndarray:
         return h5["val"]["images"][:count].astype(np.float32)
 
 
-def test_openvino_export_parity_is_reported_bounded_and_independently_true(learned_2d, prepared_brats):
+def test_openvino_export_parity_is_reported_bounded_and_independently_true(learned_2d, brats_slices):
     from trainer.hardware.cpu import cpu_flags, native_bf16_support
 
     run, flags, work = learned_2d
@@ -287,7 +287,7 @@ def test_openvino_export_parity_is_reported_bounded_and_independently_true(learn
     model = UNet2D(ModelSettings(base_filters_2d=4, dropout=0), 4)
     tf.train.Checkpoint(model=model).restore(report["checkpoint"]).expect_partial()
     compiled = openvino.Core().compile_model(str(folder / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    slices = _val_slices(prepared_brats, 4)
+    slices = _val_slices(brats_slices, 4)
     exported = compiled(slices)[compiled.output(0)]
     assert np.abs(exported - model(slices, training=False).numpy()).max() <= 1e-3
 
@@ -390,34 +390,32 @@ def test_in_process_auto_selection_without_openvino(learned_2d, monkeypatch):
 
 # ---------------------------------------------------------------- export parity inputs (no model)
 
-def test_parity_slices_are_the_validation_slices_with_the_most_tumour(prepared_brats):
+def test_parity_slices_are_the_validation_slices_with_the_most_tumour(prepared_brats, brats_slices):
     import h5py
 
     from trainer.config.loader import load_settings
     from trainer.inference.export import held_out_slices
 
-    settings = load_settings(None, [f"data.slices_h5={prepared_brats}", "data.channels=[t2,flair]"])
+    settings = load_settings(None, [f"data.dataset={prepared_brats}", "data.channels=[t2,flair]"])
     images, description = held_out_slices(settings, 3)
-    with h5py.File(prepared_brats, "r") as h5:
+    with h5py.File(brats_slices, "r") as h5:
         labels = h5["val"]["labels"][:]  # computed from the label maps, not the stored per-slice counts
         tumour = (labels > 0).reshape(labels.shape[0], -1).sum(axis=1, dtype=np.int64)
         top = np.sort(np.argsort(tumour)[::-1][:3])
         expected = h5["val"]["images"][top][..., [3, 0]]  # t2, flair in the file's flair,t1,t1ce,t2 order
     assert tumour[top].min() > 0 and tumour[top].min() >= np.sort(tumour)[-3]
     assert np.array_equal(images, expected)
-    assert description == f"3 val slice(s) with the most tumour from {prepared_brats}"
+    assert description == f"3 val slice(s) with the most tumour from {brats_slices}"
 
 
 def test_parity_crop_is_centred_on_the_tumour_of_a_held_out_case(decathlon_dataset, tmp_path):
     from trainer.config.settings import DataSettings, Settings, TrainSettings
     from trainer.data.decathlon import load_case, read_index
-    from trainer.data.split import save_split
+    from support.data import write_prepared
     from trainer.inference.export import held_out_crop
 
-    split = tmp_path / "split.json"
-    save_split(split, {"train": ["BRATS_001"], "val": ["BRATS_002"], "test": []}, 0, decathlon_dataset, "decathlon")
-    settings = Settings(data=DataSettings(decathlon_dir=decathlon_dataset, decathlon_split=split, cache_dir=None,
-                                          crop_size=(32, 32, 16), channels=("flair", "t2")),
+    folder = write_prepared(decathlon_dataset, tmp_path / "data", {"train": ["BRATS_001"], "val": ["BRATS_002"]})
+    settings = Settings(data=DataSettings(dataset=folder, crop_size=(32, 32, 16), channels=("flair", "t2")),
                         train=TrainSettings(model="3d"))
     crop, description = held_out_crop(settings)
     assert crop.shape == (1, 32, 32, 16, 2) and description.endswith("of BRATS_002")

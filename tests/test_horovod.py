@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,7 +36,7 @@ def writer_pid(event_file_name: str) -> int:
 
 
 def data_flags(prepared_brats):
-    return ["--set", f"data.slices_h5={prepared_brats}"]
+    return ["--set", f"data.dataset={prepared_brats}"]
 
 
 def model_weights(run_dir, epoch=1) -> dict[str, np.ndarray]:
@@ -182,9 +183,8 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step_with_a_clear_error(
     message (not a collective timeout), and no checkpoint may hold the diverged weights."""
     import h5py
 
-    poisoned = tmp_path / "slices.h5"
-    shutil.copy(prepared_brats, poisoned)
-    with h5py.File(poisoned, "r+") as h5:
+    poisoned = Path(shutil.copytree(prepared_brats, tmp_path / "poisoned"))
+    with h5py.File(poisoned / "slices-128.h5", "r+") as h5:
         h5["train"]["images"][0] = np.nan  # in the first global batch (no shuffling), on one rank's shard
     cmd = [HOROVODRUN, "-np", "2", "-H", "localhost:2", "--gloo", *unet_train_cmd(
         "train", "--dist", "horovod", "--model", "2d", "--epochs", "2", "--batch-size", 2, "--run-dir",

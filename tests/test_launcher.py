@@ -42,7 +42,7 @@ def cluster_flags(ssh, workdir: Path, tmp_path: Path) -> list[str]:
 
 
 def tiny_training(prepared_brats) -> list[str]:
-    return ["--model", "2d", "--set", f"data.slices_h5={prepared_brats}", "--set", "model.base_filters_2d=4",
+    return ["--model", "2d", "--set", f"data.dataset={prepared_brats}", "--set", "model.base_filters_2d=4",
             "--set", "train.batch_size=2", "--set", "train.steps_per_epoch=2", "--set", "train.validation_steps=1",
             "--set", "train.image_every_epochs=0"]
 
@@ -460,13 +460,14 @@ def test_sync_keeps_run_and_data_paths_from_settings(tmp_path):
     for number, (run_dir, checkpoint) in enumerate([("experiments", "experiments/exp1/checkpoints/last/epoch-3.index"),
                                                     ("{remote}/results/deep", "results/deep/exp2/history.json")]):
         remote = tmp_path / f"remote{number}"
-        kept = {checkpoint: "ckpt", "cache3d/BRATS_001.image.npy": "npy", "splits/decathlon.json": "{}",
+        kept = {checkpoint: "ckpt", "ds3d/volumes/BRATS_001.image.npy": "npy", "ds3d/prepared.json": "{}",
+                "data/prepared/last.json": "{}", "data/prepared/brats/slices-128.h5": "h5",
                 ".unet-train-cluster.token": "secret"}
         for name, text in {**kept, "trainer/stale.py": "old", "leftover.txt": "old"}.items():
             (remote / name).parent.mkdir(parents=True, exist_ok=True)
             (remote / name).write_text(text)
-        settings = load_settings(None, [f"train.run_dir={run_dir.format(remote=remote)}", "data.cache_dir=cache3d",
-                                        "data.decathlon_split=splits/decathlon.json", f"cluster.workdir={remote}"])
+        settings = load_settings(None, [f"train.run_dir={run_dir.format(remote=remote)}", "data.dataset=ds3d",
+                                        f"cluster.workdir={remote}"])
         plan = build_plan(settings, ("node1",), "ps", source_root=source)
         rsync = render(plan, settings.cluster, source, tmp_path / "stage")["all"]["vars"]["unet_rsync_argv"]
         result = subprocess.run([*rsync, "--delete", "--", f"{source}/", f"{remote}/"], capture_output=True,

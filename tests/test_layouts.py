@@ -2,9 +2,10 @@
 folder, 2D on a Decathlon folder), end to end through the CLI on tiny synthetic sets."""
 from __future__ import annotations
 
-import pytest
-
 import json
+import shutil
+
+import pytest
 
 import numpy as np
 import SimpleITK as sitk
@@ -15,17 +16,22 @@ pytestmark = pytest.mark.slow  # trains models or starts processes: not in scrip
 
 
 
-def test_the_3d_model_on_a_brats_folder(brats_dataset, tmp_path):
-    split = tmp_path / "volumes.split.json"
-    data = ["--set", f"data.decathlon_split={split}"]
-    prepared = run_cli("prepare", "--src", brats_dataset, "--model", "3d", "--out", tmp_path / "cache", *data,
-                       "--quiet", cwd=tmp_path)
-    assert prepared.returncode == 0, prepared.stderr[-2000:]
-    assert "(brats, 6 labelled cases) for the 3D model" in prepared.stdout
-    assert json.loads(split.read_text())["layout"] == "brats"
-    trained = run_cli("train", "--model", "3d", "--run-name", "b3", "--epochs", "1", *data, "--set",
-                      f"data.cache_dir={tmp_path / 'cache'}", *TINY_3D, cwd=tmp_path, timeout=400)
+def test_the_3d_model_on_a_brats_folder_beside_its_2d_slices(brats_dataset, tmp_path):
+    """As the README says: a relative --src, prepared for 2D then for 3D into the same default
+    folder; the 3D run reads its cache (no stale-cache warning) and records the dataset."""
+    shutil.copytree(brats_dataset, tmp_path / "raw" / "BraTS")
+    for model in ("2d", "3d"):
+        prepared = run_cli("prepare", "--src", "raw/BraTS", "--model", model, "--quiet", cwd=tmp_path)
+        assert prepared.returncode == 0, prepared.stderr[-2000:]
+    folder = tmp_path / "data" / "prepared" / "BraTS"
+    assert "(brats, 6 labelled cases)" in prepared.stdout and f"--data {folder}" in prepared.stdout
+    manifest = json.loads((folder / "prepared.json").read_text())
+    assert manifest["layout"] == "brats" and manifest["source"] == str(tmp_path / "raw" / "BraTS")
+    assert sorted(p.name for p in folder.iterdir()) == ["prepared.json", "slices-128.h5", "volumes"]
+    trained = run_cli("train", "--model", "3d", "--run-name", "b3", "--epochs", "1", *TINY_3D, cwd=tmp_path,
+                      timeout=400)
     assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "older than its NIfTI source" not in trained.stderr and "reading the source" not in trained.stderr
     assert (tmp_path / "runs" / "b3" / "validation.json").exists()  # whole BraTS volumes, sliding window
     evaluated = run_cli("evaluate", "--run-name", "b3", "--quiet", cwd=tmp_path, timeout=400)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
@@ -40,14 +46,12 @@ def test_the_3d_model_on_a_brats_folder(brats_dataset, tmp_path):
 
 
 def test_the_2d_model_on_a_decathlon_folder(decathlon_dataset, tmp_path):
-    slices = tmp_path / "slices.h5"
-    prepared = run_cli("prepare", "--src", decathlon_dataset, "--model", "2d", "--out", slices, "--quiet",
+    prepared = run_cli("prepare", "--src", decathlon_dataset, "--model", "2d", "--out", tmp_path / "ds", "--quiet",
                        cwd=tmp_path)
     assert prepared.returncode == 0, prepared.stderr[-2000:]
     assert "(decathlon, 4 labelled cases)" in prepared.stdout
-    trained = run_cli("train", "--model", "2d", "--run-name", "d2", "--epochs", "1", "--set",
-                      f"data.slices_h5={slices}", "--set", "model.regions=[wt,tc,et]", *TINY_2D,
-                      cwd=tmp_path, timeout=400)
+    trained = run_cli("train", "--model", "2d", "--run-name", "d2", "--epochs", "1", "--data", tmp_path / "ds",
+                      "--set", "model.regions=[wt,tc,et]", *TINY_2D, cwd=tmp_path, timeout=400)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert (tmp_path / "runs" / "d2" / "validation.json").exists()
     evaluated = run_cli("evaluate", "--run-name", "d2", "--quiet", cwd=tmp_path, timeout=400)

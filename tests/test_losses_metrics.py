@@ -6,8 +6,8 @@ import pytest
 import tensorflow as tf
 
 from trainer.config.settings import LossSettings
-from trainer.losses import make_loss, soft_dice
-from trainer.metrics import case_metrics, hard_dice, hd95, precision, sensitivity, specificity
+from trainer.models.losses import make_loss, soft_dice
+from trainer.models.metrics import case_metrics, hard_dice, hd95, precision, sensitivity, specificity
 
 # One 2x2 sample: truth [[1,1],[0,0]], prediction [[1,0],[1,0]] -> TP=1 FP=1 FN=1 TN=1.
 TRUTH = np.array([[[[1.0], [1.0]], [[0.0], [0.0]]]], np.float32)
@@ -109,7 +109,7 @@ def test_hd95_equals_an_independent_implementation_on_offset_spheres(spacing):
 
 
 def test_surface_is_face_connected_not_fully_connected():
-    from trainer.metrics import surface
+    from trainer.models.metrics import surface
 
     ball = _sphere((24, 24, 24), (12, 12, 12), 8.0)
     np.testing.assert_array_equal(surface(ball), _brute_surface(ball))
@@ -141,7 +141,7 @@ def test_summary_counts_undefined_hd95_instead_of_dropping_it_silently():
 
 
 def test_soft_dice_metric_uses_the_loss_smoothing():
-    from trainer.metrics import keras_metrics
+    from trainer.models.metrics import keras_metrics
 
     def logged(**smooth):
         metric = next(m for m in keras_metrics(0.5, **smooth) if m.name == "soft_dice")

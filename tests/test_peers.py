@@ -101,7 +101,7 @@ def test_a_worker_whose_ps_name_resolves_late_waits_then_the_job_trains(prepared
         "ps0": unet_train_cmd("ps", "--index", "0", *flags),
         "worker0": [sys.executable, wrapper, "worker", "--index", "0", *flags],
         "chief": unet_train_cmd("chief", "--model", "2d", "--run-dir", tmp_path / "runs", "--run-name", "late",
-                                "--epochs", "1", "--batch-size", "2", "--set", f"data.slices_h5={prepared_brats}",
+                                "--epochs", "1", "--batch-size", "2", "--set", f"data.dataset={prepared_brats}",
                                 "--set", "model.base_filters_2d=4", "--set", "train.steps_per_epoch=2",
                                 "--set", "train.validation_steps=1", "--set", "train.validate_full_volumes=false",
                                 "--quiet", *flags)}

@@ -7,6 +7,8 @@ so the file runs in seconds.
 from __future__ import annotations
 
 import h5py
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -17,7 +19,7 @@ from trainer.data.volumes import CaseArrays, case_arrays
 from trainer.data.pipeline import CropSource, Shard, augment_batch
 from trainer.data.streams import PAD_CASE, TrainSchedule, build_streams
 from trainer.errors import ConfigError
-from trainer.regions import RegionSet
+from trainer.data.regions import RegionSet
 
 SIZE = 8
 COUNT = 16
@@ -52,9 +54,20 @@ def indexed_h5(tmp_path):
     return path
 
 
+def _dataset_around(h5_path) -> Path:
+    """The slices file as the 16 x 16 slices of a prepared dataset folder (its raw source unused)."""
+    from trainer.data.prepared import PreparedDataset
+
+    folder = Path(h5_path).parent
+    PreparedDataset(root=folder, source=folder, layout="brats", split={"train": [], "val": [], "test": []},
+                    split_settings={}, fingerprint={}, slices={"16": {"file": Path(h5_path).name}}).save()
+    return folder
+
+
 def settings_for(h5_path, batch=BATCH, shuffle=True, augment=False, steps=0, validation_steps=0,
                  tumour_fraction=0.0, seed=1, regions=("wt",)) -> Settings:
-    data = DataSettings(slices_h5=h5_path, channels=("flair",), image_size=16, shuffle=shuffle, augment=augment,
+    data = DataSettings(dataset=_dataset_around(h5_path), channels=("flair",), image_size=16, shuffle=shuffle,
+                        augment=augment,
                         tumour_slice_fraction=tumour_fraction, parallel_calls=1, prefetch=1)
     return Settings(data=data, model=ModelSettings(regions=regions),
                     train=TrainSettings(batch_size=batch, steps_per_epoch=steps, validation_steps=validation_steps,

@@ -14,6 +14,7 @@ from support.data import brats_case_folders, run_cli
 from trainer.config.settings import ModelSettings, Settings
 from trainer.data.datasets import RawDataset
 from trainer.errors import UserError
+from trainer.commands import calibration
 from trainer.planning import speed
 from trainer.planning.fingerprint import fingerprint
 from trainer.planning.memory import Available, ModelShape, check_fits, predict_peak, unet_tensors
@@ -63,14 +64,14 @@ def test_a_step_over_the_limit_is_refused_naming_the_figures_and_what_fits():
 def test_train_refuses_a_configuration_over_the_limit_before_building_anything(prepared_brats, brats_dataset,
                                                                               tmp_path):
     started = time.monotonic()
-    result = run_cli("train", "--run-name", "big", "--set", f"data.slices_h5={prepared_brats}", "--set",
+    result = run_cli("train", "--run-name", "big", "--set", f"data.dataset={prepared_brats}", "--set",
                      "cpu.memory_limit_gb=1.5", "--set", "train.batch_size=64", "--quiet", cwd=tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     line = result.stderr.strip().splitlines()[-1]
     assert "memory: 2D 128^2 batch 64" in line and "cpu.memory_limit_gb = 1.5" in line and "largest that fits" in line
     assert time.monotonic() - started < 60
-    assert not (tmp_path / "runs" / "big" / "checkpoints").exists()  # nothing allocated, nothing written
-    env_limited = run_cli("train", "--run-name", "big2", "--set", f"data.slices_h5={prepared_brats}", "--set",
+    assert not (tmp_path / "runs").exists()  # nothing allocated, nothing written: not even the log
+    env_limited = run_cli("train", "--run-name", "big2", "--set", f"data.dataset={prepared_brats}", "--set",
                           "train.batch_size=64", "--quiet", cwd=tmp_path, timeout=120,
                           env={"UNET_TRAIN_MEMORY_LIMIT_GB": "1.5"})
     assert env_limited.returncode == 2 and "UNET_TRAIN_MEMORY_LIMIT_GB = 1.5" in env_limited.stderr
@@ -176,7 +177,7 @@ def test_plan_then_train_with_the_plan_and_set_on_top(brats_dataset, prepared_br
     plan["settings"]["train.steps_per_epoch"] = 2  # keep the test short: a plan file is the user's to edit
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     trained = run_cli("train", "--plan", tmp_path / "plan.json", "--run-name", "p", "--epochs", "1",
-                      "--set", f"data.slices_h5={prepared_brats}", "--set", "model.base_filters_2d=4",
+                      "--set", f"data.dataset={prepared_brats}", "--set", "model.base_filters_2d=4",
                       "--set", "train.validation_steps=1", "--set", "cpu.inter_op_threads=1", "--quiet",
                       cwd=tmp_path, timeout=300)
     assert trained.returncode == 0, trained.stderr[-3000:]
@@ -206,7 +207,7 @@ def test_the_calibration_times_the_real_pipeline_on_a_prepared_sample(kind, flag
     assert "calibrated: " in planned.stdout
     measured = json.loads((tmp_path / "plan.json").read_text())["speed"]
     assert measured["timed_steps"] >= 3 and 0.0 <= measured["input_wait_share"] < 1.0
-    assert measured["images_per_sec"] > 0 and measured["step_s"] * measured["timed_steps"] >= speed.CALIBRATION_SECONDS \
+    assert measured["images_per_sec"] > 0 and measured["step_s"] * measured["timed_steps"] >= calibration.CALIBRATION_SECONDS \
         or measured["timed_steps"] == 200
     assert measured["timed_at"] == ([32, 32, 32] if kind == "3d" else [measured["timed_at"][0]] * 2)
     assert list(scratch.iterdir()) == []  # the prepared sample is gone
@@ -215,7 +216,55 @@ def test_the_calibration_times_the_real_pipeline_on_a_prepared_sample(kind, flag
 
 def test_a_failed_calibration_is_one_line_naming_the_data(tmp_path):
     with pytest.raises(UserError) as caught:
-        speed.calibrate("train: {model: 9}", tmp_path, 1)  # settings the calibration process refuses
+        calibration.calibrate("train: {model: 9}", tmp_path, 1)  # settings the calibration process refuses
     message = str(caught.value)
     assert message.startswith(f"plan: the speed calibration on {tmp_path} failed (") and "--no-calibrate" in message
     assert "\n" not in message
+
+
+@pytest.mark.slow
+def test_a_plan_for_regions_trains_what_it_was_made_for(brats_dataset, tmp_path):
+    """plan --set model.regions=[wt,tc,et] picks 3D because TC/ET are asked; train --plan trains
+    exactly that (3D, the three regions) into the plan's run, and the run records the plan."""
+    prepared = run_cli("prepare", "--src", brats_dataset, "--model", "3d", "--quiet", cwd=tmp_path, timeout=120)
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    planned = run_cli("plan", "--run-name", "plan3d", "--set", "model.regions=[wt,tc,et]", "--no-calibrate",
+                      "--quiet", cwd=tmp_path, timeout=120)
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    path = tmp_path / "runs" / "plan3d" / "plan.json"
+    plan = json.loads(path.read_text())
+    chosen = plan["settings"]
+    assert chosen["train.model"] == "3d" and chosen["model.regions"] == ["wt", "tc", "et"]
+    assert chosen["train.run_name"] == "plan3d" and chosen["data.dataset"].endswith("data/prepared/" + brats_dataset.name)
+    assert "data.image_size" not in chosen and "model.base_filters_2d" not in chosen
+    assert not [key for key in chosen if key.startswith("-")]
+    crop = next(c for c in plan["choices"] if c["key"] == "data.crop_size")
+    edge = crop["value"][0]
+    assert f"up to {edge}" in crop["reason"] or "up to" in crop["reason"]
+    assert "3D model, regions wt/tc/et, run plan3d" in planned.stdout
+    chosen.update({"data.crop_size": [32, 32, 32], "model.base_filters_3d": 2, "train.batch_size": 1,
+                   "train.steps_per_epoch": 2, "train.precision": "fp32"})  # a plan file is the user's to edit
+    path.write_text(json.dumps(plan))
+    trained = run_cli("train", "--plan", path, "--epochs", "1", "--set", "train.validation_steps=1",
+                      "--set", "train.validate_full_volumes=false", "--quiet", cwd=tmp_path, timeout=400)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    from trainer.config.loader import load_settings
+
+    used = load_settings(tmp_path / "runs" / "plan3d" / "settings.yaml")
+    assert used.train.model == "3d" and used.model.regions == ("wt", "tc", "et")
+    assert json.loads((tmp_path / "runs" / "plan3d" / "run.json").read_text())["plan"] == str(path)
+    assert not (tmp_path / "runs" / "default").exists()
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("cluster.allow_public_network", True, "not a setting a plan may set"),
+    ("data.max_voxels", 10 ** 12, "not a setting a plan may set"),
+    ("cluster.token_file", "/tmp/x", "not a setting a plan may set"),
+    ("data.crop_size", [64, 64, 64], "not read by the 2D model"),
+])
+def test_a_plan_file_sets_only_what_a_plan_owns(key, value, says, tmp_path):
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"format": 2, "settings": {"train.model": "2d", "train.batch_size": 4, key: value}}))
+    result = run_cli("train", "--plan", path, "--run-name", "p", "--quiet", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and key in result.stderr and says in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "runs" / "p").exists()

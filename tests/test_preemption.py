@@ -28,7 +28,7 @@ def python(code: str, timeout: float = 30) -> subprocess.CompletedProcess:
 def test_usr1_is_noted_and_term_only_while_the_steps_run():
     result = python("""
         import os, signal, time
-        from trainer.training import preemption as p
+        from trainer.runtime import preemption as p
         p.install(term=True)
         os.kill(os.getpid(), signal.SIGUSR1)
         time.sleep(0.05)
@@ -51,7 +51,7 @@ def test_term_keeps_its_default_unless_enabled():
     launcher's stop (SIGTERM) still ends a trainer at once."""
     result = python("""
         import os, signal, time
-        from trainer.training import preemption as p
+        from trainer.runtime import preemption as p
         with p.watching():
             os.kill(os.getpid(), signal.SIGUSR1)
             time.sleep(0.05)
@@ -69,7 +69,7 @@ def test_after_the_decision_sigterm_is_ignored_until_exit():
     result = python("""
         import os, signal, sys
         import numpy as np
-        from trainer.training import preemption as p
+        from trainer.runtime import preemption as p
 
         class Alone:
             def sum_over_workers(self, values):
@@ -182,13 +182,13 @@ def test_a_signal_time_that_leaves_no_time_to_train_is_refused(tmp_path):
 # ---------------------------------------------------------------- the task runner
 
 def test_the_task_runner_runs_the_role_in_its_own_process_and_reports_the_exit(tmp_path):
-    ok = run_bounded([sys.executable, "-m", "launcher.slurm.role", "--run", "7", "rank 7", "--", "--version"], 60,
-                     cwd=tmp_path)
+    ok = run_bounded([sys.executable, "-m", "trainer.commands.slurm_role", "--run", "7", "rank 7", "--", "--version"],
+                     60, cwd=tmp_path)
     assert ok.returncode == 0 and ok.stdout.strip().endswith("unet-train slurm-task: task 7 (rank 7) exited 0")
-    bad = run_bounded([sys.executable, "-m", "launcher.slurm.role", "--run", "3", "worker1", "--", "train",
+    bad = run_bounded([sys.executable, "-m", "trainer.commands.slurm_role", "--run", "3", "worker1", "--", "train",
                        "--settings", tmp_path / "missing.yaml"], 60, cwd=tmp_path)
     assert bad.returncode == 2 and "unet-train slurm-task: task 3 (worker1) exited 2" in bad.stdout
-    outside = run_bounded([sys.executable, "-m", "launcher.slurm.role", "--mode", "horovod", "--settings",
+    outside = run_bounded([sys.executable, "-m", "trainer.commands.slurm_role", "--mode", "horovod", "--settings",
                            tmp_path / "missing.yaml"], 60, cwd=tmp_path)
     assert outside.returncode == 2 and "settings file not found" in outside.stdout
 
@@ -199,7 +199,7 @@ def test_the_task_runner_runs_the_role_in_its_own_process_and_reports_the_exit(t
 def test_single_run_checkpoints_on_usr1_exits_75_and_resumes_mid_epoch(prepared_brats, tmp_path):
     steps = 30
     args = ["train", "--model", "2d", "--epochs", "2", "--run-dir", tmp_path / "runs", "--run-name", "s",
-            "--set", f"data.slices_h5={prepared_brats}", "--set", "model.base_filters_2d=4",
+            "--set", f"data.dataset={prepared_brats}", "--set", "model.base_filters_2d=4",
             "--set", "train.batch_size=2", "--set", f"train.steps_per_epoch={steps}",
             "--set", "train.checkpoint_every_steps=5", "--set", "train.validation_steps=1",
             "--set", "train.image_every_epochs=0", "--set", "train.validate_full_volumes=false", "--quiet"]

@@ -1,4 +1,5 @@
-"""`unet-train prepare`: BraTS -> chunked HDF5 of normalised slices; Decathlon -> cache + split."""
+"""`unet-train prepare`: a raw dataset -> a prepared dataset folder (manifest with the split, 2D slices as
+chunked HDF5, the 3D cache)."""
 from __future__ import annotations
 
 import json
@@ -24,10 +25,12 @@ def _sitk_xyz(path: Path) -> np.ndarray:
     return np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(str(path))))
 
 
-def _split_file(h5_path: Path) -> Path:
-    """Written out independently of trainer.data.split: only the last suffix is replaced."""
-    assert h5_path.name.endswith(".h5")
-    return h5_path.with_name(h5_path.name[: -len(".h5")] + ".split.json")
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "prepared.json").read_text())
+
+
+def _slices(folder: Path, size: int = SIZE) -> Path:
+    return folder / f"slices-{size}.h5"
 
 
 def _case_rows(h5: h5py.File, case_id: str) -> tuple[str, np.ndarray]:
@@ -45,15 +48,18 @@ def _case_ids(group: h5py.Group) -> list[str]:
 
 # ---------------------------------------------------------------- BraTS -> HDF5
 
-def test_prepare_writes_h5_and_split_beside_it(prepared_brats):
-    assert prepared_brats.is_file()
-    assert _split_file(prepared_brats).is_file()
-    leftovers = [p.name for p in prepared_brats.parent.iterdir() if ".partial" in p.name]
-    assert leftovers == []
+def test_prepare_writes_a_folder_that_describes_itself(prepared_brats, brats_dataset):
+    assert sorted(p.name for p in prepared_brats.iterdir()) == ["prepared.json", "slices-128.h5"]
+    manifest = _manifest(prepared_brats)
+    assert manifest["source"] == str(brats_dataset.absolute()) and manifest["layout"] == "brats"
+    assert manifest["fingerprint"]["cases"] == BRATS_CASES
+    assert manifest["slices"]["128"]["file"] == "slices-128.h5" and manifest["volumes"] is None
+    last = json.loads((prepared_brats.parents[1] / "data" / "prepared" / "last.json").read_text())
+    assert last == {"dataset": str(prepared_brats)}
 
 
-def test_hdf5_structure(prepared_brats):
-    with h5py.File(prepared_brats, "r") as h5:
+def test_hdf5_structure(brats_slices):
+    with h5py.File(brats_slices, "r") as h5:
         assert set(h5.keys()) == set(SPLITS)
         assert h5.attrs["image_size"] == SIZE
         assert [m.decode() if isinstance(m, bytes) else m for m in h5.attrs["modalities"]] == list(MODALITIES)
@@ -87,7 +93,7 @@ def test_hdf5_structure(prepared_brats):
 
 
 def test_split_is_by_patient_and_covers_all_cases(prepared_brats, brats_dataset):
-    split = json.loads(_split_file(prepared_brats).read_text())
+    split = _manifest(prepared_brats)["split"]
     sets = {name: set(split[name]) for name in SPLITS}
     for name in SPLITS:
         assert len(sets[name]) == len(split[name]), f"duplicate case in {name}"
@@ -98,12 +104,12 @@ def test_split_is_by_patient_and_covers_all_cases(prepared_brats, brats_dataset)
     assert len(all_cases) == BRATS_CASES
     assert sets["train"] | sets["val"] | sets["test"] == all_cases
     assert sets["train"] and sets["val"] and sets["test"]
-    assert split["seed"] == 42
+    assert _manifest(prepared_brats)["split_settings"]["seed"] == 42
 
 
-def test_every_slice_belongs_to_a_case_of_its_split(prepared_brats):
-    split = json.loads(_split_file(prepared_brats).read_text())
-    with h5py.File(prepared_brats, "r") as h5:
+def test_every_slice_belongs_to_a_case_of_its_split(prepared_brats, brats_slices):
+    split = _manifest(prepared_brats)["split"]
+    with h5py.File(brats_slices, "r") as h5:
         for name in SPLITS:
             group = h5[name]
             ids = _case_ids(group)
@@ -114,8 +120,8 @@ def test_every_slice_belongs_to_a_case_of_its_split(prepared_brats):
             assert used == set(split[name]), "a case of the split has no slices (or a stranger has some)"
 
 
-def test_slices_are_the_brain_slices_of_each_case(prepared_brats, brats_dataset):
-    with h5py.File(prepared_brats, "r") as h5:
+def test_slices_are_the_brain_slices_of_each_case(brats_slices, brats_dataset):
+    with h5py.File(brats_slices, "r") as h5:
         for folder in brats_case_folders(brats_dataset):
             flair = _sitk_xyz(folder / f"{folder.name}_flair.nii.gz")
             any_brain = np.zeros(SHAPE[2], dtype=bool)
@@ -127,9 +133,9 @@ def test_slices_are_the_brain_slices_of_each_case(prepared_brats, brats_dataset)
             assert flair.shape == SHAPE
 
 
-def test_stored_slice_matches_independent_normalisation(prepared_brats, brats_dataset):
+def test_stored_slice_matches_independent_normalisation(brats_slices, brats_dataset):
     folders = brats_case_folders(brats_dataset)
-    with h5py.File(prepared_brats, "r") as h5:
+    with h5py.File(brats_slices, "r") as h5:
         for folder in (folders[0], folders[-1]):
             name, rows = _case_rows(h5, folder.name)
             slices = h5[name]["slice"][()][rows]
@@ -162,8 +168,8 @@ def test_stored_slice_matches_independent_normalisation(prepared_brats, brats_da
             np.testing.assert_array_equal(stored_labels == 3, et & tc & wt)
 
 
-def test_tumour_slices_have_tumour_masks(prepared_brats, brats_dataset):
-    with h5py.File(prepared_brats, "r") as h5:
+def test_tumour_slices_have_tumour_masks(brats_slices, brats_dataset):
+    with h5py.File(brats_slices, "r") as h5:
         for folder in brats_case_folders(brats_dataset):
             seg = _sitk_xyz(folder / f"{folder.name}_seg.nii.gz")
             name, rows = _case_rows(h5, folder.name)
@@ -201,17 +207,17 @@ def test_zscore_brain_constant_and_empty_channels():
     assert (out == 0).all()
 
 
-def test_parallel_workers_give_identical_output(prepared_brats, brats_dataset, run_cli, tmp_path):
-    out = tmp_path / "pool.h5"
+def test_parallel_workers_give_identical_output(prepared_brats, brats_slices, brats_dataset, run_cli, tmp_path):
+    out = tmp_path / "pool"
     result = run_cli("prepare", "--format", "brats", "--src", brats_dataset, "--out", out, "--workers", "2",
                      "--quiet", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert _split_file(out).read_text() == _split_file(prepared_brats).read_text()
-    with h5py.File(out, "r") as h5:
+    assert _manifest(out)["split"] == _manifest(prepared_brats)["split"]
+    with h5py.File(_slices(out), "r") as h5:
         counts = ", ".join(f"{name} {h5[name]['images'].shape[0]}" for name in SPLITS)
-    assert f"(slices: {counts})" in result.stdout
-    assert str(_split_file(out)) in result.stdout
-    with h5py.File(out, "r") as a, h5py.File(prepared_brats, "r") as b:
+    assert f"128 x 128 ({counts})" in result.stdout
+    assert f"train with: unet-train train --model 2d --data {out}" in result.stdout
+    with h5py.File(_slices(out), "r") as a, h5py.File(brats_slices, "r") as b:
         for name in SPLITS:
             for key in ("images", "labels", "region_voxels", "case", "slice", "case_ids"):
                 np.testing.assert_array_equal(a[name][key][()], b[name][key][()])
@@ -227,19 +233,19 @@ def _compare_case(h5_a: Path, h5_b: Path, case_id: str) -> None:
         np.testing.assert_array_equal(a[name_a]["labels"][()][rows_a], b[name_b]["labels"][()][rows_b])
 
 
-def test_uncompressed_nii_files_work(prepared_brats, brats_copy, tmp_path):
+def test_uncompressed_nii_files_work(brats_slices, brats_copy, tmp_path):
     folder = brats_case_folders(brats_copy)[1]
     for path in sorted(folder.glob("*.nii.gz")):
         sitk.WriteImage(sitk.ReadImage(str(path)), str(path.with_name(path.name[:-3])), False)
         path.unlink()
     assert sorted(p.suffix for p in folder.iterdir()) == [".nii"] * 5
-    out = tmp_path / "out" / "slices.h5"
+    out = tmp_path / "out"
     result = prepare_brats_cli(brats_copy, out, tmp_path)
     assert result.returncode == 0, result.stderr
-    _compare_case(out, prepared_brats, folder.name)
+    _compare_case(_slices(out), brats_slices, folder.name)
 
 
-def test_uppercase_modality_suffix_is_recognised(prepared_brats, brats_copy, tmp_path):
+def test_uppercase_modality_suffix_is_recognised(brats_slices, brats_copy, tmp_path):
     folder = brats_case_folders(brats_copy)[2]
     for modality in ("flair", "t1ce", "seg"):
         path = folder / f"{folder.name}_{modality}.nii.gz"
@@ -249,13 +255,13 @@ def test_uppercase_modality_suffix_is_recognised(prepared_brats, brats_copy, tmp
     assert case.images["t1ce"].name.endswith("_T1CE.nii.gz")
     assert case.images["t1"].name.endswith("_t1.nii.gz")
     assert case.seg.name.endswith("_SEG.nii.gz")
-    out = tmp_path / "out" / "slices.h5"
+    out = tmp_path / "out"
     result = prepare_brats_cli(brats_copy, out, tmp_path)
     assert result.returncode == 0, result.stderr
-    _compare_case(out, prepared_brats, folder.name)
+    _compare_case(_slices(out), brats_slices, folder.name)
 
 
-def test_appledouble_files_in_case_folder_are_ignored(prepared_brats, brats_copy, tmp_path):
+def test_appledouble_files_in_case_folder_are_ignored(brats_slices, brats_copy, tmp_path):
     folder = brats_case_folders(brats_copy)[0]
     for modality in (*MODALITIES, "seg"):
         (folder / f"._{folder.name}_{modality}.nii.gz").write_bytes(APPLEDOUBLE_STUB)
@@ -265,10 +271,10 @@ def test_appledouble_files_in_case_folder_are_ignored(prepared_brats, brats_copy
     assert len(cases) == BRATS_CASES
     for case in cases:
         assert not any(p.name.startswith("._") for p in case.images.values())
-    out = tmp_path / "out" / "slices.h5"
+    out = tmp_path / "out"
     result = prepare_brats_cli(brats_copy, out, tmp_path)
     assert result.returncode == 0, result.stderr
-    _compare_case(out, prepared_brats, folder.name)
+    _compare_case(_slices(out), brats_slices, folder.name)
 
 
 def test_flat_brats2020_layout_is_accepted(brats_copy, tmp_path):
@@ -276,36 +282,38 @@ def test_flat_brats2020_layout_is_accepted(brats_copy, tmp_path):
     flat.mkdir()
     for folder in brats_case_folders(brats_copy)[:3]:
         folder.rename(flat / folder.name)
-    out = tmp_path / "flat.h5"
+    out = tmp_path / "flat"
     result = prepare_brats_cli(flat, out, tmp_path)
     assert result.returncode == 0, result.stderr
-    split = json.loads(_split_file(out).read_text())
+    split = _manifest(out)["split"]
     assert sorted(split["train"] + split["val"] + split["test"]) == sorted(p.name for p in flat.iterdir())
 
 
 def test_image_size_setting_is_used(brats_dataset, tmp_path):
-    out = tmp_path / "small.h5"
+    out = tmp_path / "small"
     result = prepare_brats_cli(brats_dataset, out, tmp_path, "--set", "data.image_size=64",
                                "--set", "data.split.seed=7")
     assert result.returncode == 0, result.stderr
-    with h5py.File(out, "r") as h5:
+    with h5py.File(_slices(out, 64), "r") as h5:
         assert h5["train"]["images"].shape[1:] == (64, 64, 4)
         assert h5["train"]["labels"].shape[1:] == (64, 64)
-        assert h5.attrs["split_seed"] == 7
-    assert json.loads(_split_file(out).read_text())["seed"] == 7
+    assert _manifest(out)["split_settings"]["seed"] == 7
+    # a second size sits beside the first, on the same split
+    again = prepare_brats_cli(brats_dataset, out, tmp_path, "--set", "data.image_size=32", "--set", "data.split.seed=7")
+    assert again.returncode == 0, again.stderr
+    assert sorted(_manifest(out)["slices"]) == ["32", "64"] and _slices(out, 64).is_file()
 
 
 # ---------------------------------------------------------------- Decathlon
 
-def _prepare_decathlon(run_cli, src: Path, cache: Path, split: Path, cwd: Path):
-    return run_cli("prepare", "--format", "decathlon", "--src", src, "--out", cache,
-                   "--set", f"data.decathlon_split={split}", "--quiet", cwd=cwd)
+def _prepare_decathlon(run_cli, src: Path, out: Path, cwd: Path, *extra):
+    return run_cli("prepare", "--format", "decathlon", "--src", src, "--out", out, "--quiet", *extra, cwd=cwd)
 
 
 def test_decathlon_prepare_writes_cache_and_split(run_cli, decathlon_dataset, tmp_path):
-    cache = tmp_path / "cache"
-    split_file = tmp_path / "dec.split.json"
-    result = _prepare_decathlon(run_cli, decathlon_dataset, cache, split_file, tmp_path)
+    out = tmp_path / "dec"
+    cache = out / "volumes"
+    result = _prepare_decathlon(run_cli, decathlon_dataset, out, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
 
@@ -331,7 +339,8 @@ def test_decathlon_prepare_writes_cache_and_split(run_cli, decathlon_dataset, tm
                 / raw[..., channel][brain].astype(np.float64).std()
             np.testing.assert_allclose(values, expected, atol=1e-4)
 
-    split = json.loads(split_file.read_text())
+    split = _manifest(out)["split"]
+    assert _manifest(out)["volumes"] == {"cached": True, "cases": DECATHLON_CASES}
     sets = [set(split[name]) for name in SPLITS]
     assert sum(len(s) for s in sets) == DECATHLON_CASES
     assert set().union(*sets) == set(ids)
@@ -341,11 +350,11 @@ def test_decathlon_prepare_writes_cache_and_split(run_cli, decathlon_dataset, tm
 
 def test_decathlon_existing_cache_needs_overwrite_and_up_to_date_cases_are_reused(run_cli, decathlon_copy,
                                                                                   tmp_path):
-    cache = tmp_path / "cache"
-    split_file = tmp_path / "dec.split.json"
-    assert _prepare_decathlon(run_cli, decathlon_copy, cache, split_file, tmp_path).returncode == 0
+    out = tmp_path / "dec"
+    cache = out / "volumes"
+    assert _prepare_decathlon(run_cli, decathlon_copy, out, tmp_path).returncode == 0
     before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
-    refused = _prepare_decathlon(run_cli, decathlon_copy, cache, split_file, tmp_path)
+    refused = _prepare_decathlon(run_cli, decathlon_copy, out, tmp_path)
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert str(cache) in refused.stderr and "--overwrite" in refused.stderr
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == before
@@ -353,22 +362,21 @@ def test_decathlon_existing_cache_needs_overwrite_and_up_to_date_cases_are_reuse
     # --overwrite rebuilds the folder, linking the unchanged cases and recomputing a touched one.
     touched = decathlon_copy / "labelsTr" / "BRATS_002.nii.gz"
     touched.write_bytes(touched.read_bytes())
-    result = run_cli("prepare", "--format", "decathlon", "--src", decathlon_copy, "--out", cache,
-                     "--set", f"data.decathlon_split={split_file}", "--quiet", "--overwrite", cwd=tmp_path)
+    result = _prepare_decathlon(run_cli, decathlon_copy, out, tmp_path, "--overwrite")
     assert result.returncode == 0, result.stderr
     after = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
     assert set(after) == set(before)
     assert {n for n in after if after[n] != before[n]} == {f"BRATS_002.{k}" for k in ("image.npy", "labels.npy",
                                                                                         "source.json")}
-    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name or ".old" in p.name]
+    assert not [p for p in out.iterdir() if ".partial" in p.name or ".old" in p.name]
 
 
 def test_training_reads_the_source_of_a_case_whose_cache_is_stale(run_cli, decathlon_copy, tmp_path, caplog):
     from trainer.data.datasets import RawDataset
     from trainer.data.volumes import case_arrays
 
-    cache = tmp_path / "cache"
-    assert _prepare_decathlon(run_cli, decathlon_copy, cache, tmp_path / "s.json", tmp_path).returncode == 0
+    cache = tmp_path / "dec" / "volumes"
+    assert _prepare_decathlon(run_cli, decathlon_copy, cache.parent, tmp_path).returncode == 0
     touched = decathlon_copy / "imagesTr" / "BRATS_002.nii.gz"
     touched.write_bytes(touched.read_bytes())  # the source changed after prepare
     with caplog.at_level("WARNING"):
@@ -378,46 +386,57 @@ def test_training_reads_the_source_of_a_case_whose_cache_is_stale(run_cli, decat
     assert "BRATS_002" in caplog.text and "--overwrite" in caplog.text
 
 
-def test_split_files_of_outputs_that_differ_after_the_first_dot_do_not_collide():
-    from trainer.data.split import split_path_for
+def test_the_cache_follows_its_source_by_content_not_by_path(run_cli, decathlon_copy, tmp_path, caplog):
+    """Prepared through a relative --src, read through a symlink: every case comes from the cache."""
+    from trainer.data.datasets import RawDataset
+    from trainer.data.volumes import case_arrays
 
-    assert split_path_for(Path("out/slices.h5")) == Path("out/slices.split.json")
-    assert split_path_for(Path("a.v1.h5")) == Path("a.v1.split.json")
-    assert split_path_for(Path("a.v2.h5")) == Path("a.v2.split.json")
-    assert split_path_for(Path("data.d/slices")) == Path("data.d/slices.split.json")
+    relative = Path("src") / decathlon_copy.name
+    assert _prepare_decathlon(run_cli, relative, tmp_path / "dec", tmp_path).returncode == 0
+    link = tmp_path / "link"
+    link.symlink_to(decathlon_copy)
+    with caplog.at_level("WARNING"):
+        arrays = case_arrays(RawDataset.open(link), tmp_path / "dec" / "volumes")
+    assert all(a.image_file is not None for a in arrays.values()) and "older" not in caplog.text
 
 
 def test_decathlon_prepare_accepts_nii_variant(run_cli, decathlon_copy, tmp_path):
     image = decathlon_copy / "imagesTr" / "BRATS_002.nii.gz"
     sitk.WriteImage(sitk.ReadImage(str(image)), str(image.with_suffix("")), False)
     image.unlink()
-    cache = tmp_path / "cache"
-    result = _prepare_decathlon(run_cli, decathlon_copy, cache, tmp_path / "s.json", tmp_path)
+    result = _prepare_decathlon(run_cli, decathlon_copy, tmp_path / "dec", tmp_path)
     assert result.returncode == 0, result.stderr
-    assert (cache / "BRATS_002.image.npy").is_file()
+    assert (tmp_path / "dec" / "volumes" / "BRATS_002.image.npy").is_file()
 
 
-def test_decathlon_prepare_keeps_a_different_existing_split(run_cli, decathlon_dataset, tmp_path):
-    split_file = tmp_path / "dec.split.json"
-    assert _prepare_decathlon(run_cli, decathlon_dataset, tmp_path / "cache1", split_file, tmp_path).returncode == 0
-    before = split_file.read_text()
-    again = _prepare_decathlon(run_cli, decathlon_dataset, tmp_path / "cache2", split_file, tmp_path)
-    assert again.returncode == 0, again.stderr  # same split: accepted as is
-    reseeded = run_cli("prepare", "--format", "decathlon", "--src", decathlon_dataset, "--out", tmp_path / "cache3",
-                       "--set", f"data.decathlon_split={split_file}", "--set", "data.split.seed=99", "--quiet",
-                       cwd=tmp_path)
-    assert reseeded.returncode != 0 and "different split already exists" in reseeded.stderr
-    assert split_file.read_text() == before
-    assert not (tmp_path / "cache3").exists()
-    forced = run_cli("prepare", "--format", "decathlon", "--src", decathlon_dataset, "--out", tmp_path / "cache3",
-                     "--set", f"data.decathlon_split={split_file}", "--set", "data.split.seed=99", "--quiet",
-                     "--overwrite", cwd=tmp_path)
-    assert forced.returncode == 0 and json.loads(split_file.read_text())["seed"] == 99
+def test_a_second_model_keeps_the_split_and_another_split_is_refused(run_cli, decathlon_dataset, tmp_path):
+    out = tmp_path / "dec"
+    assert _prepare_decathlon(run_cli, decathlon_dataset, out, tmp_path).returncode == 0
+    before = _manifest(out)
+    both = _prepare_decathlon(run_cli, decathlon_dataset, out, tmp_path, "--model", "2d")
+    assert both.returncode == 0, both.stderr  # 2D beside 3D, the same split
+    after = _manifest(out)
+    assert after["split"] == before["split"] and after["volumes"] == before["volumes"] and "128" in after["slices"]
+    reseeded = _prepare_decathlon(run_cli, decathlon_dataset, out, tmp_path, "--model", "2d", "--overwrite",
+                                  "--set", "data.split.seed=99", "--set", "data.image_size=32")
+    assert reseeded.returncode == 0, reseeded.stderr  # --overwrite starts the folder afresh
+    assert _manifest(out)["split_settings"]["seed"] == 99 and sorted(_manifest(out)["slices"]) == ["32"]
+    assert sorted(p.name for p in out.iterdir()) == ["prepared.json", "slices-32.h5"]
+    refused = _prepare_decathlon(run_cli, decathlon_dataset, out, tmp_path, "--set", "data.split.seed=7")
+    assert refused.returncode == 2 and "its split was made with" in refused.stderr and "seed 99" in refused.stderr
+    assert not (out / "volumes").exists()
 
 
-def test_outputs_get_normal_file_permissions(prepared_brats):
-    assert prepared_brats.stat().st_mode & 0o777 == 0o666 & ~_current_umask()
-    assert _split_file(prepared_brats).stat().st_mode & 0o044  # group/other can read
+def test_prepare_never_writes_into_its_source(run_cli, decathlon_copy, tmp_path):
+    for out in (decathlon_copy, decathlon_copy / "prepared", tmp_path / "src"):
+        result = _prepare_decathlon(run_cli, decathlon_copy, out, tmp_path)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert not (decathlon_copy / "prepared").exists() and not (decathlon_copy / "prepared.json").exists()
+
+
+def test_outputs_get_normal_file_permissions(prepared_brats, brats_slices):
+    assert brats_slices.stat().st_mode & 0o777 == 0o666 & ~_current_umask()
+    assert (prepared_brats / "prepared.json").stat().st_mode & 0o044  # group/other can read
 
 
 def _current_umask() -> int:

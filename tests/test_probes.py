@@ -49,9 +49,9 @@ def test_run_dir_spelt_any_way_survives_the_real_rsync_delete(mirror, tmp_path, 
     run_dir = (str(tmp_path / "link") if spelling == "link"
                else spelling.replace("{workdir}", str(workdir).lstrip("/") if spelling.startswith("//")
                                      else str(workdir)))
-    settings = settings_with(f"train.run_dir={run_dir}", "data.slices_h5=../unet-train/prep/s.h5")
+    settings = settings_with(f"train.run_dir={run_dir}", "data.dataset=../unet-train/prep")
     excludes = mirror_excludes(settings, str(workdir), source)
-    assert "/experiments/" in excludes and "/prep/s.h5" in excludes, excludes
+    assert "/experiments/" in excludes and "/prep/" in excludes, excludes
     sync(source, workdir, excludes)
     assert (workdir / "experiments" / "exp1" / "ckpt" / "weights").read_text() == "precious\n"
     assert (workdir / "prep" / "s.h5").read_text() == "prepared\n"
@@ -83,11 +83,9 @@ def test_a_symlink_to_the_workdir_is_the_workdir(mirror, tmp_path):
 
 def test_paths_outside_the_workdir_need_no_exclude(mirror, tmp_path):
     source, workdir = mirror
-    settings = settings_with(f"train.run_dir={tmp_path / 'elsewhere'}", "data.slices_h5=../other/s.h5",
-                             f"data.brats_dir={tmp_path / 'raw'}", f"data.decathlon_dir={tmp_path / 'raw2'}",
-                             f"data.cache_dir={tmp_path / 'cache'}", f"data.decathlon_split={tmp_path / 's.json'}",
-                             f"cluster.token_file={shutil.which('rsync')}")
-    assert mirror_excludes(settings, str(workdir), source) == []
+    settings = settings_with(f"train.run_dir={tmp_path / 'elsewhere'}", "data.dataset=../other/ds",
+                             f"data.source={tmp_path / 'raw'}", f"cluster.token_file={shutil.which('rsync')}")
+    assert mirror_excludes(settings, str(workdir), source) == ["/data/prepared/"]  # prepare's default home
 
 
 # ---------------------------------------------------------------- inputs that are not regular files
@@ -145,7 +143,7 @@ def test_prepare_with_a_fifo_modality_exits_2_and_leaves_nothing(brats_copy, tmp
     flair = case / f"{case.name}_flair.nii.gz"
     flair.unlink()
     os.mkfifo(flair)
-    out = tmp_path / "prep" / "slices.h5"
+    out = tmp_path / "prep" / "ds"
     result = prepare_brats_cli(brats_copy, out, tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert str(flair) in result.stderr and "a FIFO" in result.stderr and "Traceback" not in result.stderr

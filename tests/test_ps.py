@@ -93,7 +93,7 @@ def cluster(tmp_path):
 
 
 def data_flags(prepared_brats):
-    return ["--set", f"data.slices_h5={prepared_brats}"]
+    return ["--set", f"data.dataset={prepared_brats}"]
 
 
 def test_ps_sync_sgd_equals_one_process_at_double_batch(cluster, prepared_brats, tmp_path):

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from support.data import run_cli
 from trainer.errors import TrainingError
 from trainer.inference import postprocess
-from trainer.regions import BRATS, DECATHLON, RegionSet
+from trainer.data.regions import BRATS, DECATHLON, RegionSet
 
 pytestmark = pytest.mark.slow  # trains models or starts processes: not in scripts/test.sh --fast
 
@@ -159,7 +159,7 @@ def test_the_decision_is_stored_for_its_checkpoint_and_inference_procedure(tmp_p
 def trained_regions(prepared_brats, brats_dataset, tmp_path_factory):
     work = tmp_path_factory.mktemp("regions")
     flags = ["--model", "2d", "--run-dir", work / "runs", "--run-name", "r", *TINY,
-             "--set", f"data.slices_h5={prepared_brats}", "--set", f"data.brats_dir={brats_dataset}"]
+             "--set", f"data.dataset={prepared_brats}", "--set", f"data.source={brats_dataset}"]
     result = run_cli("train", "--epochs", "2", *flags, cwd=work, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return work / "runs" / "r", flags, work

@@ -150,7 +150,7 @@ def test_parameter_server_job_killed_at_a_random_moment_resumes_exactly(prepared
 
 
 def test_a_damaged_newest_checkpoint_is_skipped_and_orphan_files_are_ignored(tmp_path, caplog):
-    from trainer.checkpoints import CheckpointStore
+    from trainer.runtime.checkpoints import CheckpointStore
     from trainer.training.state import TrainingState
 
     model = tf.keras.Sequential([tf.keras.Input((1,)), tf.keras.layers.Dense(1)])

@@ -1,8 +1,8 @@
 """A run that knows what it is: prepare --src -> train -> predict/evaluate with no repeated flags,
 and predict in nnU-Net's conventions (-i/-o, channel files, --continue, --save-probabilities).
 
-Each run is trained in a folder with no settings.yaml and no data.brats_dir, as a user who only
-ever typed ``prepare --src DIR`` would have it.
+Each run is trained in a folder with no settings.yaml, as a user who only ever typed
+``prepare --src DIR [--out DIR]`` and then ``train`` would have it.
 """
 from __future__ import annotations
 
@@ -25,16 +25,17 @@ CHANNELS = ("flair", "t1", "t1ce", "t2")
 
 @pytest.fixture(scope="module")
 def region_run(brats_dataset, tmp_path_factory):
-    """A 2D WT/TC/ET run trained after ``prepare --src`` only: no data.brats_dir anywhere."""
+    """A 2D WT/TC/ET run trained after ``prepare --src RAW --out DIR`` (both relative) and a bare
+    ``train``: the dataset folder is the one just prepared here."""
     work = tmp_path_factory.mktemp("regions")
     src = Path(shutil.copytree(brats_dataset, work / "mydata" / "BraTS"))
     heldout = work / "heldout"
     case = brats_case_folders(src)[0]
     shutil.move(str(case), heldout / case.name)
-    prepared = prepare_brats_cli(src, work / "prep" / "slices.h5", work)
+    prepared = prepare_brats_cli(Path("mydata") / "BraTS", Path("prep") / "mine", work)
     assert prepared.returncode == 0, prepared.stderr
-    result = run_cli("train", "--run-name", "r", "--epochs", "1", "--set", "model.regions=[wt,tc,et]",
-                     "--set", f"data.slices_h5={work / 'prep' / 'slices.h5'}", *TINY_2D, cwd=work, timeout=300)
+    result = run_cli("train", "--run-name", "r", "--epochs", "1", "--set", "model.regions=[wt,tc,et]", *TINY_2D,
+                     cwd=work, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return work, heldout / case.name, result
 
@@ -55,8 +56,11 @@ def test_prepare_src_then_train_validates_on_the_recorded_source(region_run):
     decisions = json.loads((run / "postprocessing.json").read_text())
     assert set(decisions["regions"]) == {"wt", "tc", "et"}
     assert "validation on" in result.stdout
-    # the run remembers where its raw data are
-    assert str(work / "mydata" / "BraTS") in (run / "settings.yaml").read_text()
+    # the run records its dataset folder, which records where the raw data are
+    assert f"dataset: {work / 'prep' / 'mine'}" in (run / "settings.yaml").read_text()
+    assert json.loads((run / "run.json").read_text())["dataset"] == str(work / "prep" / "mine")
+    assert f"dataset: {work / 'prep' / 'mine'} (the last one prepared here" in result.stderr
+    assert json.loads((work / "prep" / "mine" / "prepared.json").read_text())["source"] == str(work / "mydata" / "BraTS")
 
 
 def test_region_run_predicts_label_maps_and_probabilities_without_repeating_settings(region_run, tmp_path):
@@ -150,27 +154,26 @@ def test_predict_needs_inputs_and_an_output_folder(region_run, tmp_path):
 
 def test_an_unreachable_source_is_reported_at_the_start_and_its_fix_at_the_end(brats_dataset, tmp_path):
     src = Path(shutil.copytree(brats_dataset, tmp_path / "moving" / "BraTS"))
-    prepared = prepare_brats_cli(src, tmp_path / "slices.h5", tmp_path)
+    prepared = prepare_brats_cli(src, tmp_path / "ds", tmp_path)
     assert prepared.returncode == 0, prepared.stderr
     shutil.rmtree(tmp_path / "moving")  # the raw volumes are on another host now
-    result = run_cli("train", "--run-name", "gone", "--epochs", "1", "--set", f"data.slices_h5={tmp_path / 'slices.h5'}",
-                     *TINY_2D, cwd=tmp_path, timeout=300)
+    result = run_cli("train", "--run-name", "gone", "--epochs", "1", "--data", tmp_path / "ds", *TINY_2D,
+                     cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stderr
     start = log.index("raw volumes not found")
     assert start < log.index("finished: epoch 1")  # said before training, not after
-    assert "data.brats_dir" in log[start - 200:start + 300]
+    assert "data.source" in log[start - 200:start + 300]
     assert "post-processing undecided" in result.stdout
     assert "unet-train evaluate --split val --run-dir runs --run-name gone" in result.stdout
     assert not (tmp_path / "runs" / "gone" / "validation.json").exists()
 
 
 def test_a_3d_run_is_evaluated_and_predicted_without_model_flags(decathlon_dataset, tmp_path):
-    split = tmp_path / "split.json"
-    prepared = run_cli("prepare", "--format", "decathlon", "--src", decathlon_dataset, "--out", tmp_path / "cache",
-                       "--set", f"data.decathlon_split={split}", "--quiet", cwd=tmp_path)
+    prepared = run_cli("prepare", "--format", "decathlon", "--src", decathlon_dataset, "--out", tmp_path / "ds",
+                       "--quiet", cwd=tmp_path)
     assert prepared.returncode == 0, prepared.stderr
-    data = ["--set", f"data.decathlon_split={split}", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    data = ["--data", tmp_path / "ds"]
     trained = run_cli("train", "--model", "3d", "--run-name", "v", "--epochs", "1", *data, *TINY_3D,
                       cwd=tmp_path, timeout=400)
     assert trained.returncode == 0, trained.stderr[-3000:]

@@ -1,15 +1,18 @@
-"""A run describes itself (trainer.config.run_settings), without training anything: what comes from
-runs/R/settings.yaml, what an override may change, and the raw data that follow prepare."""
+"""A run describes itself (trainer.commands.run_settings), without training anything: what comes from
+runs/R/settings.yaml, what an override may change, and the dataset folder the run keeps."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from trainer.commands.run_settings import Explicit, settings_for_run
 from trainer.config.loader import load_settings
-from trainer.config.run_settings import Explicit, settings_for_run
 from trainer.config.settings import settings_to_yaml
 from trainer.errors import ConfigError
+
+DATASET = Path("/srv/data/prepared/brats")  # absolute, as train records it
 
 
 @pytest.fixture
@@ -17,7 +20,7 @@ def run_3d(tmp_path):
     """A 3D region run's folder, as train leaves it."""
     trained = load_settings(None, ["train.model=3d", "model.regions=[wt,tc,et]", "data.crop_size=[32,32,32]",
                                    f"train.run_dir={tmp_path / 'runs'}", "train.run_name=r",
-                                   "model.mirror_axes_3d=[0]"])
+                                   "model.mirror_axes_3d=[0]", f"data.dataset={DATASET}"])
     (tmp_path / "runs" / "r").mkdir(parents=True)
     (tmp_path / "runs" / "r" / "settings.yaml").write_text(settings_to_yaml(trained))
     return tmp_path
@@ -59,15 +62,13 @@ def test_a_fresh_run_is_the_current_settings(tmp_path):
     assert settings.train.model == "3d" and settings.model.regions == ("wt",)
 
 
-def test_the_raw_data_follow_what_prepare_recorded_unless_set(tmp_path):
-    raw = tmp_path / "elsewhere" / "BraTS"
-    raw.mkdir(parents=True)
-    slices = tmp_path / "slices.h5"
-    (tmp_path / "slices.split.json").write_text(json.dumps({"source": str(raw), "train": [], "val": [], "test": []}))
-    followed = settings_for_run(*current(tmp_path, f"data.slices_h5={slices}"))
-    assert followed.data.brats_dir == raw
-    chosen = settings_for_run(*current(tmp_path, f"data.slices_h5={slices}", f"data.brats_dir={tmp_path}"))
-    assert chosen.data.brats_dir == tmp_path  # --set names it: that wins
-    (tmp_path / "slices.split.json").write_text(json.dumps({"source": str(tmp_path / "gone")}))
-    kept = settings_for_run(*current(tmp_path, f"data.slices_h5={slices}"))
-    assert kept.data.brats_dir == load_settings(None, []).data.brats_dir  # a folder that is gone is not followed
+def test_the_run_keeps_its_dataset_unless_another_is_named(run_3d, tmp_path):
+    """A run records the prepared dataset it trained on (absolute): evaluate and predict read that,
+    not the last one prepared here; --data (or --set data.source) names another."""
+    recorded = settings_for_run(*current(run_3d))
+    assert recorded.data.dataset == DATASET
+    moved = settings_for_run(*current(run_3d, flags={"data.dataset": str(tmp_path / "copy")}))
+    assert moved.data.dataset == tmp_path / "copy"
+    source = settings_for_run(*current(run_3d, f"data.source={tmp_path / 'raw'}"))
+    assert source.data.source == tmp_path / "raw" and source.data.dataset == DATASET
+

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from trainer.config.settings import ScheduleSettings
 from trainer.training.callbacks import EpochCheckpoint, LearningRateController, Throughput
-from trainer.checkpoints import CheckpointStore
+from trainer.runtime.checkpoints import CheckpointStore
 from trainer.training.state import TrainingState
 
 STEPS = 10
@@ -203,7 +203,7 @@ def test_best_checkpoint_follows_case_level_dice_where_per_slice_dice_disagrees(
     selection must pick B."""
     import numpy as np
 
-    from trainer.metrics import count_ratios
+    from trainer.models.metrics import count_ratios
     from trainer.training.validation import case_level_logs
 
     empty_ok, tumour_missed = [0, 0, 0, 100], [0, 0, 50, 50]

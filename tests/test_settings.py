@@ -67,13 +67,13 @@ def test_overrides_parse_yaml_values_and_beat_the_file(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text("train:\n  epochs: 7\n  batch_size: 4\ndata:\n  image_size: 64\n")
     settings = load_settings(path, ["train.epochs=3", "data.channels=[flair, t2]", "cluster.async=true",
-                                    "data.cache_dir=null"])
+                                    "data.cache_volumes=false"])
     assert settings.train.epochs == 3               # --set beats the file
     assert settings.train.batch_size == 4           # file beats defaults
     assert settings.data.image_size == 64
     assert settings.data.channels == ("flair", "t2")
     assert settings.cluster.asynchronous is True
-    assert settings.data.cache_dir is None
+    assert settings.data.cache_volumes is False
 
 
 def test_later_override_wins_and_flag_overrides_beat_set():
@@ -330,3 +330,13 @@ def test_cli_malformed_settings_file_exits_2(run_cli, tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "line 3" in result.stderr
+
+
+@pytest.mark.parametrize("old, new", [("brats_dir", "data.source"), ("decathlon_dir", "data.source"),
+                                      ("slices_h5", "data.dataset"), ("decathlon_split", "data.dataset"),
+                                      ("cache_dir", "data.cache_volumes")])
+def test_a_layout_named_data_key_is_refused_naming_its_new_name(old, new, tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, [f"data.{old}=somewhere"])
+    message = str(caught.value)
+    assert f"data.{old}" in message and f"replaced by {new}" in message and len(message.splitlines()) == 1

@@ -68,7 +68,7 @@ def free_port_block(count: int) -> int:
 
 def tiny(prepared_brats, tmp_path, epochs: int = 1) -> list[str]:
     base = free_port_block(5)  # 4 tasks on the node + the chief's control port
-    return ["--model", "2d", "--epochs", str(epochs), "--set", f"data.slices_h5={prepared_brats}",
+    return ["--model", "2d", "--epochs", str(epochs), "--set", f"data.dataset={prepared_brats}",
             "--set", "model.base_filters_2d=4", "--set", "train.batch_size=2", "--set", "train.steps_per_epoch=3",
             "--set", "train.validation_steps=1", "--set", "train.image_every_epochs=0", "--quiet",
             "--set", f"train.run_dir={tmp_path / 'runs'}", "--set", f"cluster.python={sys.executable}",
@@ -104,7 +104,7 @@ def test_dry_run_shows_the_whole_batch_script_and_writes_nothing(tmp_path):
         assert f"\n{line}\n" in out, line
     srun = next(line for line in out.splitlines() if line.startswith("srun "))
     assert "--mpi=pmix" in srun and "--kill-on-bad-exit=1" in srun and "--cpus-per-task=8" in srun
-    assert "-m launcher.slurm.role --mode horovod --settings" in srun and srun.endswith(" &")
+    assert "-m trainer.commands.slurm_role --mode horovod --settings" in srun and srun.endswith(" &")
     for line in ("#SBATCH --open-mode=append", "#SBATCH --signal=B:USR1@120", "#SBATCH --requeue"):
         assert f"\n{line}\n" in out, line
     assert 'scontrol requeue "$SLURM_JOB_ID"' in out
@@ -180,7 +180,7 @@ def test_job_output_reads_whole_lines_until_the_end(tmp_path):
 
 
 def test_slurm_times():
-    from launcher.slurm.doctor import minutes
+    from launcher.slurm.walltime import minutes
 
     assert [minutes(t) for t in ("60", "1:30", "2:00:00", "1-00:00:00", "2-12", "1-00:30")] == \
         [60, 1.5, 120, 1440, 3600, 1470]
@@ -209,7 +209,7 @@ def test_ps_roles_come_from_tensorflows_slurm_resolver(monkeypatch):
     assert roles[0].argv[3] == "chief" and "--index" not in roles[0].argv
     assert "cpu.intra_op_threads=3" in argv and "cpu.omp_num_threads=3" in argv  # from the allocation
     runner = roles[3].exec_argv()  # Python itself, no shell in between: Slurm's signals reach it
-    assert runner[:6] == ["/venv/bin/python", "-m", "launcher.slurm.role", "--run", "3", "worker1"]
+    assert runner[:6] == ["/venv/bin/python", "-m", "trainer.commands.slurm_role", "--run", "3", "worker1"]
     assert runner[6] == "--" and tuple(runner[7:]) == argv[3:]
 
 
@@ -222,8 +222,8 @@ def test_horovod_task_is_one_rank_with_the_allocations_threads():
     assert command.role == "rank 1" and command.host == "n7"
     assert command.argv[:3] == ("numactl", "-p", "1") or not _numactl()
     # numactl execs Python, which runs the role: still no shell between Slurm and the trainer
-    assert command.exec_argv()[len(command.prefix):len(command.prefix) + 4] == ["/py", "-m", "launcher.slurm.role",
-                                                                               "--run"]
+    assert command.exec_argv()[len(command.prefix):len(command.prefix) + 4] == [
+        "/py", "-m", "trainer.commands.slurm_role", "--run"]
     assert "train" in command.argv and "horovod" in command.argv and "cpu.intra_op_threads=2" in command.argv
     pinned = task_command(Settings(cpu=CpuSettings(intra_op_threads=5)), "horovod", "/s.yaml", env, python="/py")
     assert "cpu.intra_op_threads=5" in pinned.argv  # cpu.intra_op_threads wins, as on SSH hosts

@@ -197,7 +197,7 @@ class HostRun:
                 (workdir / package).symlink_to(REPO_ROOT / package)
         ps, worker0, worker1, chief, control = free_ports(5)
         self.settings = load_settings(None, [
-            f"train.run_dir={tmp_path / 'runs'}", f"train.run_name={run}", f"data.slices_h5={prepared_brats}",
+            f"train.run_dir={tmp_path / 'runs'}", f"train.run_name={run}", f"data.dataset={prepared_brats}",
             f"cluster.workdir={workdir}", f"cluster.python={sys.executable}", "cluster.tensorboard=false",
             f"cluster.ps_hosts=[127.0.0.1:{ps}]", f"cluster.worker_hosts=[127.0.0.1:{worker0},127.0.0.1:{worker1}]",
             f"cluster.chief_host=127.0.0.1:{chief}", f"cluster.control_port={control}",

@@ -20,8 +20,8 @@ from support.data import REPO_ROOT, TINY_2D, TINY_3D, run_cli
 pytestmark = pytest.mark.slow  # trains models or starts processes: not in scripts/test.sh --fast
 
 
-def data_flags_2d(slices: Path, brats: Path) -> list[str]:
-    return ["--set", f"data.slices_h5={slices}", "--set", f"data.brats_dir={brats}"]
+def data_flags_2d(dataset: Path, brats: Path) -> list[str]:
+    return ["--data", dataset, "--set", f"data.source={brats}"]
 
 
 @pytest.fixture(scope="module")
@@ -53,20 +53,22 @@ def test_2d_training_writes_checkpoints_history_and_events(trained_2d):
 
 
 def test_3d_training_writes_checkpoints_and_events(decathlon_dataset, tmp_path):
-    split = tmp_path / "split.json"
-    common = ["--set", f"data.decathlon_dir={decathlon_dataset}", "--set", f"data.cache_dir={tmp_path / 'cache'}",
-              "--set", f"data.decathlon_split={split}", "--set", "data.split.val_fraction=0.25",
-              "--set", "data.split.test_fraction=0.25"]
-    prepared = run_cli("prepare", "--format", "decathlon", "--quiet", *common, cwd=tmp_path)
+    split = ["--set", "data.split.val_fraction=0.25", "--set", "data.split.test_fraction=0.25"]
+    prepared = run_cli("prepare", "--format", "decathlon", "--src", decathlon_dataset, "--quiet", *split,
+                       cwd=tmp_path)
     assert prepared.returncode == 0, prepared.stderr
+    # no --data: the dataset just prepared here, said in the log
     result = run_cli("train", "--model", "3d", "--epochs", "1", "--run-dir", tmp_path / "runs", "--run-name", "v",
-                     *TINY_3D, *common, cwd=tmp_path, timeout=300)
+                     *TINY_3D, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "runs" / "v"
     assert (run / "checkpoints" / "last" / "epoch-1.index").exists()
     assert list((run / "tensorboard" / "train").glob("events.out.tfevents.*"))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["step"] == 2 and summary["final_epoch"] == 1
+    dataset = tmp_path / "data" / "prepared" / decathlon_dataset.name
+    assert f"dataset: {dataset}" in (run / "training.log").read_text()
+    assert json.loads((run / "run.json").read_text())["dataset"] == str(dataset)
 
 
 def _checkpoint_fingerprint(prefix: str) -> tuple[int, int, float]:
@@ -153,13 +155,12 @@ def test_evaluate_writes_metrics_and_nifti_in_source_geometry(trained_2d, brats_
 
 
 def _evaluation_settings_3d(decathlon_dataset: Path, tmp_path: Path, test_ids: list[str]):
+    from support.data import write_prepared
     from trainer.config.settings import DataSettings, Settings, TrainSettings
-    from trainer.data.split import save_split
 
-    split = tmp_path / "eval.split.json"
-    save_split(split, {"train": [], "val": [], "test": test_ids}, 0, decathlon_dataset, "decathlon")
-    return Settings(data=DataSettings(decathlon_dir=decathlon_dataset, decathlon_split=split, cache_dir=None),
-                    train=TrainSettings(model="3d", run_dir=tmp_path, run_name="stub"))
+    folder = write_prepared(decathlon_dataset, tmp_path / "eval-data", {"test": test_ids})
+    return Settings(data=DataSettings(dataset=folder), train=TrainSettings(model="3d", run_dir=tmp_path,
+                                                                          run_name="stub"))
 
 
 def test_evaluate_3d_geometry_and_undefined_hd95_with_a_stub_model(decathlon_dataset, tmp_path, monkeypatch):
@@ -211,7 +212,7 @@ def test_evaluate_3d_split_case_missing_from_dataset_json(decathlon_dataset, tmp
     with pytest.raises(DataError) as caught:
         evaluate(settings, "test", progress=False)  # fails on the split, before any model is needed
     message = str(caught.value)
-    assert "BRATS_999" in message and str(settings.data.decathlon_split) in message
+    assert "BRATS_999" in message and str(settings.data.dataset / "prepared.json") in message
     assert str(decathlon_dataset / "dataset.json") in message
 
 
@@ -278,9 +279,8 @@ def test_a_diverged_run_stops_with_a_clear_error_and_no_nan_checkpoint(prepared_
 
     import h5py
 
-    poisoned = tmp_path / "slices.h5"
-    shutil.copy(prepared_brats, poisoned)
-    with h5py.File(poisoned, "r+") as h5:
+    poisoned = Path(shutil.copytree(prepared_brats, tmp_path / "poisoned"))
+    with h5py.File(poisoned / "slices-128.h5", "r+") as h5:
         h5["train"]["images"][0] = np.nan  # the first training slice: a NaN loss from the first step on
     result = run_cli("train", "--epochs", "2", "--model", "2d", "--run-dir", tmp_path / "runs", "--run-name", "d",
                      *TINY_2D, "--set", "data.shuffle=false", "--set", "train.checkpoint_every_steps=1",
@@ -294,7 +294,10 @@ def test_a_diverged_run_stops_with_a_clear_error_and_no_nan_checkpoint(prepared_
 
 
 def test_missing_prepared_data_is_a_clear_error(tmp_path):
-    result = run_cli("train", "--set", f"data.slices_h5={tmp_path / 'nope.h5'}", "--run-dir", tmp_path, "--quiet",
+    result = run_cli("train", "--data", tmp_path / "nope", "--run-dir", tmp_path / "runs", "--quiet",
                      cwd=tmp_path, timeout=300)
-    assert result.returncode != 0
-    assert "nope.h5" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2
+    assert "nope" in result.stderr and "unet-train prepare" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()  # a failed start writes nothing into runs/
+    bare = run_cli("train", "--run-dir", tmp_path / "runs", "--quiet", cwd=tmp_path, timeout=300)
+    assert bare.returncode == 2 and "no prepared dataset" in bare.stderr and not (tmp_path / "runs").exists()

@@ -48,6 +48,22 @@ def read_regular_text(path: Path, label: str | None = None, limit: int = 64 << 2
     return data.decode("utf-8", errors="replace")
 
 
+def check_regular(path: Path, label: str | None = None, limit: int | None = None) -> os.stat_result:
+    """Raise UserError unless ``path`` is a regular file of at most ``limit`` bytes (see
+    :func:`open_regular`; a missing file raises FileNotFoundError). For files that another library
+    opens next (TensorFlow, h5py, OpenVINO): a FIFO would hang it, /dev/zero feed it for ever."""
+    handle, info = open_regular(path, label)
+    handle.close()
+    if limit is not None and info.st_size > limit:
+        raise UserError(f"{label or path}: {info.st_size:,} bytes, larger than the {limit:,} expected of this file")
+    return info
+
+
+def read_regular_json(path: Path, label: str | None = None, limit: int = 1 << 20) -> Any:
+    """The JSON in a regular file of at most ``limit`` bytes (ValueError when it is not JSON)."""
+    return json.loads(read_regular_text(path, label, limit))
+
+
 def _kind(mode: int) -> str:
     for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory")):
@@ -119,3 +135,28 @@ def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
         writer = csv.DictWriter(handle, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def is_within(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it, decided by the folders themselves (device
+    and inode of ``path`` and each of its parents), not by spelling: symlinks, bind mounts, ``..``
+    and ``//`` all resolve to the folder they name. A ``path`` that does not exist yet is judged by
+    its nearest existing parent."""
+    target = _identity(folder)
+    if target is None:
+        return False
+    current = Path(os.path.realpath(path))
+    while True:
+        if _identity(current) == target:
+            return True
+        if current.parent == current:
+            return False
+        current = current.parent

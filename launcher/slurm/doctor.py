@@ -4,41 +4,18 @@ partition, the limit and the flag that asked for more."""
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 from pathlib import Path
 
 from launcher.slurm.client import SlurmClient, SlurmError, field
 from launcher.slurm.job import HOROVOD_MODE, task_count
+from launcher.slurm.walltime import minutes
 from trainer.config.settings import Settings
 
-_TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
 _UNUSABLE = ("down", "drain", "fail", "inval", "maint", "future", "not_responding")
 _VERSIONS = ("import json, platform, importlib.metadata as m\nv = {'python': platform.python_version()}\n"
              "for p in ('tensorflow-cpu', 'tensorflow', 'horovod'):\n    try:\n        v[p] = m.version(p)\n"
              "    except m.PackageNotFoundError:\n        v[p] = None\nprint(json.dumps(v))")
-
-
-def minutes(text: str) -> float | None:
-    """A Slurm time (``60``, ``1:30:00``, ``2-00:00``, ``UNLIMITED``) in minutes; None = no limit.
-
-    With a day part, the fields are days-hours[:minutes[:seconds]]; without, a single number
-    is minutes, two are minutes:seconds and three hours:minutes:seconds (sbatch --time)."""
-    if text.upper() in ("UNLIMITED", "INFINITE", "NONE", ""):
-        return None
-    match = _TIME.fullmatch(text)
-    if not match:
-        raise ValueError(f"not a Slurm time: {text!r}")
-    days, *rest = match.groups()
-    fields = [int(part) for part in rest if part is not None]
-    if days is not None:
-        hours, mins, secs = (fields + [0, 0, 0])[:3]
-        return int(days) * 1440 + hours * 60 + mins + secs / 60
-    if len(fields) == 1:
-        return fields[0]
-    if len(fields) == 2:
-        return fields[0] + fields[1] / 60
-    return fields[0] * 60 + fields[1] + fields[2] / 60
 
 
 def _limit(record: str, key: str) -> int | None:

@@ -7,7 +7,7 @@ settings schema or checked here (paths). Every value in the shell part is ``shle
 Time limits (Slurm's sbatch --signal and --requeue): ``--signal=B:USR1@<cluster.slurm.signal_s>``
 sends SIGUSR1 to the batch shell that long before the limit (Slurm may send it up to a minute
 early); the shell forwards it to srun, which passes it to every task. The tasks checkpoint at the
-next step boundary and exit 75 (trainer/training/preemption.py); on that exit status after
+next step boundary and exit 75 (trainer/runtime/preemption.py); on that exit status after
 SIGUSR1 the script runs ``scontrol requeue $SLURM_JOB_ID`` (``--requeue`` allows it), and the
 requeued job, the same id, resumes mid-epoch from the checkpoint. SIGTERM (scancel, the limit
 itself) is forwarded too, but never requeues: a cancelled job stays cancelled. Slurm holds a
@@ -20,6 +20,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher.slurm.walltime import minutes
 from trainer.config.settings import ClusterSettings, SlurmSettings
 from trainer.errors import UserError
 
@@ -129,13 +130,15 @@ def directives(slurm: SlurmSettings, spec: JobSpec) -> list[str]:
 
 # Options the preemption handling sets (sbatch takes any unambiguous prefix of a long option).
 _PREEMPTION_OPTIONS = ("signal", "requeue", "no-requeue")
+# python -m RUNNER: each task's process; takes the signals first, runs its role, reports its exit
+RUNNER = "trainer.commands.slurm_role"
 
 
 def srun_argv(slurm: SlurmSettings, spec: JobSpec) -> list[str]:
     """One task per Horovod rank or PS-mode role. --distribution=block: tasks 0..k-1 on the first
     node, and so on, the order SlurmClusterResolver assumes when it maps SLURM_PROCID to a role.
     --cpus-per-task is repeated because srun 22.05 no longer inherits it from the batch job.
-    Each task is ``python -m launcher.slurm.role`` (what ``unet-train slurm-task`` runs), which takes
+    Each task is ``python -m RUNNER`` (what ``unet-train slurm-task`` runs), which takes
     SIGUSR1/SIGTERM from its first instruction and runs the role in its own process."""
     argv = ["srun", "--label", "--distribution=block", f"--cpus-per-task={slurm.cpus_per_task}"]
     if spec.mode == HOROVOD_MODE:
@@ -144,7 +147,7 @@ def srun_argv(slurm: SlurmSettings, spec: JobSpec) -> list[str]:
     else:
         # a dead worker is survived: the chief re-runs its closures on another worker
         argv += ["--mpi=none", "--kill-on-bad-exit=0"]
-    return argv + [spec.python, "-m", "launcher.slurm.role", "--mode", spec.mode,
+    return argv + [spec.python, "-m", RUNNER, "--mode", spec.mode,
                    "--settings", str(spec.files.settings)]
 
 
@@ -185,7 +188,7 @@ _NO_REQUEUE = ('  echo "unet-train: the tasks checkpointed after a signal; clust
 
 
 def render_script(cluster: ClusterSettings, spec: JobSpec) -> str:
-    from trainer.training.preemption import PREEMPTED_EXIT
+    from trainer.runtime.preemption import PREEMPTED_EXIT
 
     slurm = cluster.slurm
     check_layout(cluster, spec.mode)
@@ -205,8 +208,6 @@ def render_script(cluster: ClusterSettings, spec: JobSpec) -> str:
 
 def check_signal_time(slurm: SlurmSettings) -> None:
     """A warning signal due before the job has even started would make it requeue itself for ever."""
-    from launcher.slurm.doctor import minutes
-
     limit = minutes(slurm.time) if slurm.time else None
     if slurm.signal_s and limit is not None and slurm.signal_s >= limit * 60 / 2:
         raise UserError(f"cluster.slurm.signal_s {slurm.signal_s}: must be less than half of --time {slurm.time} "

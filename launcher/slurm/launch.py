@@ -7,7 +7,7 @@ Slurm does what the SSH launcher's playbooks do: it places and starts the tasks,
 process they start and kills them all on cancel. Code, data and runs must live on a filesystem
 every node sees; nothing is synced.
 
-Time limits and preemption (job.py, trainer/training/preemption.py): cluster.slurm.signal_s
+Time limits and preemption (job.py, trainer/runtime/preemption.py): cluster.slurm.signal_s
 before the time limit the tasks get SIGUSR1, checkpoint at the next step and exit 75; the batch
 script then requeues the job, which resumes from that step. The launcher keeps following the same
 job id through PENDING and RUNNING again (the output file is appended to, --open-mode=append),
@@ -31,7 +31,7 @@ from launcher.slurm.follow import JobOutput, TaskLabels
 from launcher.slurm.job import PS_MODE, JobFiles, JobSpec, job_name, render_script
 from trainer.config.settings import Settings, settings_to_yaml
 from trainer.fsutil import write_json, write_text
-from trainer.training.preemption import PREEMPTED_EXIT
+from trainer.runtime.preemption import PREEMPTED_EXIT
 
 CANCEL_WAIT_S = 180.0  # scancel: SIGTERM, then SIGKILL after the cluster's KillWait (default 30 s)
 

@@ -11,10 +11,10 @@ node) into the command of an ordinary role, prints one line saying which, and ru
 Threads come from the allocation (SLURM_CPUS_PER_TASK, in physical cores), through the same
 ``cpu_choice`` the SSH launcher applies to a host's facts (numactl, cpu.intra_op_threads wins).
 
-The role runs in the task's own process (launcher/slurm/role.py; ``exec`` of Python, or of
+The role runs in the task's own process (trainer/commands/slurm_role.py; ``exec`` of Python, or of
 numactl, which execs Python), never under a shell that stays in between: Slurm's signals
 (SIGUSR1 before the time limit, SIGTERM at it) reach the Python that checkpoints on them
-(trainer/training/preemption.py). That process prints the role's exit status as its last line,
+(trainer/runtime/preemption.py). That process prints the role's exit status as its last line,
 so the launcher can name the role that failed, as the SSH launcher does.
 """
 from __future__ import annotations
@@ -27,8 +27,9 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping
 
+from launcher.roles import CHIEF, PS, WORKER, layout_overrides, role_args, role_name
 from launcher.ssh.plan import HostFacts, cpu_choice
-from launcher.slurm.job import HOROVOD_MODE, PS_MODE
+from launcher.slurm.job import HOROVOD_MODE, PS_MODE, RUNNER
 from trainer.config.settings import Settings
 from trainer.errors import UserError
 from trainer.hardware.cpu import physical_cores
@@ -36,7 +37,6 @@ from trainer.hardware.cpu import physical_cores
 PREFIX = "unet-train slurm-task:"
 ANNOUNCED = re.compile(re.escape(PREFIX) + r" task (\d+) on (\S+) is (.+?) \(")
 EXITED = re.compile(re.escape(PREFIX) + r" task (\d+) \((.+)\) exited (-?\d+)$")
-RUNNER = "launcher.slurm.role"  # python -m RUNNER: runs a role in its own process, reports its exit
 
 
 def exit_line(task: int | str, role: str, code: int) -> str:
@@ -64,8 +64,8 @@ class TaskCommand:
         return self.argv[len(self.prefix) + 3:]
 
     def exec_argv(self) -> list[str]:
-        """What replaces the task's process: [numactl ...] python -m launcher.slurm.role --run TASK
-        ROLE -- ARGS. No shell: task, role and arguments are argv items, nothing is re-parsed."""
+        """What replaces the task's process: [numactl ...] python -m RUNNER --run TASK ROLE -- ARGS.
+        No shell: task, role and arguments are argv items, nothing is re-parsed."""
         python = self.argv[len(self.prefix)]
         return [*self.prefix, python, "-m", RUNNER, "--run", str(self.task), self.role, "--", *self.cli_args]
 
@@ -103,7 +103,7 @@ def ps_layout(settings: Settings, env: Mapping[str, str]) -> tuple[str, int, dic
     from tensorflow.python.distribute.cluster_resolver.slurm_cluster_resolver import SlurmClusterResolver
 
     try:
-        resolver = SlurmClusterResolver(jobs={"chief": 1, "ps": slurm.ps_tasks, "worker": workers},
+        resolver = SlurmClusterResolver(jobs={CHIEF: 1, PS: slurm.ps_tasks, WORKER: workers},
                                         port_base=slurm.port_base, gpus_per_node=tasks, gpus_per_task=1,
                                         auto_set_gpu=False)
         spec = resolver.cluster_spec().as_dict()
@@ -129,11 +129,8 @@ def task_command(settings: Settings, mode: str, settings_file: str, env: Mapping
         argv += ["train", "--dist", "horovod", *common]
     elif mode == PS_MODE:
         job, index, spec = ps_layout(settings, env)
-        layout = ["--set", "cluster.ps_hosts=[" + ",".join(spec["ps"]) + "]",
-                  "--set", "cluster.worker_hosts=[" + ",".join(spec["worker"]) + "]",
-                  "--set", f"cluster.chief_host={spec['chief'][0]}"]
-        role = log_name = "chief" if job == "chief" else f"{job}{index}"
-        argv += (["chief"] if job == "chief" else [job, "--index", str(index)]) + common + layout
+        role = log_name = role_name(job, index)
+        argv += role_args(job, index) + common + list(layout_overrides(spec[PS], spec[WORKER], spec[CHIEF][0]))
     else:
         raise UserError(f"--mode: expected 'ps' or 'horovod', got {mode!r}")
     argv += ["--set", f"logging.log_file=training-{log_name}.log"]

@@ -27,7 +27,7 @@ from launcher.ssh.plan import (DISCOVERY_SCRIPT, HOROVOD_MODE, PS_MODE, TOKEN_FI
                            build_plan, horovod_rank_hosts, label_rank_line)
 from trainer.config.settings import Settings, settings_to_yaml
 from trainer.fsutil import write_json, write_text
-from trainer.network import check_private_network, is_loopback, is_private
+from trainer.runtime.network import check_private_network, is_loopback, is_private
 from trainer.runtime.ps.token import new_token, write_token
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class SshLauncher:
 
     # ------------------------------------------------------------------ network exposure
     def check_network(self, plan: LaunchPlan) -> None:
-        """Every host the run uses must be private, loopback or link-local (see trainer/network.py)."""
+        """Every host the run uses must be private, loopback or link-local (see trainer/runtime/network.py)."""
         check_private_network(plan.hosts + plan.ps_hosts, self.settings.cluster.allow_public_network)
         if self.settings.cluster.allow_public_network:
             self.say("warning: cluster.allow_public_network is true: cluster addresses are not checked; the "

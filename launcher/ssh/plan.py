@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from launcher.roles import CHIEF, PS, WORKER, layout_overrides, role_args, role_name
 from launcher.ssh.protect import mirror_excludes
 from trainer.config.settings import Settings
 from trainer.errors import UserError
@@ -170,15 +171,15 @@ def build_plan(settings: Settings, hosts: tuple[str, ...], mode: str, ps_hosts: 
         ps_hosts = ps_hosts or hosts[:1]
         ps_ports = [_nth_port(cluster.ps_hosts, i) for i in range(len(ps_hosts))]
         worker_ports = [_nth_port(cluster.worker_hosts, i) for i in range(len(hosts))]
-        _check_ports([(f"ps{i}", h, p) for i, (h, p) in enumerate(zip(ps_hosts, ps_ports))]
-                     + [(f"worker{i}", h, p) for i, (h, p) in enumerate(zip(hosts, worker_ports))]
-                     + [("chief", hosts[0], _port(cluster.chief_host)), ("control", hosts[0], cluster.control_port)])
-        layout = ("--set", "cluster.ps_hosts=[" + ",".join(f"{h}:{p}" for h, p in zip(ps_hosts, ps_ports)) + "]",
-                  "--set", "cluster.worker_hosts=[" + ",".join(f"{h}:{p}" for h, p in zip(hosts, worker_ports)) + "]",
-                  "--set", f"cluster.chief_host={hosts[0]}:{_port(cluster.chief_host)}",
-                  "--set", f"cluster.control_port={cluster.control_port}",
-                  # the run's own control-channel secret, written by the launcher and synced 0600
-                  "--set", f"cluster.token_file={state_dir}/{TOKEN_FILE}")
+        _check_ports([(role_name(PS, i), h, p) for i, (h, p) in enumerate(zip(ps_hosts, ps_ports))]
+                     + [(role_name(WORKER, i), h, p) for i, (h, p) in enumerate(zip(hosts, worker_ports))]
+                     + [(CHIEF, hosts[0], _port(cluster.chief_host)), ("control", hosts[0], cluster.control_port)])
+        layout = layout_overrides([f"{h}:{p}" for h, p in zip(ps_hosts, ps_ports)],
+                                  [f"{h}:{p}" for h, p in zip(hosts, worker_ports)],
+                                  f"{hosts[0]}:{_port(cluster.chief_host)}")
+        layout += ("--set", f"cluster.control_port={cluster.control_port}",
+                   # the run's own control-channel secret, written by the launcher and synced 0600
+                   "--set", f"cluster.token_file={state_dir}/{TOKEN_FILE}")
         for host in dict.fromkeys(hosts + ps_hosts):
             # Every process that computes shares the host's cores: a PS (applies the averaged
             # update) and a worker (computes gradients). The chief on hosts[0] is left out: it
@@ -187,19 +188,21 @@ def build_plan(settings: Settings, hosts: tuple[str, ...], mode: str, ps_hosts: 
             processes = int(host in ps_hosts) + int(host in hosts)
             cpu[host] = cpu_choice(settings, facts.get(host), max(1, processes), derive=True)
         for index, host in enumerate(ps_hosts):
-            roles.append(Role(f"ps{index}", host, "ps", trainer_argv(
-                cpu[host], "ps", "--index", str(index), extra=layout + _log_file(f"ps{index}")), "servers"))
+            name = role_name(PS, index)
+            roles.append(Role(name, host, "ps", trainer_argv(
+                cpu[host], *role_args(PS, index), extra=layout + _log_file(name)), "servers"))
         for index, host in enumerate(hosts):
-            worker = trainer_argv(cpu[host], "worker", "--index", str(index), extra=layout + _log_file(f"worker{index}"))
+            name = role_name(WORKER, index)
+            worker = trainer_argv(cpu[host], *role_args(WORKER, index), extra=layout + _log_file(name))
             if cluster.max_restarts:
                 # A worker that dies is started again with the same argv (host, port): it registers with
                 # the chief again and TensorFlow's coordinator uses it again. PS tasks hold the
                 # variables, so a restarted PS would serve none: they are never supervised.
                 worker = ("sh", f"{workdir}/launcher/ssh/remote/supervise.sh", str(cluster.max_restarts),
-                          f"{state_dir}/worker{index}", f"worker {index}") + worker
-            roles.append(Role(f"worker{index}", host, "workers", worker, "servers"))
-        roles.append(Role("chief", hosts[0], "chief", trainer_argv(
-            cpu[hosts[0]], "chief", extra=layout + _log_file("chief")), "main"))
+                          f"{state_dir}/{name}", f"worker {index}") + worker
+            roles.append(Role(name, host, "workers", worker, "servers"))
+        roles.append(Role(CHIEF, hosts[0], "chief", trainer_argv(
+            cpu[hosts[0]], *role_args(CHIEF, 0), extra=layout + _log_file(CHIEF)), "main"))
     elif mode == HOROVOD_MODE:
         for host in hosts:
             cpu[host] = cpu_choice(settings, facts.get(host), slots_per_host, derive=False)

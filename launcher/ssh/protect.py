@@ -18,22 +18,24 @@ import os
 from pathlib import Path
 
 from trainer.config.settings import Settings
-from trainer.data.split import split_path_for
+from trainer.data.prepared import DEFAULT_PARENT
 from trainer.errors import UserError
 
 RSYNC_WILDCARDS = set("*?[\\")
 
 
 def settings_paths(settings: Settings) -> list[tuple[str, Path, bool]]:
-    """(setting, path, is_folder) for every file or folder a run reads or writes on the hosts."""
+    """(setting, path, is_folder) for every file or folder a run reads or writes on the hosts: the
+    runs, the prepared datasets (the one named, and prepare's default parent with its record of the
+    last one), the raw source when named, the token file."""
     data = settings.data
-    paths = [("train.run_dir", settings.train.run_dir, True), ("data.slices_h5", data.slices_h5, False),
-             ("data.slices_h5 (its split file)", split_path_for(data.slices_h5), False),
-             ("data.brats_dir", data.brats_dir, True), ("data.decathlon_dir", data.decathlon_dir, True),
-             ("data.decathlon_split", data.decathlon_split, False),
+    paths = [("train.run_dir", settings.train.run_dir, True),
+             ("prepared datasets (prepare's default --out)", DEFAULT_PARENT, True),
              ("cluster.token_file", Path(settings.cluster.token_file), False)]
-    if data.cache_dir is not None:
-        paths.append(("data.cache_dir", data.cache_dir, True))
+    if data.dataset is not None:
+        paths.append(("data.dataset", data.dataset, True))
+    if data.source is not None:
+        paths.append(("data.source", data.source, True))
     return paths
 
 

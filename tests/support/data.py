@@ -45,3 +45,18 @@ def brats_case_folders(root: Path) -> list[Path]:
 def prepare_brats_cli(src: Path, out: Path, cwd: Path, *extra) -> subprocess.CompletedProcess:
     return run_cli("prepare", "--format", "brats", "--src", src, "--out", out, "--workers", "1", "--quiet",
                    *extra, cwd=cwd)
+
+
+def write_prepared(source: Path, out: Path, split: dict[str, list[str]]) -> Path:
+    """A prepared dataset folder with this split and nothing prepared for a model yet (3D reads the
+    NIfTI source then): for library tests that need one split exactly."""
+    from trainer.data.datasets import RawDataset
+    from trainer.data.prepared import PreparedDataset, source_fingerprint
+
+    dataset = RawDataset.open(source)
+    out.mkdir(parents=True, exist_ok=True)
+    PreparedDataset(root=out.absolute(), source=Path(source).absolute(), layout=dataset.layout,
+                    split={part: list(split.get(part, [])) for part in ("train", "val", "test")},
+                    split_settings={"val_fraction": 0.0, "test_fraction": 0.0, "seed": 0},
+                    fingerprint=source_fingerprint(dataset)).save()
+    return out

@@ -47,9 +47,59 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+# A settings file is a few KiB of plain mappings. Refused before anything is built from it: an
+# alias or anchor (seen: a 395-byte alias bomb as --settings or runs/R/settings.yaml took 3 GiB
+# and 94 s, then was killed), an integer of more digits than any setting needs (a 5000-digit one
+# ended in a traceback), nesting deeper than the schema's few levels, a file over 1 MiB.
+MAX_SETTINGS_BYTES = 1 << 20
+MAX_DEPTH = 20
+MAX_INT_DIGITS = 20
+
+
+class _Refused(Exception):
+    """What the settings loader will not build, with where it was found."""
+
+    def __init__(self, what: str, mark: Any = None):
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        super().__init__(f"{what}{where}")
+
+
+class _SettingsLoader(yaml.SafeLoader):
+    """yaml.SafeLoader without aliases and anchors, deep nesting or huge integers."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise _Refused("YAML anchors and aliases (&name, *name) are not accepted in settings; write the "
+                           "value out", event.start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _Refused(f"nested deeper than {MAX_DEPTH} levels", event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_yaml_int(self, node):
+        digits = sum(ch.isalnum() for ch in str(node.value))
+        if digits > MAX_INT_DIGITS:
+            raise _Refused(f"an integer of {digits} digits (at most {MAX_INT_DIGITS})", node.start_mark)
+        return super().construct_yaml_int(node)
+
+
+_SettingsLoader.add_constructor("tag:yaml.org,2002:int", _SettingsLoader.construct_yaml_int)
+
+
+def parse_settings_yaml(text: str) -> Any:
+    """``text`` as YAML, by the settings rules (raises _Refused or yaml.YAMLError)."""
+    return yaml.load(text, Loader=_SettingsLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = read_regular_text(path, f"{path}: settings file")
+        text = read_regular_text(path, f"{path}: settings file", limit=MAX_SETTINGS_BYTES)
     except FileNotFoundError:
         raise ConfigError(f"{path}: settings file not found") from None
     except OSError as exc:
@@ -57,7 +107,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except UserError as exc:
         raise ConfigError(str(exc)) from None
     try:
-        data = yaml.safe_load(text)
+        data = parse_settings_yaml(text)
+    except _Refused as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -75,7 +127,9 @@ def _parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=3")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = parse_settings_yaml(text) if text.strip() else ""
+    except _Refused as exc:
+        raise ConfigError(f"--set {item!r}: {exc}") from None
     except yaml.YAMLError:
         value = text
     return key.strip(), value

@@ -7,6 +7,7 @@ pydantic with the offending key's dotted path.
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -64,12 +65,34 @@ class SplitSettings(_Section):
         return self
 
 
+# Keys of the layout-named data settings, and what replaced each (a prepared dataset folder
+# describes itself: trainer.data.prepared).
+RENAMED_DATA_KEYS = {
+    "brats_dir": "data.source (the raw dataset folder of either layout; prepare --src)",
+    "decathlon_dir": "data.source (the raw dataset folder of either layout; prepare --src)",
+    "slices_h5": "data.dataset (the prepared dataset folder holding the slices; prepare --out, train --data)",
+    "decathlon_split": "data.dataset (the prepared dataset folder, whose prepared.json holds the split)",
+    "cache_dir": "data.cache_volumes (true: the 3D cache inside the prepared dataset folder)",
+}
+
+
+MAX_CROP_EDGE = 512
+MAX_CROP_VOXELS = 256 ** 3  # a whole BraTS volume (240 x 240 x 155) fits
+
+
 class DataSettings(_Section):
-    brats_dir: Path = Path("data/raw/MICCAI_BraTS_2019_Data_Training")
-    slices_h5: Path = Path("data/brats_slices.h5")
-    decathlon_dir: Path = Path("data/raw/Task01_BrainTumour")
-    cache_dir: Optional[Path] = Path("data/cache/decathlon")
-    decathlon_split: Path = Path("data/decathlon.split.json")
+    # The prepared dataset folder (prepare --out, train --data); null = the last one prepared from
+    # the current folder (data/prepared/last.json).
+    dataset: Optional[Path] = None
+    # The raw dataset folder (either layout): prepare's --src, and where the whole volumes are read
+    # when they moved since prepare; null = the source the prepared dataset recorded.
+    source: Optional[Path] = None
+    cache_volumes: bool = Field(True, description="3D: prepare also writes a normalised .npy cache")
+    brats_dir: Any = Field(None, exclude=True)
+    slices_h5: Any = Field(None, exclude=True)
+    decathlon_dir: Any = Field(None, exclude=True)
+    cache_dir: Any = Field(None, exclude=True)
+    decathlon_split: Any = Field(None, exclude=True)
     channels: tuple[Modality, ...] = Field(MODALITIES, min_length=1, max_length=4)
     image_size: int = Field(128, ge=16, le=1024, multiple_of=16)
     crop_size: tuple[int, int, int] = (64, 64, 64)
@@ -85,13 +108,27 @@ class DataSettings(_Section):
     prefetch: int = Field(0, ge=0, description="0 = tf.data AUTOTUNE")
     # Checked on the NIfTI header before anything is allocated: an 83-byte file can claim
     # 16384 x 16384 x 16 voxels. 2**28 is 7.5x a 240 x 240 x 155 x 4 BraTS/Decathlon case.
-    max_voxels: int = Field(2 ** 28, ge=1, description="largest NIfTI volume read (voxels, all channels)")
+    # At most 2**30: a plan or a run's settings once set 1e12. Voxels wider than 4 bytes count as
+    # more than one (a float64 volume twice: seen, 2.1 MB of gzip -> 6.9 GB at its peak).
+    max_voxels: int = Field(2 ** 28, ge=1, le=2 ** 30, description="largest NIfTI volume read (voxels, all "
+                                                                    "channels; 8-byte voxels count twice)")
+
+    @field_validator("brats_dir", "slices_h5", "decathlon_dir", "cache_dir", "decathlon_split")
+    @classmethod
+    def _renamed_data_key(cls, value: Any, info) -> None:
+        if value is not None:
+            raise ValueError(f"replaced by {RENAMED_DATA_KEYS[info.field_name]}")
+        return None
 
     @field_validator("crop_size")
     @classmethod
     def _crop_divisible_by_16(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
         if any(edge < 16 or edge % 16 for edge in value):
             raise ValueError(f"every crop edge must be a multiple of 16 and >= 16, got {list(value)}")
+        # seen: [1024,1024,64] in a run's settings killed 3D predict for memory in 8 s
+        if max(value) > MAX_CROP_EDGE or math.prod(value) > MAX_CROP_VOXELS:
+            raise ValueError(f"a crop is at most {MAX_CROP_EDGE} per edge and {MAX_CROP_VOXELS:,} voxels "
+                             f"(256 x 256 x 256), got {list(value)}")
         return value
 
     @field_validator("channels")
@@ -212,6 +249,8 @@ class TrainSettings(_Section):
     validate_full_volumes: bool = Field(True, description="after training: post-processing decided on the whole "
                                                           "validation volumes, their Dice in runs/R/validation.json")
     elastic: bool = Field(False, description="Horovod Elastic: survive lost/added ranks (horovodrun --min-np ...)")
+    allow_single_rank: bool = Field(False, description="true = dist horovod may run as one rank (no launcher, or "
+                                                       "horovodrun -np 1); false = refused as a forgotten launcher")
     elastic_commit_steps: int = Field(10, ge=1, description="elastic: commit the in-memory state every N steps")
     image_every_epochs: int = Field(1, ge=0, description="0 = no TensorBoard image panels")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
@@ -220,6 +259,8 @@ class TrainSettings(_Section):
     # at the new key (excluded from dumps, so `config show` and run settings never carry it).
     mixed_precision: Any = Field(None, exclude=True)
     seed: int = Field(1234, ge=0)
+    # The plan file these settings came from (train --plan), recorded in runs/R/run.json.
+    plan: Optional[Path] = None
 
     @field_validator("mixed_precision")
     @classmethod
@@ -261,6 +302,21 @@ SBATCH_OPTION = re.compile(r"--[a-z][a-z0-9-]*(=[A-Za-z0-9_.,:@%+/=*-]+)?")
 SBATCH_RESERVED = ("job-name", "output", "error", "chdir", "parsable", "wrap", "nodes", "ntasks",
                    "ntasks-per-node", "cpus-per-task", "partition", "time", "account", "constraint",
                    "array", "open-mode", "input", "export", "export-file", "hold", "test-only")
+
+
+# Options extra_sbatch may add: an allow-list, by full name (sbatch would expand a prefix to a
+# name not checked here). Resources, placement, accounting and mail only. Not allowed, e.g.:
+# --wait (blocks the launcher's `sbatch --parsable`), --uid/--gid, --get-user-env, --container,
+# --clusters (the job would leave the cluster the launcher follows), --burst-buffer/--bbf (files
+# staged by the scheduler), --kill-on-invalid-dep. --signal/--requeue come from signal_s/requeue.
+SBATCH_ALLOWED = ("mem", "mem-per-cpu", "mem-per-gpu", "qos", "exclusive", "gres", "gres-flags", "gpus",
+                  "gpus-per-node", "gpus-per-task", "gpus-per-socket", "cpus-per-gpu", "gpu-bind", "mail-user",
+                  "mail-type", "comment", "reservation", "nodelist", "exclude", "licenses", "tmp", "hint",
+                  "threads-per-core", "cores-per-socket", "sockets-per-node", "mincpus", "contiguous",
+                  "switches", "begin", "deadline", "nice", "oversubscribe", "wckey", "time-min", "dependency",
+                  "prefer", "cpu-freq", "mem-bind")
+# Set by the batch script from cluster.slurm.signal_s/requeue: refused there, naming those keys.
+SBATCH_FROM_SETTINGS = ("signal", "requeue", "no-requeue")
 
 
 def reserved_sbatch_option(name: str) -> str | None:
@@ -307,6 +363,9 @@ class SlurmSettings(_Section):
                 raise ValueError(f"sbatch option {option!r}: --{name} is (sbatch reads it as) --{reserved}, which "
                                  f"the launcher sets (use cluster.slurm.{reserved.replace('-', '_')} or its flag "
                                  f"where there is one)")
+            if name not in SBATCH_ALLOWED and not any(word.startswith(name) for word in SBATCH_FROM_SETTINGS):
+                raise ValueError(f"sbatch option {option!r}: --{name} is not one extra_sbatch passes on (full names "
+                                 f"only): {', '.join('--' + n for n in SBATCH_ALLOWED)}")
         return value
 
 

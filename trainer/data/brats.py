@@ -25,6 +25,11 @@ class BratsCase:
     seg: Path | None
 
 
+def is_brats_file(name: str) -> bool:
+    """A BraTS case's file by name: ``*_flair/_t1/_t1ce/_t2/_seg.nii[.gz]``, any case, no ``._*`` file."""
+    return is_nifti_name(name) and bool(_SUFFIX.search(strip_nifti_suffix(name)))
+
+
 def discover_brats(root: Path, require_seg: bool = True) -> list[BratsCase]:
     """Every case folder below ``root`` (HGG/LGG split or flat), sorted by case id."""
     root = Path(root)

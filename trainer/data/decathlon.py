@@ -16,7 +16,7 @@ from trainer.data.brats import check_labels
 from trainer.data.nifti import DEFAULT_MAX_VOXELS, Geometry, read_volume
 from trainer.data.normalize import zscore_brain
 from trainer.errors import DataError
-from trainer.regions import DECATHLON
+from trainer.data.regions import DECATHLON
 
 
 # Decathlon modality order in the 4th axis, in our channel names.

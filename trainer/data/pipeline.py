@@ -24,7 +24,7 @@ from trainer.data.context import neighbour_rows
 from trainer.data.decathlon import channel_indices
 from trainer.data.volumes import CaseArrays
 from trainer.errors import DataError
-from trainer.regions import RegionSet
+from trainer.data.regions import RegionSet
 
 SLICES_FORMAT = 2
 LABEL_CHUNK_CACHE_BYTES = 64 * 2**20
@@ -70,9 +70,8 @@ class SliceSource:
                 self.case_ids = [c.decode() if isinstance(c, bytes) else str(c) for c in group["case_ids"][()]]
                 self.region_voxels = group["region_voxels"][()].astype(np.int64)
         except FileNotFoundError:
-            raise DataError(f"{self.path}: prepared slices not found (data.slices_h5); run 'unet-train prepare "
-                            f"--src DIR --model 2d', or --set data.slices_h5=FILE for the --out you gave "
-                            f"prepare") from None
+            raise DataError(f"{self.path}: prepared slices not found; run 'unet-train prepare --src DIR --model "
+                            f"2d --out {self.path.parent}'") from None
         except (OSError, KeyError) as exc:
             raise DataError(f"{self.path}: not a prepared slices file (no '{split}' data: {exc})") from None
         if self.count == 0:

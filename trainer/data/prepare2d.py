@@ -1,4 +1,4 @@
-"""A raw dataset (either layout) -> one chunked HDF5 of normalised 128 x 128 axial slices (+ split JSON).
+"""A raw dataset (either layout) -> one chunked HDF5 of normalised 128 x 128 axial slices, split by patient.
 
 Streams one case at a time (a worker pool reads and normalises, the parent appends to
 resizable datasets), so memory stays at a few cases whatever the dataset size. The file
@@ -7,7 +7,7 @@ is written under a temporary name and renamed only when complete.
 Layout, per split group ``train`` / ``val`` / ``test``::
 
     images (N, S, S, 4) float32   all four modalities (flair, t1, t1ce, t2); training picks channels
-    labels (N, S, S) uint8        canonical labels (trainer.regions): 0 bg, 1 oedema, 2 core, 3 enhancing
+    labels (N, S, S) uint8        canonical labels (trainer.data.regions): 0 bg, 1 oedema, 2 core, 3 enhancing
     region_voxels (N, 3) int32    WT, TC, ET voxels per slice (tumour-aware sampling, panels)
     case   (N,) int32             index into ``case_ids``
     slice  (N,) int16             axial index z in the source volume
@@ -27,11 +27,11 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from trainer.config.settings import MODALITIES, SplitSettings
+from trainer.config.settings import MODALITIES
 from trainer.data.datasets import RawCase, RawDataset
-from trainer.data.split import SPLITS, save_split, split_cases, split_path_for
+from trainer.data.split import SPLITS
 from trainer.fsutil import atomic_file, refuse_existing
-from trainer.regions import REGION_NAMES, RegionSet, region_voxels
+from trainer.data.regions import REGION_NAMES, RegionSet, region_voxels
 
 FORMAT_VERSION = 2
 
@@ -39,8 +39,8 @@ FORMAT_VERSION = 2
 @dataclass(frozen=True)
 class PrepareRequest:
     out: Path
+    split: dict[str, list[str]]  # case ids per part (train / val / test): the prepared dataset's
     image_size: int = 128
-    split: SplitSettings = SplitSettings()
     workers: int = 0
     overwrite: bool = False
 
@@ -87,20 +87,17 @@ def _convert_case(args: tuple[RawCase, int]) -> tuple[str, np.ndarray, np.ndarra
 
 
 def prepare_slices(dataset: RawDataset, request: PrepareRequest, progress: bool = True) -> dict[str, int]:
-    """Convert, split by patient and write; returns slice counts per split."""
+    """Convert every case and write it to its part of the split; returns slice counts per part."""
     refuse_existing(request.out, request.overwrite)
-    split_file = split_path_for(request.out)
-    refuse_existing(split_file, request.overwrite)
     cases = dataset.cases
-    split = split_cases([c.case_id for c in cases], request.split.val_fraction,
-                        request.split.test_fraction, request.split.seed)
+    split = request.split
     split_of = {case_id: name for name, ids in split.items() for case_id in ids}
     counts = {name: 0 for name in SPLITS}
     size = request.image_size
     workers = request.workers or min(multiprocessing.cpu_count(), len(cases))
     with atomic_file(request.out, request.overwrite) as tmp, h5py.File(tmp, "w") as h5:
         h5.attrs.update(format_version=FORMAT_VERSION, modalities=list(MODALITIES), image_size=size,
-                        source=str(dataset.root.resolve()), layout=dataset.layout, split_seed=request.split.seed)
+                        layout=dataset.layout)
         groups = {name: _create_group(h5, name, size, split[name]) for name in SPLITS}
         index_of = {name: {cid: i for i, cid in enumerate(split[name])} for name in SPLITS}
         jobs = [(case, size) for case in cases]
@@ -112,7 +109,6 @@ def prepare_slices(dataset: RawDataset, request: PrepareRequest, progress: bool 
                 counts[name] += len(z)
                 bar.update()
         bar.close()
-    save_split(split_file, split, request.split.seed, dataset.root, dataset.layout)
     return counts
 
 

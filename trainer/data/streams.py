@@ -22,12 +22,11 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.config.settings import Settings
-from trainer.data.datasets import PREPARED, raw_dataset
 from trainer.data.pipeline import CropSource, Shard, SliceSource, augment_batch
-from trainer.data.split import load_split
+from trainer.data.prepared import prepared_dataset, raw_dataset
 from trainer.data.volumes import case_arrays
 from trainer.errors import ConfigError, DataError, TrainingError
-from trainer.regions import RegionSet
+from trainer.data.regions import RegionSet
 
 PAD_CASE = -1  # case index of the padding rows that fill a last validation batch
 
@@ -139,7 +138,7 @@ def build_streams(settings: Settings, shard: Shard, global_batch: int) -> Stream
     if global_batch % shard.size:
         raise ConfigError(f"global batch {global_batch} does not split over {shard.size} workers")
     regions = RegionSet(settings.model.regions)
-    build = {"slices": _slice_streams, "volumes": _crop_streams}[PREPARED[settings.train.model].kind]
+    build = {"2d": _slice_streams, "3d": _crop_streams}[settings.train.model]
     return build(settings, shard, global_batch, regions)
 
 
@@ -166,8 +165,9 @@ def _validation_budget(settings: Settings, global_batch: int, cases: int) -> int
 def _slice_streams(settings: Settings, shard: Shard, global_batch: int, regions: RegionSet) -> Streams:
     data, train = settings.data, settings.train
     context = settings.model.context_slices_2d, settings.model.context_stride_2d
-    train_source = SliceSource(data.slices_h5, "train", data.channels, regions, *context)
-    val_source = SliceSource(data.slices_h5, "val", data.channels, regions, *context)
+    slices = prepared_dataset(settings).slices_file(data.image_size)
+    train_source = SliceSource(slices, "train", data.channels, regions, *context)
+    val_source = SliceSource(slices, "val", data.channels, regions, *context)
     steps = _steps(settings, train_source.count, global_batch)
     schedule = TrainSchedule(train_source.count, global_batch, steps, train.seed, data.shuffle,
                              train_source.tumour_positions(), data.tumour_slice_fraction)
@@ -211,15 +211,16 @@ def _most_tumour_per_case(case_of: np.ndarray, tumour: np.ndarray, count: int) -
 
 def _crop_streams(settings: Settings, shard: Shard, global_batch: int, regions: RegionSet) -> Streams:
     data, train = settings.data, settings.train
-    dataset = raw_dataset(settings)
-    split = load_split(data.decathlon_split)
-    arrays = case_arrays(dataset, data.cache_dir)
+    prepared = prepared_dataset(settings)
+    dataset = raw_dataset(settings, prepared)
+    split = prepared.split
+    arrays = case_arrays(dataset, prepared.volume_cache())
     missing = [c for c in split["train"] + split["val"] if c not in arrays]
     if missing:
-        raise TrainingError(f"{data.decathlon_split}: case {missing[0]} is not a labelled case of "
+        raise TrainingError(f"{prepared.manifest_path}: case {missing[0]} is not a labelled case of "
                             f"{dataset.describe()} (re-run prepare)")
     if not split["train"] or not split["val"]:
-        raise DataError(f"{data.decathlon_split}: needs at least one training and one validation case")
+        raise DataError(f"{prepared.manifest_path}: needs at least one training and one validation case")
     train_source = CropSource([arrays[c] for c in split["train"]], data.crop_size, data.channels, regions,
                               data.tumour_crop_fraction, train.seed)
     val_source = CropSource([arrays[c] for c in split["val"]], data.crop_size, data.channels, regions,

@@ -15,16 +15,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from trainer.config.settings import SplitSettings
 from trainer.data.datasets import RawCase, RawDataset
-from trainer.data.split import load_split, save_split, split_cases
-from trainer.errors import DataError, UserError
+from trainer.errors import DataError
 from trainer.fsutil import atomic_dir, refuse_existing
 
 log = logging.getLogger(__name__)
 # Bumped when the cached arrays change meaning (2: canonical label maps instead of WT masks;
-# 3: stamps for either layout); a cache stamped otherwise is stale and the raw source is read.
-CACHE_FORMAT = 3
+# 3: stamps for either layout; 4: stamps by file name, size and modification time, not path);
+# a cache stamped otherwise is stale and the raw source is read.
+CACHE_FORMAT = 4
 
 
 @dataclass(frozen=True)
@@ -87,8 +86,9 @@ def _reuse_cached(previous: Path, target: Path, names: tuple[str, str, str], sou
 
 
 def case_arrays(dataset: RawDataset, cache_dir: Path | None) -> dict[str, CaseArrays]:
-    """Per case: the cache when it is complete and still matches its NIfTI source (paths and
-    modification times, as stamped by prepare), else the NIfTI source itself."""
+    """Per case: the cache when it is complete and still matches its NIfTI source (each file's name,
+    size and modification time, as stamped by prepare: the same files reached by another path still
+    match), else the NIfTI source itself."""
     result, stale = {}, []
     for case in dataset.cases:
         image_file = labels_file = None
@@ -117,22 +117,13 @@ def _stamp_matches(stamp: Path, source: dict) -> bool:
         return False
 
 
-def prepare_volumes(dataset: RawDataset, cache_dir: Path | None, split: SplitSettings, split_file: Path,
-                    progress: bool = True, overwrite: bool = False) -> dict[str, list[str]]:
-    """Validate every labelled case (by loading it), optionally cache it, save the split.
-
-    An existing split file that would change is kept unless ``overwrite`` (a silently
-    reshuffled split would leak test cases into training); an identical one is accepted.
-    An existing cache folder is refused unless ``overwrite`` (checked before any work).
-    """
-    cases = split_cases([c.case_id for c in dataset.cases], split.val_fraction, split.test_fraction, split.seed)
-    if Path(split_file).exists() and not overwrite and load_split(split_file) != cases:
-        raise UserError(f"{split_file}: a different split already exists (pass --overwrite to replace it)")
+def prepare_volumes(dataset: RawDataset, cache_dir: Path | None, progress: bool = True,
+                    overwrite: bool = False) -> None:
+    """Validate every labelled case (by loading it) and, with ``cache_dir``, cache it there.
+    An existing cache folder is refused unless ``overwrite`` (checked before any work)."""
     if cache_dir is not None:
         refuse_existing(Path(cache_dir), overwrite)
         build_cache(dataset, cache_dir, progress, overwrite)
-    else:
-        for case in tqdm(dataset.cases, desc=f"check {dataset.layout}", unit="case", disable=not progress):
-            case.load()
-    save_split(split_file, cases, split.seed, dataset.root, dataset.layout)
-    return cases
+        return
+    for case in tqdm(dataset.cases, desc=f"check {dataset.layout}", unit="case", disable=not progress):
+        case.load()

@@ -84,7 +84,7 @@ def build_run_model(settings: Settings, precision: str = "fp32", which: str = "b
 
     from trainer.models import build_model
     from trainer.hardware.precision import KERAS_POLICIES
-    from trainer.checkpoints import restore_weights
+    from trainer.runtime.checkpoints import restore_weights
 
     data = settings.data
     previous = tf.keras.mixed_precision.global_policy()
@@ -181,6 +181,10 @@ def read_ir(path: Path, expected: Sequence[int | None]):
     if not path.is_file() or not path.with_suffix(".bin").is_file():
         missing = path if not path.is_file() else path.with_suffix(".bin")
         raise DataError(f"{missing}: OpenVINO IR not found (export one with: unet-train export --format openvino)")
+    from trainer.fsutil import check_regular
+
+    check_regular(path, str(path), 256 << 20)  # the graph's XML: read whole by OpenVINO
+    check_regular(path.with_suffix(".bin"), str(path.with_suffix(".bin")), 64 << 30)  # the weights
     try:
         model = ov.Core().read_model(str(path))
     except RuntimeError as exc:
@@ -232,10 +236,11 @@ def expected_input_shape(settings: Settings) -> tuple[int, ...]:
 def ir_checkpoint(ir: Path) -> str:
     """The checkpoint an exported IR was made from (its export.json says), so that the run's
     post-processing decided for that checkpoint applies to the IR too; the IR path if unknown."""
-    import json
+    from trainer.fsutil import read_regular_json
 
+    path = Path(ir).parent / "export.json"
     try:
-        return str(json.loads((Path(ir).parent / "export.json").read_text())["checkpoint"])
+        return str(read_regular_json(path, str(path), 1 << 20)["checkpoint"])
     except (OSError, ValueError, KeyError, TypeError):
         return str(ir)
 

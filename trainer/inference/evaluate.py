@@ -14,15 +14,17 @@ import numpy as np
 from tqdm import tqdm
 
 from trainer.config.settings import Settings
-from trainer.data.datasets import RawDataset, iter_cases, raw_dataset
+from trainer.data.datasets import RawDataset
+from trainer.data.prepared import iter_cases, raw_dataset
 from trainer.data.nifti import write_volume
 from trainer.errors import DataError
 from trainer.fsutil import write_csv, write_json
 from trainer.inference import postprocess
 from trainer.inference.engines import describe
+from trainer.inference.outputs import check_output_folder
 from trainer.inference.predictor import Predictor
-from trainer.metrics import case_metrics
-from trainer.regions import RegionSet
+from trainer.models.metrics import case_metrics
+from trainer.data.regions import RegionSet
 
 log = logging.getLogger(__name__)
 METRICS = ("dice", "hd95", "sensitivity", "specificity", "precision")
@@ -33,6 +35,9 @@ def evaluate(settings: Settings, split_name: str = "test", limit: int | None = N
              save_predictions: bool = True, progress: bool = True, **predictor_options) -> dict:
     out = Path(out or settings.run_path / "evaluation")
     dataset = raw_dataset(settings)
+    # never into (or around) the dataset it reads: its root, image and label folders
+    check_output_folder(out, [dataset.root, *(path.parent for case in dataset.cases
+                                              for path in (*case.images, case.label) if path is not None)], "--out")
     count, cases = iter_cases(settings, split_name, limit, dataset)  # checks the split first: cheaper than a model
     if count == 0:
         raise DataError(f"split '{split_name}' has no cases to evaluate")

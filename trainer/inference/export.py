@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.config.settings import MODALITIES, Settings
-from trainer.data.datasets import prepared_for
+from trainer.data.prepared import prepared_dataset, raw_dataset, split_cases_of
 from trainer.errors import DataError, TrainingError, UserError
 from trainer.fsutil import atomic_dir, refuse_existing, write_json
 from trainer.inference.engines import (OpenVinoEngine, build_run_model, convert_keras, expected_input_shape,
@@ -139,8 +139,8 @@ def parity(expected: np.ndarray, actual: np.ndarray, threshold: float) -> dict:
 def parity_inputs(settings: Settings, count: int, seed: int) -> tuple[np.ndarray, str]:
     """Held-out inputs with tumour in them when the prepared data is there, else random normal input."""
     try:
-        held_out = {"slices": lambda: held_out_slices(settings, count), "volumes": lambda: held_out_crop(settings)}
-        return held_out[prepared_for(settings).kind]()
+        held_out = {"2d": lambda: held_out_slices(settings, count), "3d": lambda: held_out_crop(settings)}
+        return held_out[settings.train.model]()
     except (DataError, OSError, KeyError, ValueError) as exc:
         reason = " ".join(str(exc).split())[:200]
         log.warning("export parity on random input (no held-out data: %s)", reason)
@@ -155,9 +155,9 @@ def held_out_slices(settings: Settings, count: int) -> tuple[np.ndarray, str]:
     import h5py
 
     from trainer.data.pipeline import SliceSource
-    from trainer.regions import RegionSet
+    from trainer.data.regions import RegionSet
 
-    path = settings.data.slices_h5
+    path = prepared_dataset(settings).slices_file(settings.data.image_size)
     with h5py.File(path, "r") as h5:
         split = next((s for s in ("val", "test", "train") if s in h5 and h5[s]["images"].shape[0]), None)
         if split is None:
@@ -170,14 +170,13 @@ def held_out_slices(settings: Settings, count: int) -> tuple[np.ndarray, str]:
 
 def held_out_crop(settings: Settings) -> tuple[np.ndarray, str]:
     """One crop of the model's input size, centred on the tumour of the first held-out case."""
-    from trainer.data.datasets import raw_dataset, split_cases_of
-
     data = settings.data
-    dataset = raw_dataset(settings)
-    case = next((cases[0] for name in ("val", "test", "train") if (cases := split_cases_of(settings, name, dataset))),
-                None)
+    prepared = prepared_dataset(settings)
+    dataset = raw_dataset(settings, prepared)
+    case = next((cases[0] for name in ("val", "test", "train")
+                 if (cases := split_cases_of(settings, name, dataset, prepared))), None)
     if case is None:
-        raise DataError(f"{data.decathlon_split}: no held-out case found in {dataset.describe()}")
+        raise DataError(f"{prepared.manifest_path}: no held-out case found in {dataset.describe()}")
     image, mask, _ = case.load()
     crop = np.asarray(data.crop_size)
     centre = np.argwhere(mask).mean(axis=0).astype(int) if mask is not None and mask.any() \

@@ -15,14 +15,17 @@ always come from the same procedure.
 from __future__ import annotations
 
 import logging
+import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from trainer.config.settings import Settings
+from trainer.data.prepared import raw_source
 from trainer.errors import TrainingError
-from trainer.fsutil import write_json
+from trainer.fsutil import read_regular_json, write_json
 
 log = logging.getLogger(__name__)
 # Candidate actions, tried on the validation split: "largest" keeps one component; "min_mm3:V"
@@ -35,6 +38,7 @@ CANDIDATES = ("none", "largest", "min_mm3:100", "min_mm3:1000", "drop_below_mm3:
 # a few validation cases choose among few options.
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 FILE_NAME = "postprocessing.json"
+FILE_LIMIT = 1 << 20  # a few rules per region (seen: /dev/zero or a 6 GiB sparse file ran out of memory)
 
 
 @dataclass(frozen=True)
@@ -161,22 +165,19 @@ def validation_figures(decided: dict) -> dict:
 
 
 def stored(run_path: Path) -> dict:
-    import json
-
-    return json.loads((Path(run_path) / FILE_NAME).read_text())
+    path = Path(run_path) / FILE_NAME
+    return read_regular_json(path, str(path), FILE_LIMIT)
 
 
 def load(run_path: Path, checkpoint: str, inference: dict) -> dict[str, Rule] | None:
     """region -> rule decided for ``checkpoint`` under the ``inference`` procedure; None when
     there is no such decision yet (a file from before mirroring or threshold tuning existed has
     another procedure: decide again)."""
-    import json
-
     path = Path(run_path) / FILE_NAME
     if not path.exists():
         return None
     try:
-        data = json.loads(path.read_text())
+        data = read_regular_json(path, str(path), FILE_LIMIT)  # never a FIFO, /dev/zero or a sparse GiB
         if data.get("checkpoint") != checkpoint or data.get("inference") != inference:
             return None  # decided for another checkpoint or procedure: decide again
         rules = {region: Rule(float(entry["threshold"]), entry["action"]) for region, entry in data["regions"].items()}
@@ -197,3 +198,11 @@ def load(run_path: Path, checkpoint: str, inference: dict) -> dict[str, Rule] | 
 def describe(rules: dict[str, Rule]) -> dict[str, dict]:
     """The rules as JSON (summaries, reports)."""
     return {region: {"threshold": rule.threshold, "action": rule.action} for region, rule in rules.items()}
+
+
+def decide_command(settings: Settings) -> str:
+    """The command that decides the post-processing of this run later (once the raw volumes are
+    reachable): ``evaluate`` on the validation split, predictions not written."""
+    key, _ = raw_source(settings)
+    return shlex.join(["unet-train", "evaluate", "--split", "val", "--run-dir", str(settings.train.run_dir),
+                       "--run-name", settings.train.run_name, "--no-predictions", "--set", f"{key}=DIR"])

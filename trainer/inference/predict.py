@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -24,9 +25,10 @@ from trainer.fsutil import atomic_file
 from trainer.inference import postprocess
 from trainer.inference.engines import describe
 from trainer.inference.inputs import CaseInput
+from trainer.inference.outputs import check_output_folder
 from trainer.inference.predictor import Predictor
-from trainer.panels import panel
-from trainer.regions import RegionSet
+from trainer.data.panels import panel
+from trainer.data.regions import RegionSet
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class PredictOptions:
     save_probabilities: bool = False  # OUT/CASE.npz: float16 (regions, x, y, z) in the source geometry
     resume: bool = False             # --continue: skip cases whose outputs exist and read back whole
     progress: bool = True
+    input_folder: Optional[Path] = None  # -i FOLDER: never written into (nor are the cases' own folders)
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ def output_paths(case: CaseInput, regions: RegionSet, options: PredictOptions) -
 def predict_cases(settings: Settings, cases: list[CaseInput], options: PredictOptions,
                   **predictor_options) -> PredictReport:
     regions = RegionSet(settings.model.regions)
+    check_outputs(cases, regions, options)  # before the model loads: nothing in an input folder is written
     todo = [case for case in cases if not (options.resume and _finished(output_paths(case, regions, options)))]
     if not todo:
         return PredictReport([], 0, len(cases), 0.0, "none (nothing left to predict)", "as before")
@@ -98,11 +102,24 @@ def predict_cases(settings: Settings, cases: list[CaseInput], options: PredictOp
                          describe(predictor.engine), state)
 
 
+def check_outputs(cases: list[CaseInput], regions: RegionSet, options: PredictOptions) -> None:
+    """Refuse an -o that is, lies in or holds -i or a case's folder (a BraTS case folder's parent too: the
+    folder of cases; the dataset folder around them), or whose output file would be an input file."""
+    folders = [options.input_folder] if options.input_folder is not None else []
+    for case in cases:
+        folders += case.folders()  # a BraTS case folder's parent too: the folder of cases
+    # a Decathlon / nnU-Net dataset's own folder is input too: -o labelsTr beside -i imagesTr would
+    # write CASE.nii.gz over the ground truth of the same name
+    folders += [folder.parent for folder in folders if (folder.parent / "dataset.json").is_file()]
+    outputs = [path for case in cases for path in output_paths(case, regions, options).values()]
+    check_output_folder(options.out, folders, "-o", [p for case in cases for p in case.paths], outputs)
+
+
 def _postprocessing(settings: Settings, predictor: Predictor, checkpoint: str,
                     progress: bool) -> tuple[dict[str, postprocess.Rule], str]:
     """The run's decisions for this checkpoint and procedure, decided now when there are none yet."""
     from trainer.inference.evaluate import postprocessing_for, run_procedure
-    from trainer.training.run import decide_command
+    from trainer.inference.postprocess import decide_command
 
     inference = run_procedure(settings, predictor)
     decisions = postprocess.load(settings.run_path, checkpoint, inference)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import tensorflow as tf
 
 from trainer.config.settings import ModelSettings
+from trainer.config.shapes import context_planes
 from trainer.models.batch_norm import VolumeBatchNormalization
 from trainer.models.instance_norm import InstanceNormalization
 
@@ -104,11 +105,6 @@ def build_model(kind: str, model: ModelSettings, channels: int, image_size: int,
     if kind == "2d":
         return UNet2D(model, channels * context_planes(model), image_size)
     return UNet3D(model, channels, crop)
-
-
-def context_planes(model: ModelSettings) -> int:
-    """Slices the 2D model sees at once: its own and ``context_slices_2d`` on each side."""
-    return 2 * model.context_slices_2d + 1
 
 
 def input_shape(kind: str, model: ModelSettings, channels: int, image_size: int,

@@ -16,7 +16,7 @@ from trainer.config.settings import MODALITIES
 from trainer.data.datasets import RawDataset
 from trainer.data.nifti import read_header
 from trainer.errors import DataError
-from trainer.regions import REGION_NAMES, RegionSet
+from trainer.data.regions import REGION_NAMES, RegionSet
 
 ANISOTROPY = 3.0        # nnU-Net's threshold: a spacing 3x another is "anisotropic"
 SPACING_TOLERANCE = 0.01

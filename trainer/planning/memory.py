@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.config.settings import ModelSettings, Settings
+from trainer.config.shapes import context_planes
 from trainer.errors import UserError
 
 LEVELS = 4  # as trainer.models.unet
@@ -59,7 +60,7 @@ class ModelShape:
     @staticmethod
     def input_channels(settings: Settings, kind: str) -> int:
         """Modalities x planes: a 2D model with context sees 2k + 1 slices of each."""
-        planes = 2 * settings.model.context_slices_2d + 1 if kind == "2d" else 1
+        planes = context_planes(settings.model) if kind == "2d" else 1
         return len(settings.data.channels) * planes
 
     def describe(self) -> str:

@@ -14,21 +14,34 @@ The rules (docs/planning.md) are few and measured where they can be:
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from trainer.config.settings import Settings
+from trainer.errors import UserError
+from trainer.fsutil import read_regular_text
 from trainer.planning.fingerprint import DatasetFingerprint
 from trainer.planning.memory import MARGIN, ModelShape, predict_peak
 from trainer.planning.node import NodeFingerprint
 
 CROP_EDGES = (160, 144, 128, 112, 96, 80, 64, 48, 32)
 BATCHES_2D = (32, 16, 8, 4, 2, 1)
+PLAN_FORMAT = 2  # of the plan file: written by ``unet-train plan``, read by ``train --plan``
+# The settings a plan owns: a complete, named training configuration. ``train --plan`` applies
+# these and no other (cluster, security and data-size limits are never a plan's to set).
+COMMON_KEYS = ("train.run_name", "data.dataset", "train.model", "model.regions", "train.precision",
+               "cpu.intra_op_threads", "cpu.inter_op_threads", "train.batch_size", "train.steps_per_epoch")
+MODEL_KEYS = {"2d": ("data.image_size", "model.base_filters_2d"),
+              "3d": ("data.crop_size", "model.base_filters_3d", "data.val_crops_per_case")}
+PLAN_KEYS = COMMON_KEYS + tuple(key for keys in MODEL_KEYS.values() for key in keys)
+PLAN_READ_LIMIT = 1 << 20
 
 
 @dataclass(frozen=True)
 class Choice:
-    key: str      # the setting (or the flag, for what is not a setting)
+    key: str      # the setting, or (for what is no setting) what it is for, e.g. "launch: ranks per node"
     value: object
     reason: str
 
@@ -44,13 +57,20 @@ class Plan:
         self.choices.append(Choice(key, value, reason))
 
     def settings(self) -> dict[str, object]:
-        """The dotted settings ``train --plan`` applies (recommendations for flags are left out)."""
-        return {c.key: c.value for c in self.choices if not c.key.startswith("--")}
+        """The dotted settings ``train --plan`` applies (recommendations for launch and inference
+        are shown, not applied)."""
+        return {c.key: c.value for c in self.choices if c.key in PLAN_KEYS}
 
 
 def make_plan(settings: Settings, data: DatasetFingerprint, node: NodeFingerprint, model: str | None = None) -> Plan:
     plan = Plan()
     regions = tuple(settings.model.regions)
+    plan.add("train.run_name", settings.train.run_name, "the run this plan trains (runs/<run_name>/; "
+                                                        "--run-name on train wins)")
+    if settings.data.dataset is not None:
+        plan.add("data.dataset", str(settings.data.dataset), "the prepared dataset this plan was made for")
+    plan.add("model.regions", list(regions), "asked for (model.regions)" if regions != ("wt",)
+             else "the whole tumour (the default; --set model.regions=[wt,tc,et] for the BraTS regions)")
     if model is None:
         model = "3d" if {"tc", "et"} & set(regions) else "2d"
         why = ("tumour core / enhancing tumour wanted: the 3D UNet held TC where 2D, seeing one slice, lost it "
@@ -71,8 +91,9 @@ def make_plan(settings: Settings, data: DatasetFingerprint, node: NodeFingerprin
     ranks = max(1, min(node.numa_nodes, node.physical_cores))
     threads = max(1, node.physical_cores // ranks)
     plan.ranks_per_node = ranks
-    plan.add("--ranks-per-node", ranks, f"one rank per NUMA node ({node.numa_nodes}), so no rank's threads "
-                                        f"straddle two memory domains")
+    plan.add("launch: ranks per node", ranks, f"one rank per NUMA node ({node.numa_nodes}), so no rank's "
+                                              f"threads straddle two memory domains (distributed "
+                                              f"--slots-per-host / --ntasks-per-node)")
     plan.add("cpu.intra_op_threads", threads, f"{node.physical_cores} physical cores / {ranks} rank(s)")
     plan.add("cpu.inter_op_threads", 2, "two independent ops at a time (the UNet's graph is mostly a chain)")
 
@@ -81,11 +102,11 @@ def make_plan(settings: Settings, data: DatasetFingerprint, node: NodeFingerprin
     shape_precision = "fp32" if precision == "fp32" else "bf16"
     if model == "3d":
         _plan_3d(plan, base, data, shape_precision)
+        plan.add("data.val_crops_per_case", 4, "fixed validation crops per case: the logged figure predicts the "
+                                               "whole-volume one within 0.02")
+        plan.add("inference: predict/evaluate --overlap", 0.5, "sliding-window overlap (nnU-Net's default)")
     else:
         _plan_2d(plan, base, data, shape_precision)
-    plan.add("data.val_crops_per_case", 4, "fixed validation crops per case: the logged figure predicts the "
-                                           "whole-volume one within 0.02")
-    plan.add("--overlap", 0.5, "sliding-window overlap for predict/evaluate (nnU-Net's default)")
     return plan
 
 
@@ -106,8 +127,9 @@ def _plan_3d(plan: Plan, settings: Settings, data: DatasetFingerprint, precision
             if peak is not None:
                 plan.memory_mib = peak
                 plan.add("data.crop_size", [edge] * 3,
-                         f"the largest crop (<= the brain's median extent {'x'.join(map(str, extent))}, multiple "
-                         f"of 16) whose predicted peak {peak / 1024:.1f} GB fits {plan.budget_mib / 1024:.1f} GB")
+                         f"the largest crop, up to {ceiling} (the brain's largest median extent, "
+                         f"{'x'.join(map(str, extent))}, rounded up to a multiple of 16), whose predicted peak "
+                         f"{peak / 1024:.1f} GB fits {plan.budget_mib / 1024:.1f} GB")
                 plan.add("train.batch_size", batch, "nnU-Net's 3D batch" if batch == 2 else
                          "batch 2 fits no crop of 32^3 or more: batch 1")
                 plan.add("model.base_filters_3d", settings.model.base_filters_3d, "the default width")
@@ -136,7 +158,31 @@ def _plan_2d(plan: Plan, settings: Settings, data: DatasetFingerprint, precision
 
 
 def raise_nothing_fits(plan: Plan, kind: str) -> None:
-    from trainer.errors import UserError
-
     raise UserError(f"plan: no {kind.upper()} configuration fits {plan.budget_mib / 1024:.1f} GB per rank (memory "
                     f"available less a {MARGIN:.0%} margin); use a node with more memory")
+
+
+def load_plan(path: Path) -> dict[str, object]:
+    """The settings a plan file sets (``train --plan``), checked: only keys a plan owns, and only
+    those of the plan's own model."""
+    try:
+        data = json.loads(read_regular_text(Path(path), f"--plan {path}", PLAN_READ_LIMIT))
+    except FileNotFoundError:
+        raise UserError(f"--plan {path}: not found (write one with unet-train plan)") from None
+    except ValueError as exc:
+        raise UserError(f"--plan {path}: not a plan (invalid JSON: {exc})") from None
+    if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT or not isinstance(data.get("settings"), dict):
+        raise UserError(f"--plan {path}: not a plan of format {PLAN_FORMAT} (expected the JSON unet-train plan "
+                        f"writes; make it again with unet-train plan)")
+    values = data["settings"]
+    foreign = [key for key in values if key not in PLAN_KEYS]
+    if foreign:
+        raise UserError(f"--plan {path}: {foreign[0]} is not a setting a plan may set (a plan sets only: "
+                        f"{', '.join(PLAN_KEYS)})")
+    model = values.get("train.model")
+    if model not in MODEL_KEYS:
+        raise UserError(f"--plan {path}: train.model must be 2d or 3d, got {model!r}")
+    other = [key for key in values if key in PLAN_KEYS and key not in COMMON_KEYS + MODEL_KEYS[model]]
+    if other:
+        raise UserError(f"--plan {path}: {other[0]} is not read by the {model.upper()} model this plan trains")
+    return values

@@ -15,9 +15,13 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def start_runtime(settings: Settings, log_to_run: bool = True) -> Runtime:
-    """Apply CPU settings, import TensorFlow, and start the runtime named by train.dist."""
-    from trainer.hardware.cpu import apply_cpu_environment, configure_threads
+    """Apply CPU settings, import TensorFlow, and start the runtime named by train.dist.
 
+    A launcher whose world disagrees with train.dist is refused first, before the run's log."""
+    from trainer.hardware.cpu import apply_cpu_environment, configure_threads
+    from trainer.runtime.launch_env import check_launch
+
+    check_launch(settings.train)
     plan = apply_cpu_environment(settings.cpu)
     configure_threads(plan)
     if settings.train.dist == "horovod":

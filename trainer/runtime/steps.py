@@ -7,8 +7,8 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.config.settings import Settings
-from trainer.losses import make_loss
-from trainer.metrics import confusion_counts
+from trainer.models.losses import make_loss
+from trainer.models.metrics import confusion_counts
 
 
 def evaluation_fn(model: tf.keras.Model, settings: Settings) -> Callable:

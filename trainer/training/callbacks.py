@@ -1,7 +1,6 @@
 """Keras callbacks: each cross-cutting concern of a run is one pluggable handler."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -11,9 +10,9 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.config.settings import ScheduleSettings
-from trainer.fsutil import write_csv, write_json
-from trainer.checkpoints import CheckpointStore
-from trainer.panels import enlarge, panel, volume_panel
+from trainer.fsutil import read_regular_json, write_csv, write_json
+from trainer.runtime.checkpoints import CheckpointStore
+from trainer.data.panels import enlarge, panel, volume_panel
 from trainer.training.state import TrainingState
 
 log = logging.getLogger(__name__)
@@ -163,6 +162,9 @@ class EpochCheckpoint(tf.keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+HISTORY_LIMIT = 64 << 20  # history.json: one entry of a few figures per epoch
+
+
 class JsonHistory(tf.keras.callbacks.Callback):
     """history.json (and history.csv from the same entries): one entry per epoch, appended across
     resumes, written atomically. The CSV is rewritten whole with the union of the columns, so a run
@@ -172,9 +174,9 @@ class JsonHistory(tf.keras.callbacks.Callback):
     def __init__(self, path: Path, extra: dict | None = None, csv_path: Path | None = None):
         super().__init__()
         self.path, self.extra, self.csv_path = Path(path), extra or {}, csv_path
-        try:
-            self.entries = json.loads(self.path.read_text())["epochs"]
-        except (OSError, ValueError, KeyError):
+        try:  # a FIFO or /dev/zero is refused (UserError), never read: it would hang or fill memory
+            self.entries = read_regular_json(self.path, str(self.path), HISTORY_LIMIT)["epochs"]
+        except (OSError, ValueError, KeyError, TypeError):
             self.entries = []
 
     def on_epoch_end(self, epoch, logs=None):

@@ -9,6 +9,7 @@ share every number the loop computes.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import platform
@@ -20,14 +21,13 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from trainer.checkpoints import weights_checksum
+from trainer.runtime.checkpoints import weights_checksum
 from trainer.config import Settings, settings_to_yaml
-from trainer.data.datasets import prepared_for
 from trainer.data.streams import Streams, build_streams
-from trainer.errors import TrainingError
-from trainer.fsutil import write_json, write_text
+from trainer.errors import TrainingError, UserError
+from trainer.fsutil import read_regular_text, write_json, write_text
 from trainer.runtime.contract import Runtime, Stepper
-from trainer.training import preemption
+from trainer.runtime import preemption
 from trainer.training.callbacks import (EpochCheckpoint, EpochLine, JsonHistory, LearningRateController,
                                         StepCheckpoint, TensorBoard, Throughput)
 from trainer.training.session import Session, open_session
@@ -90,7 +90,7 @@ def _run_epochs(settings: Settings, runtime: Runtime, session: Session, stepper:
     callbacks.set_params({"epochs": settings.train.epochs, "steps": streams.steps_per_epoch, "verbose": 0})
     validator = CaseValidator(streams, stepper, runtime)
     weights_finite = _finite_check(session.model)
-    data_source = prepared_for(settings).path(settings)
+    data_source = settings.data.dataset
     show = progress and runtime.is_chief
     max_steps, state = settings.train.max_steps, session.state
     first_epoch, first_step = session.initial_epoch, int(state.step_in_epoch.numpy())
@@ -202,11 +202,27 @@ def _callbacks(settings: Settings, runtime: Runtime, session: Session, streams: 
     return callbacks
 
 
+def _run_record(settings: Settings, path: Path) -> dict:
+    """What the run came from: its prepared dataset folder and the plan it was trained with (a
+    resumed run without --plan keeps the plan it started from)."""
+    plan = settings.train.plan
+    if plan is None and path.is_file():
+        try:
+            plan = json.loads(read_regular_text(path, limit=1 << 20)).get("plan")
+        except (OSError, ValueError, AttributeError, UserError):
+            plan = None
+    return {"dataset": None if settings.data.dataset is None else str(settings.data.dataset),
+            "source": None if settings.data.source is None else str(settings.data.source),
+            "plan": None if plan is None else str(plan), "model": settings.train.model,
+            "regions": list(settings.model.regions)}
+
+
 def _announce(settings: Settings, runtime: Runtime, session: Session, streams: Streams) -> None:
     """Chief: write the merged settings into the run and log the run's shape."""
     run_path, train_cfg = settings.run_path, settings.train
     run_path.mkdir(parents=True, exist_ok=True)
     write_text(run_path / "settings.yaml", settings_to_yaml(settings))
+    write_json(run_path / "run.json", _run_record(settings, run_path / "run.json"))
     log.info("%s run %s: model %s (%d params, %s, regions %s), %d worker(s) x batch %d = global batch %d, "
              "%d steps/epoch, %d validation batches over %d case(s), train samples %d, LR %.3g x %d", runtime.name,
              run_path, train_cfg.model, session.model.count_params(), session.policy,

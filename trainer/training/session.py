@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
-from trainer.checkpoints import CheckpointStore, weights_checksum
+from trainer.runtime.checkpoints import CheckpointStore, weights_checksum
 from trainer.config import Settings
-from trainer.losses import make_loss
-from trainer.metrics import keras_metrics
+from trainer.models.losses import make_loss
+from trainer.models.metrics import keras_metrics
 from trainer.models import build_model
 from trainer.runtime.contract import Runtime
 from trainer.hardware.precision import apply_precision

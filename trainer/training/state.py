@@ -1,7 +1,7 @@
 """The loop's own state, beside the weights and optimizer slots in every checkpoint.
 
 Everything needed to continue a run exactly lives in tf.Variables tracked by one
-tf.train.Checkpoint (see :mod:`trainer.checkpoints`), so "resume" is one restore call: the
+tf.train.Checkpoint (see :mod:`trainer.runtime.checkpoints`), so "resume" is one restore call: the
 optimizer's iteration counter (global step) and slots, the epoch, the plateau LR factor
 and the early-stopping counters.
 """

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from trainer.data.streams import Streams
-from trainer.metrics import count_ratios
+from trainer.models.metrics import count_ratios
 from trainer.runtime.contract import Runtime, Stepper
 
 

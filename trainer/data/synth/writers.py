@@ -1,4 +1,4 @@
-"""Write phantom cases in the exact on-disk layouts of BraTS 2019 and Decathlon Task01.
+"""Write phantom cases in the exact on-disk layouts of BraTS 2019, Decathlon Task01 and nnU-Net v2 raw.
 
 See ../shared/DATASETS.md. The output folder is built under a temporary name and renamed
 into place only when every case is written, so an interrupted run leaves nothing behind.
@@ -25,6 +25,8 @@ BRATS_LABELS = {OEDEMA: 2, NECROTIC: 1, ENHANCING: 4}      # BraTS: 1 NCR/NET, 2
 DECATHLON_LABELS = {OEDEMA: 1, NECROTIC: 2, ENHANCING: 3}  # MSD: 1 edema, 2 non-enh., 3 enh.
 BRATS_ROOT_NAME = "MICCAI_BraTS_2019_Data_Training"
 DECATHLON_ROOT_NAME = "Task01_BrainTumour"
+NNUNET_ROOT_NAME = "Dataset001_BrainTumour"  # what nnU-Net's convert_MSD_dataset.py makes of Task01
+NNUNET_CHANNELS = {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}  # _0000 ... _0003, MODALITY_ORDER's order
 
 # The 26-byte header of an empty macOS AppleDouble file (magic 0x00051607, version 2).
 APPLEDOUBLE_STUB = bytes.fromhex("00051607" "00020000") + b"Mac OS X        " + b"\x00\x00"
@@ -93,6 +95,25 @@ def write_decathlon(request: SynthRequest, progress: bool = True) -> Path:
     return request.out
 
 
+def write_nnunet(request: SynthRequest, progress: bool = True) -> Path:
+    """nnU-Net v2 raw layout, as nnU-Net's convert_MSD_dataset.py writes Dataset001_BrainTumour from the
+    Decathlon set of the same request: dataset.json (channel_names, labels name -> value, numTraining,
+    file_ending), imagesTr/BRATS_001_0000.nii.gz ... _0003, labelsTr/BRATS_001.nii.gz, imagesTs/. Case
+    BRATS_NNN is the phantom of Decathlon's BRATS_NNN (same seed), voxel for voxel. No AppleDouble files:
+    the converter skips them."""
+    n_test = request.test_cases if request.test_cases is not None else max(1, request.cases // 3)
+    train_ids = list(range(1, request.cases + 1))
+    test_ids = list(range(request.cases + 1, request.cases + n_test + 1))
+    with atomic_dir(request.out, request.overwrite) as root:
+        for sub in ("imagesTr", "labelsTr", "imagesTs"):
+            (root / sub).mkdir()
+        jobs = [(_write_nnunet_case, (root, case_id, (request.seed, case_id), request.shape, case_id in train_ids,
+                                      request.difficulty)) for case_id in train_ids + test_ids]
+        _run_jobs(jobs, request.workers, progress, "synth nnunet")
+        _write_nnunet_json(root, len(train_ids), len(test_ids))
+    return request.out
+
+
 def _run_jobs(jobs: Sequence[tuple[Callable, tuple]], workers: int, progress: bool, label: str) -> list:
     workers = workers or min(os.cpu_count() or 1, len(jobs))
     bar = tqdm(total=len(jobs), desc=label, unit="case", disable=not progress)
@@ -142,6 +163,20 @@ def _write_decathlon_case(root: Path, case_id: int, seed: tuple[int, int], shape
     write_volume(root / ("imagesTr" if labelled else "imagesTs") / name, image, geometry)
     if labelled:
         write_volume(root / "labelsTr" / name, _relabel(case.classes, DECATHLON_LABELS), geometry)
+
+
+def _write_nnunet_case(root: Path, case_id: int, seed: tuple[int, int], shape, labelled: bool,
+                       difficulty: str = "standard") -> None:
+    """One case as the channel files of its Decathlon 4D image (float32, Decathlon's geometry)."""
+    case = make_case(seed, shape, difficulty)
+    geometry = decathlon_geometry(shape)
+    folder = root / ("imagesTr" if labelled else "imagesTs")
+    for channel, modality in enumerate(MODALITY_ORDER):
+        write_volume(folder / f"BRATS_{case_id:03d}_{channel:04d}.nii.gz", case.images[modality].astype(np.float32),
+                     geometry)
+    if labelled:
+        write_volume(root / "labelsTr" / f"BRATS_{case_id:03d}.nii.gz", _relabel(case.classes, DECATHLON_LABELS),
+                     geometry)
 
 
 def _brats_case_names(count: int, seed: int) -> list[str]:
@@ -204,8 +239,29 @@ def _write_dataset_json(root: Path, train_ids: list[int], test_ids: list[int], s
     (root / "dataset.json").write_text(json.dumps(description, indent=4) + "\n")
 
 
+def _write_nnunet_json(root: Path, n_train: int, n_test: int) -> None:
+    description = {
+        "name": "BRATS",
+        "description": "Gliomas segmentation tumour and oedema in on brain images",
+        "reference": "https://www.med.upenn.edu/sbia/brats2017.html",
+        "licence": "CC-BY-SA 4.0",
+        "release": "2.0 04/05/2018",
+        "tensorImageSize": "4D",
+        "labels": {"background": 0, "edema": 1, "non-enhancing tumor": 2, "enhancing tumour": 3},
+        "numTraining": n_train,
+        "numTest": n_test,
+        "file_ending": ".nii.gz",
+        "channel_names": NNUNET_CHANNELS,
+    }
+    (root / "dataset.json").write_text(json.dumps(description, indent=4) + "\n")
+
+
 def _write_appledouble_files(root: Path) -> None:
     (root / "._dataset.json").write_bytes(APPLEDOUBLE_STUB)
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         for path in sorted((root / sub).iterdir()):
             (path.parent / f"._{path.name}").write_bytes(APPLEDOUBLE_STUB)
+
+
+WRITERS: dict[str, Callable[..., Path]] = {"brats": write_brats, "decathlon": write_decathlon, "nnunet": write_nnunet}
+ROOT_NAMES = {"brats": BRATS_ROOT_NAME, "decathlon": DECATHLON_ROOT_NAME, "nnunet": NNUNET_ROOT_NAME}

@@ -40,7 +40,7 @@ from typing import Callable
 
 from trainer.config.settings import ClusterSettings
 from trainer.errors import TrainingError, UserError
-from trainer.network import is_loopback
+from trainer.runtime.network import is_loopback
 
 log = logging.getLogger(__name__)
 Task = tuple[str, int]
@@ -153,7 +153,7 @@ class ControlServer:
     @classmethod
     def for_cluster(cls, cluster: ClusterSettings) -> "ControlServer":
         """The chief's channel: network checked, token loaded (or created), bound to the chief's address."""
-        from trainer.network import check_host_interfaces, check_private_network
+        from trainer.runtime.network import check_host_interfaces, check_private_network
         from trainer.runtime.ps.cluster import ClusterLayout
         from trainer.runtime.ps.peers import roles_by_host, wait_until_resolvable
         from trainer.runtime.ps.token import load_or_create_token

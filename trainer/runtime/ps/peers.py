@@ -6,7 +6,7 @@ being scheduled or pulling its image, its name does not resolve *yet*. A role th
 every peer once at start and refused the first missing name made the whole job fail with the
 start order. Here a name that does not resolve is retried until ``cluster.startup_timeout_s``,
 with one log line every 10 s naming the peers still missing; only then is it an error (and the
-network check of :func:`trainer.network.check_private_network` runs on the resolved names).
+network check of :func:`trainer.runtime.network.check_private_network` runs on the resolved names).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import time
 from typing import Callable, Iterable
 
 from trainer.errors import UserError
-from trainer.network import Resolver, host_of, resolve
+from trainer.runtime.network import Resolver, host_of, resolve
 
 log = logging.getLogger(__name__)
 LOG_EVERY_S = 10.0

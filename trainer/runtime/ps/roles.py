@@ -1,27 +1,27 @@
-"""The parameter-server roles' lifecycles: ``ps|worker --index i`` (a gRPC server task that lives
-exactly as long as the job) and ``chief`` (trains, then validates alone).
+"""The parameter-server roles' lifecycles: a ``ps|worker --index i`` task serves (a gRPC server
+that lives exactly as long as the job); every role leaves its process through :func:`exit_now`.
 
 TensorFlow's gRPC server threads never join, so each role ends its process itself, with the exit
-code the job asks for: :func:`run_server_role` and :func:`run_chief` never return.
+code the job asks for. The commands that run the roles (``unet-train ps|worker|chief``) are in
+``trainer.commands.roles``.
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
-import traceback
 from pathlib import Path
 from typing import Callable, NoReturn
 
 from trainer.config.settings import Settings
-from trainer.errors import InfrastructureError, UserError
-from trainer.network import check_host_interfaces, check_private_network
+from trainer.errors import UserError
+from trainer.runtime.network import check_host_interfaces, check_private_network
 from trainer.hardware.cpu import apply_cpu_environment, configure_threads
 from trainer.runtime.ps.cluster import ClusterLayout, export_tf_config
 from trainer.runtime.ps.control import ControlClient
 from trainer.runtime.ps.peers import roles_by_host, wait_until_resolvable
 from trainer.runtime.ps.token import load_or_create_token
-from trainer.training import preemption
+from trainer.runtime import preemption
 
 log = logging.getLogger(__name__)
 # Set by launcher/ssh/remote/supervise.sh: the file that says "this role ended on purpose, do not restart it".
@@ -76,59 +76,6 @@ def serve(settings: Settings, job: str, index: int) -> int:
     return code
 
 
-def run_server_role(settings: Settings, job: str, index: int) -> NoReturn:
-    """``unet-train ps|worker``: serve, then leave the process with the code the chief asked for."""
-    code, finished = 1, False  # finished: a supervisor must not restart this role (see declare_finished)
-    try:
-        code = serve(settings, job, index)
-        finished = True  # the chief said stop, or went away
-    except (UserError, InfrastructureError) as exc:
-        print(f"unet-train {job}: error: {exc}", file=sys.stderr)
-        code, finished = exc.exit_code, isinstance(exc, UserError)
-    except KeyboardInterrupt:
-        code, finished = 130, True
-    finally:
-        if finished:
-            declare_finished()
-        exit_now(code)  # gRPC server threads never join: leave explicitly, whatever happened
-
-
-def run_chief(settings: Settings, progress: bool) -> NoReturn:
-    """``unet-train chief``: train over the cluster, stop the roles, validate on the chief alone."""
-    from trainer.runtime.start import log_to_run_file
-
-    layout = ClusterLayout.from_settings(settings.cluster)
-    configure_threads(apply_cpu_environment(settings.cpu, layout.local_processes("chief", 0), cluster_task=True))
-    log_to_run_file(settings, is_chief=True)
-    from trainer.runtime.ps.runtime import PsRuntime
-    from trainer.training.run import describe_result, train_run, validate_run
-
-    code, runtime = 1, None
-    try:
-        runtime = PsRuntime.start(settings, on_fatal=lambda error: _report_and_exit("chief", error))
-        result = train_run(settings, runtime, progress=progress)
-        print(describe_result(result))
-        runtime.shutdown(True)  # the roles can go: what follows runs on the chief alone
-        line = validate_run(settings, result, progress=progress)
-        if line:
-            print(line)
-        code = 0
-    except (UserError, InfrastructureError) as exc:
-        print(f"unet-train chief: error: {exc}", file=sys.stderr)
-        code = exc.exit_code
-    except KeyboardInterrupt:
-        print("unet-train chief: interrupted", file=sys.stderr)
-        code = 130
-    except BaseException:  # still say what happened: os._exit below skips the normal traceback
-        traceback.print_exc()
-    finally:
-        if runtime is not None:
-            if code == preemption.PREEMPTED_EXIT:  # checkpointed after a signal: every role leaves with 75 too
-                runtime.control.stop_all(code)
-            runtime.shutdown(code == 0)
-        exit_now(code)
-
-
 def exit_now(code: int) -> NoReturn:
     """Leave without waiting for TensorFlow's gRPC threads, which never join on their own.
     ``BEFORE_EXIT`` callbacks run first (the Slurm task runner reports the exit code there)."""
@@ -143,7 +90,7 @@ def exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
-def _report_and_exit(command: str, error: Exception) -> None:
+def report_and_exit(command: str, error: Exception) -> None:
     """Fatal errors seen on a background thread (a lost parameter server) end the process here,
     like errors of the main thread do."""
     print(f"unet-train {command}: error: {error}", file=sys.stderr, flush=True)

@@ -38,8 +38,8 @@ import tensorflow as tf
 from trainer.config.settings import Settings
 from trainer.data.pipeline import Shard
 from trainer.errors import ClusterError
-from trainer.losses import make_loss
-from trainer.metrics import TRAIN_METRIC_NAMES, train_metric_fns
+from trainer.models.losses import make_loss
+from trainer.models.metrics import TRAIN_METRIC_NAMES, train_metric_fns
 from trainer.runtime.ps.cluster import ClusterLayout, export_tf_config
 from trainer.runtime.ps.control import ControlServer
 from trainer.runtime.steps import evaluation_fn

@@ -1,14 +1,38 @@
 """Checkpoints of a run: last-k and best, full-state restore for training, weights for inference."""
 from __future__ import annotations
 
+import glob
 import logging
+import os
 from pathlib import Path
 
 import tensorflow as tf
 
 from trainer.errors import TrainingError
+from trainer.fsutil import check_regular
 
 log = logging.getLogger(__name__)
+
+# What a run's checkpoint files may be, checked before TensorFlow opens them: TensorFlow reads the
+# state file whole and blocks on a FIFO (seen: checkpoints/best/checkpoint and best-1.index as FIFOs
+# hung predict and a resumed train; the state file as /dev/zero ended in a traceback).
+STATE_FILE_LIMIT = 1 << 20        # "checkpoint": a few lines per kept checkpoint
+INDEX_FILE_LIMIT = 256 << 20      # PREFIX.index: one entry per variable
+DATA_FILE_LIMIT = 64 << 30        # PREFIX.data-*: the variables themselves
+
+
+def check_state_file(folder: Path) -> None:
+    """The folder's ``checkpoint`` state file, where there is one, is a small regular file."""
+    path = Path(folder) / "checkpoint"
+    if os.path.lexists(path):
+        check_regular(path, f"{path}: checkpoint state file", STATE_FILE_LIMIT)
+
+
+def check_checkpoint_files(prefix: str) -> None:
+    """A checkpoint's index and data shards are regular files of sane sizes."""
+    check_regular(Path(prefix + ".index"), f"{prefix}.index", INDEX_FILE_LIMIT)
+    for shard in sorted(Path(prefix).parent.glob(glob.escape(Path(prefix).name) + ".data-*")):
+        check_regular(shard, str(shard), DATA_FILE_LIMIT)
 
 
 # Where a checkpoint stands in the run: the loop's own counters, read without restoring.
@@ -27,6 +51,8 @@ class CheckpointStore:
     def __init__(self, run_path: Path, model: tf.keras.Model, optimizer, state: tf.Module, keep: int):
         self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, state=state)
         root = Path(run_path) / "checkpoints"
+        for kind in ("last", "steps", "best"):
+            check_state_file(root / kind)  # each manager reads its state file now
         self.last = tf.train.CheckpointManager(self.checkpoint, str(root / "last"), max_to_keep=keep,
                                                checkpoint_name="epoch")
         self.steps = tf.train.CheckpointManager(self.checkpoint, str(root / "steps"), max_to_keep=keep,
@@ -64,6 +90,10 @@ class CheckpointStore:
 def _progress(path: str) -> tuple[int, int] | None:
     """(completed epochs, steps into the next epoch) of a checkpoint, or None if it cannot be read."""
     try:
+        check_checkpoint_files(path)
+    except FileNotFoundError:
+        return None
+    try:
         reader = tf.train.load_checkpoint(path)
         return tuple(int(reader.get_tensor(key)) if reader.has_tensor(key) else 0 for key in PROGRESS_KEYS)
     except (tf.errors.OpError, ValueError):
@@ -73,12 +103,15 @@ def _progress(path: str) -> tuple[int, int] | None:
 def restore_weights(model: tf.keras.Model, run_path: Path, which: str = "best") -> str:
     """Load model weights (only) from a run's best or last checkpoint, for inference."""
     folder = Path(run_path) / "checkpoints" / which
+    check_state_file(folder)
     path = tf.train.latest_checkpoint(str(folder))
     if path is None and which == "best":
         folder = Path(run_path) / "checkpoints" / "last"
+        check_state_file(folder)
         path = tf.train.latest_checkpoint(str(folder))
     if path is None:
         raise TrainingError(f"{Path(run_path) / 'checkpoints'}: no checkpoint found (train first)")
+    check_checkpoint_files(path)
     try:
         tf.train.Checkpoint(model=model).restore(path).expect_partial().assert_existing_objects_matched()
     except (AssertionError, ValueError, tf.errors.OpError) as exc:

@@ -1,4 +1,5 @@
-"""A training run end to end: train, then the best checkpoint on the whole validation volumes.
+"""``unet-train train``: a training run end to end: train, then the best checkpoint on the whole
+validation volumes.
 
 The second half decides the run's post-processing and writes ``runs/R/validation.json``, so
 that ``predict`` right after ``train`` already applies it. When the raw volumes cannot be
@@ -7,37 +8,59 @@ nothing is skipped silently.
 """
 from __future__ import annotations
 
+import argparse
 import logging
-import shlex
+from typing import TYPE_CHECKING
 
-from trainer.config.settings import Settings
+from trainer.commands.settings import load_run_settings, pin_dataset, plan_flag
+from trainer.data.prepared import raw_source
 from trainer.errors import UserError
-from trainer.runtime.contract import Runtime
+from trainer.fsutil import write_json
+from trainer.hardware.cpu import local_ranks_from_environment
+from trainer.hardware.precision import resolve_precision
+from trainer.inference.postprocess import decide_command
+from trainer.planning.memory import check_fits
+from trainer.runtime.launch_env import check_launch
+
+if TYPE_CHECKING:
+    from trainer.config.settings import Settings
+    from trainer.runtime.contract import Runtime
 
 log = logging.getLogger(__name__)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    settings = load_run_settings(args, plan_flag(args))
+    check_launch(settings.train)  # before anything is written into runs/: a failed start leaves none
+    settings = pin_dataset(settings)
+    check_memory(settings)
+    from trainer.runtime.start import start_runtime  # loads TensorFlow: after the settings, in start_runtime's order
+
+    runtime = start_runtime(settings)
+    succeeded = False
+    try:
+        result = train_run(settings, runtime, progress=not args.quiet)
+        succeeded = True
+    finally:
+        runtime.shutdown(succeeded)
+    if runtime.is_chief:
+        print(describe_result(result))
+        line = validate_run(settings, result, progress=not args.quiet)
+        if line:
+            print(line)
+    return 0
 
 
 def unreachable_validation_source(settings: Settings) -> str | None:
     """One line when the end-of-training validation will not find the raw volumes, else None."""
     if not settings.train.validate_full_volumes:
         return None
-    from trainer.data.datasets import raw_source
-
     key, folder = raw_source(settings)
     if folder.is_dir():
         return None
     return (f"{key} = {folder}: raw volumes not found, so the end-of-training validation cannot decide the "
             f"post-processing; fix: prepare with --src DIR (recorded for later), or --set {key}=DIR, or "
             f"--set train.validate_full_volumes=false")
-
-
-def decide_command(settings: Settings) -> str:
-    """The command that decides the post-processing of this run later."""
-    from trainer.data.datasets import raw_source
-
-    key, _ = raw_source(settings)
-    return shlex.join(["unet-train", "evaluate", "--split", "val", "--run-dir", str(settings.train.run_dir),
-                       "--run-name", settings.train.run_name, "--no-predictions", "--set", f"{key}=DIR"])
 
 
 def describe_result(result) -> str:
@@ -48,9 +71,8 @@ def describe_result(result) -> str:
 def train_run(settings: Settings, runtime: Runtime, progress: bool):
     """Train on ``runtime``; returns the TrainResult. Validation follows in :func:`validate_run`
     (on the chief alone, once the other processes may go)."""
-    from trainer.training.loop import train
+    from trainer.training.loop import train  # loads TensorFlow (start_runtime has applied the CPU settings)
 
-    check_memory(settings)
     if runtime.is_chief:
         problem = unreachable_validation_source(settings)
         if problem:
@@ -61,10 +83,6 @@ def train_run(settings: Settings, runtime: Runtime, progress: bool):
 def check_memory(settings: Settings) -> None:
     """Refuse, before the model or the data are built, a step that would not fit this node's memory
     with every local rank (trainer.planning.memory)."""
-    from trainer.hardware.cpu import local_ranks_from_environment
-    from trainer.hardware.precision import resolve_precision
-    from trainer.planning.memory import check_fits
-
     precision = resolve_precision(settings.train.precision, settings.cpu.onednn).name
     estimate = check_fits(settings, precision, ranks=local_ranks_from_environment())
     log.info("memory: predicted peak %.2f GB per process", estimate.total_mib / 1024)
@@ -75,8 +93,7 @@ def validate_run(settings: Settings, result, progress: bool) -> str | None:
     to print (the figure, or why post-processing is undecided and the command that decides it)."""
     if not settings.train.validate_full_volumes:
         return None
-    from trainer.fsutil import write_json
-    from trainer.inference.evaluate import validation_report
+    from trainer.inference.evaluate import validation_report  # loads TensorFlow
 
     path = settings.run_path / "validation.json"
     if result.epochs_run == 0 and path.exists():

@@ -21,7 +21,7 @@ Which signals are taken:
 
 * SIGUSR1 always while a run trains (``kill -USR1 <pid>`` checkpoints any run and exits 75).
 * SIGTERM only where :func:`install` was asked for it (``term=True``: the Slurm task runner
-  does, launcher/slurm/role.py). Elsewhere SIGTERM keeps its default meaning (the SSH launcher's
+  does, trainer/commands/slurm_role.py). Elsewhere SIGTERM keeps its default meaning (the SSH launcher's
   stop). Once enabled, a SIGTERM before or after the training steps ends the process as before,
   except after a checkpoint decision: then it is ignored until the process has gone, so that a
   rank still leaving is not killed by ``srun --kill-on-bad-exit`` ending the step when another
@@ -31,7 +31,6 @@ The handler only sets a few variables: no logging, no I/O inside a signal handle
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -140,14 +139,15 @@ def defer_to_chief(role: str) -> None:
 
 def record(run_path: Path, entry: dict) -> Path:
     """Append one preemption (what the chief saved, and when) to runs/R/preemptions.json."""
-    from trainer.fsutil import write_json
+    from trainer.errors import UserError
+    from trainer.fsutil import read_regular_json, write_json
 
     path = Path(run_path) / RECORD_NAME
-    try:
-        entries = json.loads(path.read_text())
+    try:  # on the way out after a signal: a FIFO or /dev/zero here must not hang it (started afresh)
+        entries = read_regular_json(path, str(path), 1 << 20)
         if not isinstance(entries, list):
             entries = []
-    except (OSError, ValueError):
+    except (OSError, ValueError, UserError):
         entries = []
     entries.append(entry)
     write_json(path, entries)

@@ -17,14 +17,30 @@ from typing import Callable, Iterable
 from trainer.errors import UserError
 
 Resolver = Callable[[str], list[str]]
-# RFC 6598 shared address space (carrier-grade NAT, also Tailscale): not routable on the internet,
-# but Python's is_private says False for it.
-SHARED_ADDRESS_SPACE = ipaddress.ip_network("100.64.0.0/10")
-# Python's is_private also says True for these, yet they reach other networks: Teredo tunnels
-# IPv6 over the internet, and 0/8, 240/4 and the 198.18/15 benchmarking block are routed by some
-# networks and stacks. None of them is a private network a cluster could be isolated on.
-ROUTED_DESPITE_PYTHON = tuple(ipaddress.ip_network(n) for n in ("2001::/32", "0.0.0.0/8", "240.0.0.0/4",
-                                                                 "198.18.0.0/15"))
+# Public = ipaddress's is_global, plus the IANA special-purpose blocks below. Python 3.11 calls
+# all of them private (it takes 2001::/23 and the documentation ranges wholesale), yet none is a
+# private network a cluster could be isolated on: they are routed on the internet (Teredo, AMT,
+# AS112, ORCHIDv2, DRONE DET), routed by some networks and stacks (0/8, 240/4, the benchmarking
+# blocks), or documentation / discard ranges that a real interface must not carry (seen: a PS role
+# with 2001:3::5 on an interface started its gRPC server). RFC 6598's 100.64/10 (carrier-grade NAT,
+# Tailscale) is neither global nor listed: private.
+NOT_PRIVATE_BLOCKS = tuple(ipaddress.ip_network(n) for n in (
+    "2001::/32",        # Teredo
+    "2001:2::/48",      # benchmarking
+    "2001:3::/32",      # AMT
+    "2001:4:112::/48",  # AS112-v6
+    "2001:20::/28",     # ORCHIDv2
+    "2001:30::/28",     # DRONE DET
+    "2001:db8::/32",    # documentation
+    "3fff::/20",        # documentation
+    "100::/64",         # discard-only
+    "0.0.0.0/8",        # "this network"
+    "240.0.0.0/4",      # reserved, and the limited broadcast
+    "198.18.0.0/15",    # benchmarking
+    "192.0.2.0/24",     # TEST-NET-1
+    "198.51.100.0/24",  # TEST-NET-2
+    "203.0.113.0/24",   # TEST-NET-3
+))
 ALL_INTERFACES = ("", "0.0.0.0", "::", "*")
 
 
@@ -38,16 +54,17 @@ def resolve(host: str) -> list[str]:
 
 
 def is_private(address: str) -> bool:
-    """Private (RFC 1918, ULA, shared 100.64/10), loopback or link-local: not reachable from the internet."""
+    """Private (RFC 1918, ULA, shared 100.64/10), loopback or link-local: not reachable from the internet.
+    That is: an address, not unspecified, neither global nor in one of NOT_PRIVATE_BLOCKS."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])  # fe80::1%eth0: drop the zone
     except ValueError:
         return False
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
         ip = ip.ipv4_mapped
-    if ip.is_unspecified or any(ip in net for net in ROUTED_DESPITE_PYTHON if net.version == ip.version):
+    if ip.is_unspecified or ip.is_global or ip.is_multicast:
         return False
-    return ip.is_loopback or ip.is_link_local or ip.is_private or ip in SHARED_ADDRESS_SPACE
+    return not any(ip in net for net in NOT_PRIVATE_BLOCKS if net.version == ip.version)
 
 
 def is_loopback(host: str, resolver: Resolver = resolve) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from trainer.losses import soft_dice, spatial_axes
+from trainer.models.losses import soft_dice, spatial_axes
 
 COUNT_NAMES = ("tp", "fp", "fn", "tn")
 

@@ -1,22 +1,25 @@
 """``unet-train plan``: fingerprint, plan, predicted memory, calibrated speed, projection; JSON + table."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.commands.calibration import predict_speed
+from trainer.commands.settings import load_cli_settings, pin_dataset
 from trainer.config.settings import Settings
-from trainer.data.datasets import RawDataset, raw_source
-from trainer.errors import ConfigError, UserError
-from trainer.fsutil import read_regular_text, write_json
+from trainer.config.values import with_values
+from trainer.data.datasets import RawDataset
+from trainer.data.prepared import raw_source
+from trainer.errors import ConfigError, DataError, UserError
+from trainer.fsutil import write_json
 from trainer.planning import speed
 from trainer.planning.fingerprint import fingerprint
 from trainer.planning.memory import ModelShape, predict_peak
 from trainer.planning.node import probe_node
-from trainer.planning.planner import make_plan
-
-PLAN_FORMAT = 1
+from trainer.planning.planner import PLAN_FORMAT, make_plan
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,29 @@ class PlanRequest:
     network_gbps: float = 10.0
     calibrate: bool = True
     max_cases: int = 20
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    settings = load_cli_settings(args, {"train.run_name": args.run_name, "data.dataset": args.data})
+    settings = _planned_dataset(settings, args.src)
+    request = PlanRequest(src=args.src, out=args.out or settings.run_path / "plan.json", model=args.model,
+                          nodes=args.nodes, network_gbps=args.network_gbps, calibrate=not args.no_calibrate,
+                          max_cases=args.max_cases)
+    print(run_plan(settings, request, progress=not args.quiet)[1])
+    return 0
+
+
+def _planned_dataset(settings: Settings, src: Path | None) -> Settings:
+    """The prepared dataset the plan trains on: --data, else (without --src) the last one prepared
+    here. A plan of a raw --src alone names no dataset; train then takes its own --data or default."""
+    if settings.data.dataset is not None or src is None:
+        try:
+            return pin_dataset(settings, check_model_data=False)  # the model is the plan's to choose
+        except DataError as exc:
+            if settings.data.dataset is not None:
+                raise
+            raise UserError(f"--src or --data: the dataset to plan for ({exc})") from None
+    return settings
 
 
 def run_plan(settings: Settings, request: PlanRequest, progress: bool = True) -> tuple[dict, str]:
@@ -48,7 +74,7 @@ def run_plan(settings: Settings, request: PlanRequest, progress: bool = True) ->
     lines += [f"predicted peak memory: {memory.total_mib / 1024:.2f} GB per rank ({shape.describe()}), budget "
               f"{plan.budget_mib / 1024:.2f} GB"]
     if request.calibrate:
-        measured = speed.predict_speed(planned, src, planned.train.batch_size)
+        measured = predict_speed(planned, src, planned.train.batch_size)
         epoch_steps = _epoch_steps(planned, data)
         per_node = measured["images_per_sec"] * plan.ranks_per_node
         report["speed"] = {**measured, "ranks_per_node": plan.ranks_per_node, "images_per_sec_per_node": per_node,
@@ -68,27 +94,13 @@ def run_plan(settings: Settings, request: PlanRequest, progress: bool = True) ->
     if data.warnings:
         lines += ["warnings:"] + [f"  {w}" for w in data.warnings]
     write_json(request.out, report)
-    lines.append(f"wrote {request.out}; train with: unet-train train --plan {request.out}")
+    lines.append(f"wrote {request.out}: {planned.train.model.upper()} model, regions "
+                 f"{'/'.join(planned.model.regions)}, run {planned.train.run_name}; train with: unet-train train "
+                 f"--plan {request.out}")
     return report, "\n".join(lines)
 
 
-def load_plan(path: Path) -> dict[str, object]:
-    """The settings a plan file sets (``train --plan``), checked."""
-    try:
-        data = json.loads(read_regular_text(Path(path), f"--plan {path}"))
-    except FileNotFoundError:
-        raise UserError(f"--plan {path}: not found (write one with unet-train plan)") from None
-    except ValueError as exc:
-        raise UserError(f"--plan {path}: not a plan (invalid JSON: {exc})") from None
-    if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT or not isinstance(data.get("settings"), dict):
-        raise UserError(f"--plan {path}: not a plan of format {PLAN_FORMAT} (expected the JSON unet-train plan "
-                        f"writes)")
-    return data["settings"]
-
-
 def apply_plan(settings: Settings, values: dict[str, object]) -> Settings:
-    from trainer.config.run_settings import with_values
-
     try:
         return with_values(settings, values)
     except Exception as exc:  # noqa: BLE001 - pydantic's error, in one line

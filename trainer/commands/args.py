@@ -1,7 +1,7 @@
 """The ``unet-train`` command line: every command, every flag, each with what it does and its default.
 
-Only the grammar lives here; ``trainer.cli`` dispatches. Flags that stand for a setting name it
-(``--epochs`` is ``train.epochs``), and their default is that setting's.
+Only the grammar lives here; ``trainer.commands.dispatch`` runs the command. Flags that stand
+for a setting name it (``--epochs`` is ``train.epochs``), and their default is that setting's.
 """
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ BENCHMARK_MODES = ("train", "train_in_memory", "infer", "pipeline")
 WORKFLOW = """\
 workflow (each command: unet-train COMMAND --help):
   unet-train synth --format brats --out data/raw/BraTS --cases 20    # or bring your own BraTS / Decathlon data
-  unet-train prepare --format brats --src data/raw/BraTS --out data/slices.h5
+  unet-train prepare --src data/raw/BraTS --out data/prepared/brats  # a dataset folder; train finds the last one
   unet-train train --model 2d --run-name r1                          # writes runs/r1/, resumes when re-run
-  unet-train predict --run-name r1 -i CASES_DIR -o OUT_DIR           # the run knows its model, data and post-processing
+  unet-train synth --format brats --out data/new --cases 2 --seed 9  # cases the model has never seen
+  unet-train predict --run-name r1 -i data/new -o masks              # the run knows its model, data and post-processing
 
 every command reads ./settings.yaml (or --settings FILE) and takes --set section.key=value overrides."""
 
@@ -67,29 +68,34 @@ def _add_synth(sub) -> None:
 
 
 def _add_prepare(sub) -> None:
-    prepare = _command(sub, "prepare", "check a raw dataset (BraTS or Decathlon layout) and write what a model "
-                                       "trains on: 2D slices (HDF5) or 3D volumes (split + cache); the split "
-                                       "records --src")
+    prepare = _command(sub, "prepare", "check a raw dataset (BraTS or Decathlon layout) and write a prepared "
+                                       "dataset folder: its manifest (source, fingerprint, split), 2D slices "
+                                       "(HDF5) and/or the 3D cache, side by side")
     prepare.add_argument("--format", choices=["brats", "decathlon"], default=None,
                          help="layout of --src (default: detected; a folder with dataset.json is decathlon)")
     prepare.add_argument("--model", choices=["2d", "3d"], default=None,
                          help="prepare for this model (default: 2d for a BraTS folder, 3d for a Decathlon folder)")
     prepare.add_argument("--src", type=Path, default=None,
-                         help="raw dataset folder (default data.brats_dir, or data.decathlon_dir for 3d); recorded "
-                              "in the split, so train, evaluate and predict find it without being told again")
+                         help="raw dataset folder (default data.source); recorded, absolute, in the prepared "
+                              "dataset, so train, evaluate and predict find it without being told again")
     prepare.add_argument("--out", type=Path, default=None,
-                         help="2d: slices .h5 file (default data.slices_h5); 3d: cache folder (default "
-                              "data.cache_dir; the split goes to data.decathlon_split)")
+                         help="the prepared dataset folder (default data/prepared/<name of --src>); a folder "
+                              "prepared before for the other model keeps that model's data and its split")
     prepare.add_argument("--workers", type=_non_negative_int, default=0, help="processes (default 0 = CPU count)")
-    prepare.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    prepare.add_argument("--overwrite", action="store_true",
+                         help="replace this model's prepared data in --out (or the whole folder, when its "
+                              "source or split differ)")
 
 
 def _add_plan(sub) -> None:
     plan = _command(sub, "plan", "configure a run from the dataset and this node: fingerprints, a plan with a "
                                  "reason per choice, predicted memory, calibrated speed, multi-node projection")
     plan.add_argument("--src", type=Path, default=None,
-                      help="raw dataset folder, either layout (default: the one prepare recorded, else "
-                           "data.brats_dir / data.decathlon_dir)")
+                      help="raw dataset folder, either layout (default: the source of --data, the prepared "
+                           "dataset the plan is for)")
+    plan.add_argument("--data", type=Path, default=None,
+                      help="data.dataset: the prepared dataset folder the plan trains on (default: the last one "
+                           "prepared here, when there is one)")
     plan.add_argument("--out", type=Path, default=None, help="plan JSON (default runs/<run>/plan.json)")
     plan.add_argument("--run-name", default=None, help="train.run_name the plan is for (default 'default')")
     plan.add_argument("--model", choices=["2d", "3d"], default=None,
@@ -296,6 +302,9 @@ def _add_window_flags(parser: argparse.ArgumentParser, precision: str) -> None:
 def _add_run_flags(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--run-name", default=None, help=f"{what}: runs/<run-name>/ (train.run_name, "
                                                          f"default 'default')")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="data.dataset: the prepared dataset folder (default: an existing run's own, else the "
+                             "last one prepared here)")
     parser.add_argument("--run-dir", type=Path, default=None, help="folder of the runs (train.run_dir, "
                                                                    "default runs)")
     parser.add_argument("--model", choices=["2d", "3d"], default=None,

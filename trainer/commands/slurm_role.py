@@ -1,17 +1,18 @@
-"""``python -m launcher.slurm.role``: the process srun starts for each task of a Slurm run.
+"""``python -m trainer.commands.slurm_role``: the process srun starts for each task of a Slurm run.
 
-    python -m launcher.slurm.role --mode horovod|ps --settings FILE   (what the batch script's srun runs)
-    python -m launcher.slurm.role --run TASK ROLE -- ARGS...          (after numactl, or from slurm-task)
+    python -m trainer.commands.slurm_role --mode horovod|ps --settings FILE   (what the batch script's srun runs)
+    python -m trainer.commands.slurm_role --run TASK ROLE -- ARGS...          (after numactl, or from slurm-task)
 
-Its first instruction takes SIGUSR1 and SIGTERM (trainer/training/preemption.py), before any
+Its first instruction takes SIGUSR1 and SIGTERM (trainer/runtime/preemption.py), before any
 slow import: Slurm may signal a task at any time, and Python's default for SIGUSR1 is to die.
 It then works out the task's role (launcher/slurm/task.py), announces it and runs the role's
-``unet-train`` command in this same process, so Slurm's signals reach the Python that acts on
-them. Where a NUMA binding is asked for, it execs ``numactl ... python -m launcher.slurm.role
---run ...`` with the two signals blocked across the exec: one that arrives meanwhile waits,
-pending, for the new process's handler instead of killing it. It execs a fresh Python the same
-way when working out the role imported TensorFlow (PS mode), whose CPU settings must be in the
-environment before TensorFlow is imported.
+``unet-train`` command in this same process (through ``trainer.commands.dispatch``, as the
+console command does), so Slurm's signals reach the Python that acts on them. Where a NUMA
+binding is asked for, it execs ``numactl ... python -m trainer.commands.slurm_role --run ...``
+with the two signals blocked across the exec: one that arrives meanwhile waits, pending, for the
+new process's handler instead of killing it. It execs a fresh Python the same way when working
+out the role imported TensorFlow (PS mode), whose CPU settings must be in the environment before
+TensorFlow is imported.
 
 Its last line is ``unet-train slurm-task: task N (ROLE) exited RC``, for the launcher's labels;
 the parameter-server roles leave through ``os._exit`` (their gRPC threads never join), so the
@@ -23,7 +24,7 @@ import os
 import signal
 import sys
 
-from trainer.training import preemption
+from trainer.runtime import preemption
 
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -31,6 +32,8 @@ SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 def run_role(task: str, role: str, args: list[str]) -> int:
     """Run ``unet-train ARGS`` in this process; print the exit line; return the exit code."""
     from launcher.slurm.task import exit_line
+    from trainer.commands.args import build_parser
+    from trainer.commands.dispatch import dispatch
     from trainer.runtime.ps import roles
 
     reported = False
@@ -46,9 +49,7 @@ def run_role(task: str, role: str, args: list[str]) -> int:
     sys.argv = ["unet-train", *args]
     code = 1
     try:
-        from trainer.cli import main
-
-        code = int(main(args) or 0)
+        code = int(dispatch(build_parser().parse_args(args)) or 0)
     except SystemExit as exc:  # argparse errors and explicit exits
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:  # still report: the launcher names the role that failed
@@ -101,8 +102,8 @@ def main(argv: list[str]) -> int:
         return run_role(argv[1], argv[2], argv[4:])
     if len(argv) == 4 and argv[0] == "--mode" and argv[2] == "--settings":
         return start_task(argv[1], argv[3])
-    print("usage: python -m launcher.slurm.role --mode horovod|ps --settings FILE | --run TASK ROLE -- ARGS...",
-          file=sys.stderr)
+    print("usage: python -m trainer.commands.slurm_role --mode horovod|ps --settings FILE | --run TASK ROLE -- "
+          "ARGS...", file=sys.stderr)
     return 2
 
 
