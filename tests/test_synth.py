@@ -441,6 +441,29 @@ def test_cli_synth_rejects_bad_size(run_cli, tmp_path, size):
     assert not (tmp_path / "x").exists()
 
 
+
+def test_synth_size_defaults_to_the_environment_then_the_real_shape(run_cli, tmp_path):
+    """UNET_TRAIN_SYNTH_SIZE is --size's default (the docs' test runs every block on tiny cases);
+    --size wins; empty means unset; a malformed value is refused naming the variable."""
+    from trainer.commands.synth import default_size
+    from trainer.errors import UserError
+
+    assert default_size({}) == REAL_SHAPE and default_size({"UNET_TRAIN_SYNTH_SIZE": " "}) == REAL_SHAPE
+    assert default_size({"UNET_TRAIN_SYNTH_SIZE": "48,40,32"}) == (48, 40, 32)
+    with pytest.raises(UserError, match="UNET_TRAIN_SYNTH_SIZE"):
+        default_size({"UNET_TRAIN_SYNTH_SIZE": "48,40"})
+    env = {"UNET_TRAIN_SYNTH_SIZE": "24,20,16"}
+    base = ("synth", "--format", "brats", "--cases", "1", "--workers", "1", "--quiet")
+    assert run_cli(*base, "--out", tmp_path / "env", cwd=tmp_path, env=env).returncode == 0
+    assert run_cli(*base, "--out", tmp_path / "flag", "--size", "16,16,16", cwd=tmp_path, env=env).returncode == 0
+    for out, size in (("env", (24, 20, 16)), ("flag", (16, 16, 16))):
+        (case,) = discover_brats(tmp_path / out)
+        assert _read(case.seg)[1].GetSize() == size, out
+    bad = run_cli(*base, "--out", tmp_path / "bad", cwd=tmp_path, env={"UNET_TRAIN_SYNTH_SIZE": "4,4,4"})
+    assert bad.returncode == 2 and "UNET_TRAIN_SYNTH_SIZE" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad").exists()
+    assert "UNET_TRAIN_SYNTH_SIZE" in run_cli("synth", "--help", cwd=tmp_path).stdout
+
 # ---------------------------------------------------------------- the hard phantom
 
 def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:

@@ -12,6 +12,8 @@ from trainer import __version__
 
 DEFAULT_SETTINGS = Path("settings.yaml")
 BENCHMARK_MODES = ("train", "train_in_memory", "infer", "pipeline")
+SYNTH_SIZE_ENV = "UNET_TRAIN_SYNTH_SIZE"  # synth --size default (X,Y,Z): tiny cases for tests and docs
+
 WORKFLOW = """\
 workflow (each command: unet-train COMMAND --help):
   unet-train synth --format brats --out data/raw/BraTS --cases 20    # or bring your own BraTS / Decathlon data
@@ -48,15 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_synth(sub) -> None:
     synth = _command(sub, "synth", "write a synthetic dataset in the real BraTS/Decathlon layout")
-    synth.add_argument("--format", required=True, choices=["brats", "decathlon"],
+    synth.add_argument("--format", required=True, choices=_Registered("trainer.data.synth.writers", "WRITERS"),
                        help="brats: BraTS 2019 case folders; decathlon: Task01_BrainTumour (4D NIfTI + dataset.json)")
     synth.add_argument("--out", required=True, type=Path, help="dataset folder to create")
     synth.add_argument("--cases", type=_positive_int, default=20, help="labelled cases (default 20)")
     synth.add_argument("--test-cases", type=_non_negative_int, default=None,
                        help="decathlon: unlabelled imagesTs cases (default cases/3)")
     synth.add_argument("--seed", type=_non_negative_int, default=0, help="random seed of the phantoms (default 0)")
-    synth.add_argument("--size", type=_shape3, default=None,
-                       help="X,Y,Z volume size (default the real 240,240,155; smaller for tests)")
+    synth.add_argument("--size", type=parse_shape3, default=None,
+                       help=f"X,Y,Z volume size (default ${SYNTH_SIZE_ENV} where set, else the real 240,240,155; "
+                            "smaller for tests)")
     synth.add_argument("--workers", type=_non_negative_int, default=0, help="processes (default 0 = CPU count)")
     synth.add_argument("--no-appledouble", action="store_true",
                        help="decathlon: omit the macOS ._* files the official tarball carries")
@@ -71,8 +74,8 @@ def _add_prepare(sub) -> None:
     prepare = _command(sub, "prepare", "check a raw dataset (BraTS or Decathlon layout) and write a prepared "
                                        "dataset folder: its manifest (source, fingerprint, split), 2D slices "
                                        "(HDF5) and/or the 3D cache, side by side")
-    prepare.add_argument("--format", choices=["brats", "decathlon"], default=None,
-                         help="layout of --src (default: detected; a folder with dataset.json is decathlon)")
+    prepare.add_argument("--format", choices=_Registered("trainer.data.layouts", "LAYOUT_NAMES"), default=None,
+                         help="layout of --src (default: detected from what the folder holds; docs/datasets.md)")
     prepare.add_argument("--model", choices=["2d", "3d"], default=None,
                          help="prepare for this model (default: 2d for a BraTS folder, 3d for a Decathlon folder)")
     prepare.add_argument("--src", type=Path, default=None,
@@ -312,6 +315,26 @@ def _add_run_flags(parser: argparse.ArgumentParser, what: str) -> None:
                              "is refused")
 
 
+class _Registered:
+    """The names a registry holds (dataset layouts, synthetic writers), read only when argparse checks
+    a value or prints the help: the grammar stays free of the readers' imports, and a new layout
+    needs no edit here."""
+
+    def __init__(self, module: str, attribute: str):
+        self.module, self.attribute = module, attribute
+
+    def _names(self) -> list[str]:
+        import importlib
+
+        return sorted(getattr(importlib.import_module(self.module), self.attribute))
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+
 def _command(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help_text, description=help_text)
     parser.add_argument("--settings", type=Path, default=None,
@@ -349,7 +372,7 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _shape3(text: str) -> tuple[int, int, int]:
+def parse_shape3(text: str) -> tuple[int, int, int]:
     parts = text.replace("x", ",").split(",")
     try:
         shape = tuple(int(p) for p in parts)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from trainer.config.kinds import kind_of
 from trainer.config.settings import Settings, SplitSettings, settings_to_yaml
 from trainer.errors import UserError
 from trainer.hardware.cpu import apply_cpu_environment, configure_threads
@@ -35,7 +36,7 @@ def predict_speed(settings, src: Path, batch: int, steps: int = 3) -> dict:
     would. Timed at the planned size itself: a bf16 step's cost is not linear in voxels (scaling
     64^3 by voxels gave 0.73x the measured rate at 128^3), and the pipeline's share shrinks as steps grow."""
     measured = calibrate(settings_to_yaml(settings), Path(src), batch, steps)
-    size = list(settings.data.crop_size) if settings.train.model == "3d" else [settings.data.image_size] * 2
+    size = list(kind_of(settings.train.model).spatial(settings))
     return {**measured, "timed_at": size}
 
 

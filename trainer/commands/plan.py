@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.config.kinds import kind_of
 from trainer.commands.calibration import predict_speed
 from trainer.commands.settings import load_cli_settings, pin_dataset
 from trainer.config.settings import Settings
@@ -111,7 +112,7 @@ def _epoch_steps(settings: Settings, data) -> int:
     if settings.train.steps_per_epoch:
         return settings.train.steps_per_epoch
     train_cases = max(1, round(data.cases * (1 - settings.data.split.val_fraction - settings.data.split.test_fraction)))
-    samples = train_cases * (int(data.brain_extent["z"][1]) if settings.train.model == "2d" else 1)
+    samples = train_cases * (int(data.brain_extent["z"][1]) if kind_of(settings.train.model).slices else 1)
     return max(1, math.floor(samples / settings.train.batch_size))
 
 

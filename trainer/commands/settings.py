@@ -81,12 +81,13 @@ def pin_dataset(settings, check_model_data: bool = True):
     says which folder and how it was found. Called before anything is written into runs/."""
     import logging
 
+    from trainer.config.kinds import kind_of
     from trainer.config.values import with_values
     from trainer.data.prepared import PreparedDataset, find_dataset
 
     folder, how = find_dataset(settings.data.dataset)
     prepared = PreparedDataset.open(folder)
-    if check_model_data and settings.train.model == "2d":
+    if check_model_data and kind_of(settings.train.model).slices:
         prepared.slices_file(settings.data.image_size)  # refuses, naming the prepare command, when absent
     logging.getLogger(__name__).info("dataset: %s (%s): %s", folder, how, prepared.describe())
     return with_values(settings, {"data.dataset": str(folder)})

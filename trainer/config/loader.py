@@ -83,7 +83,9 @@ class _SettingsLoader(yaml.SafeLoader):
             self._depth -= 1
 
     def construct_yaml_int(self, node):
-        digits = sum(ch.isalnum() for ch in str(node.value))
+        text = str(node.value).lstrip("+-")
+        text = text[2:] if text[:2].lower() in ("0x", "0o", "0b") else text
+        digits = sum(ch.isalnum() for ch in text)
         if digits > MAX_INT_DIGITS:
             raise _Refused(f"an integer of {digits} digits (at most {MAX_INT_DIGITS})", node.start_mark)
         return super().construct_yaml_int(node)

@@ -196,11 +196,11 @@ class ModelSettings(_Section):
 
     def mirror_axes(self, model: str) -> tuple[int, ...]:
         """The test-time mirror axes of the 2D or the 3D model."""
-        return self.mirror_axes_2d if model == "2d" else self.mirror_axes_3d
+        return getattr(self, f"mirror_axes_{model}")
 
     def tune_thresholds(self, model: str) -> bool:
         """Whether validation chooses the region thresholds of the 2D or the 3D model."""
-        return self.tune_thresholds_2d if model == "2d" else self.tune_thresholds_3d
+        return getattr(self, f"tune_thresholds_{model}")
 
     @field_validator("regions")
     @classmethod

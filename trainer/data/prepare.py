@@ -10,6 +10,7 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from trainer.config.kinds import kind_of
 from trainer.config.settings import DataSettings, Settings
 from trainer.data.datasets import RawDataset
 from trainer.data.layouts import named
@@ -40,7 +41,7 @@ def prepare(settings: Settings, choice: PrepareChoice, progress: bool = True) ->
         raise UserError("--src: required (the raw BraTS or Decathlon folder), or set data.source")
     dataset = RawDataset.open(src, settings.data.max_voxels)
     if choice.layout is not None and choice.layout != dataset.layout:
-        what = "holds dataset.json" if dataset.layout == "decathlon" else "has no dataset.json"
+        what = named(dataset.layout).signature
         raise UserError(f"--format {choice.layout}: {src} {what}, so it is a {dataset.layout} folder (drop "
                         f"--format, which is detected, or point --src at the {choice.layout} folder)")
     model = choice.model or named(dataset.layout).usual_model
@@ -50,7 +51,7 @@ def prepare(settings: Settings, choice: PrepareChoice, progress: bool = True) ->
                         f"cache), not a {out.suffix} file; name a folder, e.g. --out {out.with_suffix('')}")
     prepared = prepare_into(dataset, out, model, settings.data, choice.workers, choice.overwrite, progress)
     remember_last(out)
-    if model == "2d":
+    if kind_of(model).slices:
         counts = prepared.slices[str(settings.data.image_size)]["counts"]
         what = (f"2D slices {settings.data.image_size} x {settings.data.image_size} ("
                 + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")")
@@ -105,7 +106,7 @@ def prepare_into(dataset: RawDataset, out: Path, model: str, data: DataSettings,
 
 def _write_model_data(prepared: PreparedDataset, dataset: RawDataset, model: str, data: DataSettings, workers: int,
                       overwrite: bool, progress: bool) -> PreparedDataset:
-    if model == "2d":
+    if kind_of(model).slices:
         from trainer.data.prepare2d import PrepareRequest, prepare_slices
 
         request = PrepareRequest(out=prepared.root / slices_name(data.image_size), split=prepared.split,

@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
+from trainer.config.kinds import kind_of
 from trainer.config.settings import Settings
 from trainer.data.pipeline import CropSource, Shard, SliceSource, augment_batch
 from trainer.data.prepared import prepared_dataset, raw_dataset
@@ -138,7 +139,7 @@ def build_streams(settings: Settings, shard: Shard, global_batch: int) -> Stream
     if global_batch % shard.size:
         raise ConfigError(f"global batch {global_batch} does not split over {shard.size} workers")
     regions = RegionSet(settings.model.regions)
-    build = {"2d": _slice_streams, "3d": _crop_streams}[settings.train.model]
+    build = _slice_streams if kind_of(settings.train.model).slices else _crop_streams
     return build(settings, shard, global_batch, regions)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.config.kinds import kind_of
 from trainer.config.settings import MODALITIES, Settings
 from trainer.data.prepared import prepared_dataset, raw_dataset, split_cases_of
 from trainer.errors import DataError, TrainingError, UserError
@@ -139,8 +140,9 @@ def parity(expected: np.ndarray, actual: np.ndarray, threshold: float) -> dict:
 def parity_inputs(settings: Settings, count: int, seed: int) -> tuple[np.ndarray, str]:
     """Held-out inputs with tumour in them when the prepared data is there, else random normal input."""
     try:
-        held_out = {"2d": lambda: held_out_slices(settings, count), "3d": lambda: held_out_crop(settings)}
-        return held_out[settings.train.model]()
+        if kind_of(settings.train.model).slices:
+            return held_out_slices(settings, count)
+        return held_out_crop(settings)
     except (DataError, OSError, KeyError, ValueError) as exc:
         reason = " ".join(str(exc).split())[:200]
         log.warning("export parity on random input (no held-out data: %s)", reason)

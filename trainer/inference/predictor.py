@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from trainer.config.kinds import kind_of
 from trainer.config.settings import MODALITIES, Settings
 from trainer.data.context import stack_volume_context
 from trainer.data.prepare2d import brain_slices, resize_slices
@@ -48,7 +49,7 @@ class Predictor:
     def predict_channels(self, image: np.ndarray) -> np.ndarray:
         """Every output channel's probability, (x, y, z, K): the mean over the test-time mirrors."""
         image = image[..., self.channels]
-        predict_once = self._predict_2d if self.kind == "2d" else self._predict_3d
+        predict_once = self._predict_2d if kind_of(self.kind).slices else self._predict_3d
         mirrors = self.mirrors()
         total = None
         for axes in mirrors:
@@ -61,7 +62,7 @@ class Predictor:
     def mirrored_axes(self) -> tuple[int, ...]:
         """The axes really mirrored: the 2D model sees slices one by one, so flipping their order
         (axis 2) would only repeat a pass."""
-        return tuple(a for a in self.mirror_axes if not (self.kind == "2d" and a == 2))
+        return kind_of(self.kind).mirrorable(self.mirror_axes)
 
     def mirrors(self) -> list[tuple[int, ...]]:
         """Every subset of the mirrored axes, the identity first."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import tensorflow as tf
 
 from trainer.config.settings import ModelSettings
+from trainer.config.kinds import kind_of
 from trainer.config.shapes import context_planes
 from trainer.models.batch_norm import VolumeBatchNormalization
 from trainer.models.instance_norm import InstanceNormalization
@@ -102,8 +103,8 @@ def UNet3D(settings: ModelSettings, channels: int, crop: tuple[int, int, int] | 
 def build_model(kind: str, model: ModelSettings, channels: int, image_size: int,
                 crop: tuple[int, int, int] | None) -> tf.keras.Model:
     """The run's model for ``channels`` modalities (the 2D model's context slices multiply them)."""
-    if kind == "2d":
-        return UNet2D(model, channels * context_planes(model), image_size)
+    if kind_of(kind).slices:
+        return UNet2D(model, channels * kind_of(kind).planes(model), image_size)
     return UNet3D(model, channels, crop)
 
 
@@ -111,6 +112,6 @@ def input_shape(kind: str, model: ModelSettings, channels: int, image_size: int,
                 crop: tuple[int, int, int]) -> tuple[int, ...]:
     """The per-sample input a trained model takes: a 2D slice (with its context slices) of
     ``image_size``, or a 3D ``crop``."""
-    if kind == "2d":
-        return (image_size, image_size, channels * context_planes(model))
+    if kind_of(kind).slices:
+        return (image_size, image_size, channels * kind_of(kind).planes(model))
     return (*crop, channels)

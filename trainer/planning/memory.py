@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.config.settings import ModelSettings, Settings
-from trainer.config.shapes import context_planes
+from trainer.config.kinds import kind_of
 from trainer.errors import UserError
 
 LEVELS = 4  # as trainer.models.unet
@@ -52,28 +52,24 @@ class ModelShape:
 
     @classmethod
     def from_settings(cls, settings: Settings, precision: str, batch: int | None = None) -> "ModelShape":
-        data, kind = settings.data, settings.train.model
-        spatial = (data.image_size,) * 2 if kind == "2d" else tuple(data.crop_size)
-        return cls(kind, spatial, cls.input_channels(settings, kind), len(settings.model.regions),
+        kind = kind_of(settings.train.model)
+        return cls(kind.name, kind.spatial(settings), kind.input_channels(settings), len(settings.model.regions),
                    batch or settings.train.batch_size, settings.model, "fp32" if precision == "fp32" else "bf16")
 
     @staticmethod
     def input_channels(settings: Settings, kind: str) -> int:
         """Modalities x planes: a 2D model with context sees 2k + 1 slices of each."""
-        planes = context_planes(settings.model) if kind == "2d" else 1
-        return len(settings.data.channels) * planes
+        return kind_of(kind).input_channels(settings)
 
     def describe(self) -> str:
-        size = f"{self.spatial[0]}^2" if self.kind == "2d" else "x".join(map(str, self.spatial))
-        return f"{self.kind.upper()} {size} batch {self.batch} {self.precision}"
+        return f"{self.kind.upper()} {kind_of(self.kind).describe_size(self.spatial)} batch {self.batch} {self.precision}"
 
 
 def unet_tensors(shape: ModelShape) -> tuple[int, int]:
     """(activation elements of one sample's forward pass, parameters) of the UNet in
     trainer.models.unet, counted from its definition (a test checks both against Keras)."""
     dims, model = len(shape.spatial), shape.model
-    base = model.base_filters_2d if shape.kind == "2d" else model.base_filters_3d
-    norm = model.norm_2d if shape.kind == "2d" else model.norm_3d
+    base, norm = kind_of(shape.kind).base_filters(model), kind_of(shape.kind).norm(model)
     kernel = 3 ** dims
     voxels = [math.prod(edge // 2 ** level for edge in shape.spatial) for level in range(LEVELS + 1)]
     per_conv_outputs = 3 if norm != "none" else 2  # conv, norm, relu
@@ -198,7 +194,7 @@ def largest_that_fits(shape: ModelShape, budget_mib: float, ranks: int = 1) -> M
     """The same model with the largest batch (then, in 3D, the largest crop) whose predicted
     peak fits ``budget_mib`` for ``ranks`` processes, or None."""
     batches = range(shape.batch, 0, -1)
-    edges = [shape.spatial] if shape.kind == "2d" else [
+    edges = [shape.spatial] if kind_of(shape.kind).slices else [
         tuple(min(e, edge) for e in shape.spatial) for edge in range(max(shape.spatial), 15, -16)]
     for spatial in edges:
         for batch in batches:

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.config.kinds import KINDS
 from trainer.config.settings import Settings
 from trainer.errors import UserError
 from trainer.fsutil import read_regular_text
@@ -33,8 +34,7 @@ PLAN_FORMAT = 2  # of the plan file: written by ``unet-train plan``, read by ``t
 # these and no other (cluster, security and data-size limits are never a plan's to set).
 COMMON_KEYS = ("train.run_name", "data.dataset", "train.model", "model.regions", "train.precision",
                "cpu.intra_op_threads", "cpu.inter_op_threads", "train.batch_size", "train.steps_per_epoch")
-MODEL_KEYS = {"2d": ("data.image_size", "model.base_filters_2d"),
-              "3d": ("data.crop_size", "model.base_filters_3d", "data.val_crops_per_case")}
+MODEL_KEYS = {name: kind.plan_keys for name, kind in KINDS.items()}
 PLAN_KEYS = COMMON_KEYS + tuple(key for keys in MODEL_KEYS.values() for key in keys)
 PLAN_READ_LIMIT = 1 << 20
 
@@ -100,7 +100,7 @@ def make_plan(settings: Settings, data: DatasetFingerprint, node: NodeFingerprin
     plan.budget_mib = node.memory_available_gb * 1024 * (1 - MARGIN) / ranks
     base = settings.model_copy(update={"model": settings.model.model_copy(update={"regions": regions})})
     shape_precision = "fp32" if precision == "fp32" else "bf16"
-    if model == "3d":
+    if not KINDS[model].slices:
         _plan_3d(plan, base, data, shape_precision)
         plan.add("data.val_crops_per_case", 4, "fixed validation crops per case: the logged figure predicts the "
                                                "whole-volume one within 0.02")
