@@ -172,6 +172,10 @@ def test_plan_then_train_with_the_plan_and_set_on_top(brats_dataset, prepared_br
     assert planned.returncode == 0, planned.stderr[-2000:]
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["settings"]["train.model"] == "2d" and "reason" in plan["choices"][0]
+    # only the keys train reads for the 2D model: no 3D crop, validation crops or overlap, no flags
+    assert not {"data.crop_size", "data.val_crops_per_case", "model.base_filters_3d"} & set(plan["settings"])
+    assert not [c for c in plan["choices"] if c["key"].startswith("-") or "overlap" in c["key"]]
+    assert plan["settings"]["train.run_name"] == "default" and plan["settings"]["model.regions"] == ["wt"]
     assert "predicted peak memory" in planned.stdout and "train.batch_size" in planned.stdout
     chosen = plan["settings"]["train.batch_size"]
     plan["settings"]["train.steps_per_epoch"] = 2  # keep the test short: a plan file is the user's to edit

@@ -222,7 +222,10 @@ def _announce(settings: Settings, runtime: Runtime, session: Session, streams: S
     run_path, train_cfg = settings.run_path, settings.train
     run_path.mkdir(parents=True, exist_ok=True)
     write_text(run_path / "settings.yaml", settings_to_yaml(settings))
-    write_json(run_path / "run.json", _run_record(settings, run_path / "run.json"))
+    record = _run_record(settings, run_path / "run.json")
+    write_json(run_path / "run.json", record)
+    log.info("dataset: %s (raw volumes: %s); plan: %s", record["dataset"],
+             record["source"] or "as the dataset recorded", record["plan"] or "none")
     log.info("%s run %s: model %s (%d params, %s, regions %s), %d worker(s) x batch %d = global batch %d, "
              "%d steps/epoch, %d validation batches over %d case(s), train samples %d, LR %.3g x %d", runtime.name,
              run_path, train_cfg.model, session.model.count_params(), session.policy,
