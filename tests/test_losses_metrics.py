@@ -131,7 +131,7 @@ def test_case_metrics_volume():
 
 
 def test_summary_counts_undefined_hd95_instead_of_dropping_it_silently():
-    from trainer.inference.evaluate import _stats
+    from trainer.inference.scores import summary_stats as _stats
 
     stats = _stats([2.0, float("nan"), 4.0, float("nan")])
     assert stats == {"mean": 3.0, "median": 3.0, "std": 1.0, "min": 2.0, "max": 4.0, "n": 2, "undefined_cases": 2}

@@ -240,6 +240,26 @@ def _add_inference(sub) -> None:
     evaluate.add_argument("--no-predictions", action="store_true", help="metrics only, no NIfTI files")
     _add_window_flags(evaluate, precision="fp32")
 
+    folder = _command(sub, "evaluate-folder", "evaluate's per-case Dice, HD95, sensitivity, specificity, precision "
+                                              "per region for any folder of label maps against references, as "
+                                              "nnUNetv2_evaluate_folder (CSV + JSON)")
+    folder.add_argument("predictions", metavar="PRED", type=Path,
+                        help="folder of predicted label maps: CASE.nii.gz, CASE_pred|_mask|_labels.nii.gz")
+    folder.add_argument("references", metavar="GT", type=Path,
+                        help="folder of references: CASE.nii.gz (labelsTr; a dataset folder means its labelsTr) "
+                             "or BraTS CASE_seg.nii.gz, flat or in case folders")
+    folder.add_argument("-o", "--out", type=Path, default=None,
+                        help="output folder, never inside PRED or GT (default evaluation-<PRED> beside PRED)")
+    folder.add_argument("--labels", choices=["auto", "brats", "decathlon"], default="auto",
+                        help="label convention of both folders: brats 0/1/2/4, decathlon 0/1/2/3 (default auto: "
+                             "brats when a reference holds a 4)")
+    folder.add_argument("--regions", default=None, metavar="wt,tc,et",
+                        help="regions to score, comma-separated (default wt,tc,et; wt only when every prediction "
+                             "is a binary mask)")
+    folder.add_argument("--allow-missing", "--chill", dest="allow_missing", action="store_true",
+                        help="score the cases both folders hold instead of refusing a case on one side only "
+                             "(the summary counts the others)")
+
     predict = _command(sub, "predict", "segment cases with a trained run: a mask (whole-tumour run) or a label "
                                        "map (region run) per case, post-processed as the run decided")
     _add_run_flags(predict, "the trained run to predict with")

@@ -22,7 +22,8 @@ HANDLERS = {"config": ("config", "cmd_config"), "synth": ("synth", "cmd_synth"),
             "chief": ("roles", "cmd_chief"),
             "distributed": ("distributed", "cmd_distributed"), "doctor": ("distributed", "cmd_doctor"),
             "slurm-task": ("distributed", "cmd_slurm_task"), "manifests": ("manifests", "cmd_manifests"),
-            "evaluate": ("evaluate", "cmd_evaluate"), "predict": ("predict", "cmd_predict"),
+            "evaluate": ("evaluate", "cmd_evaluate"), "evaluate-folder": ("evaluate_folder", "cmd_evaluate_folder"),
+            "predict": ("predict", "cmd_predict"),
             "export": ("export", "cmd_export"), "benchmark": ("benchmark", "cmd_benchmark")}
 
 

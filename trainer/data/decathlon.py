@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from trainer.config.settings import MODALITIES
 from trainer.data.brats import check_labels
+from trainer.data.description import read_description
 from trainer.data.nifti import DEFAULT_MAX_VOXELS, Geometry, read_volume
 from trainer.data.normalize import zscore_brain
 from trainer.errors import DataError
@@ -43,18 +44,7 @@ class DecathlonIndex:
 def read_index(root: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> DecathlonIndex:
     """Parse and check ``dataset.json``; every referenced file must exist (.nii or .nii.gz)."""
     root = Path(root)
-    path = root / "dataset.json"
-    if not path.is_file():
-        raise DataError(f"{path}: not found (expected the Decathlon Task01_BrainTumour folder)")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise DataError(f"{path}: file is empty; expected the Decathlon dataset description")
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-    if not isinstance(meta, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    path, meta = read_description(root, "the Decathlon Task01_BrainTumour folder")
     for key in ("training", "labels", "modality"):
         if key not in meta:
             raise DataError(f"{path}: missing key '{key}'")

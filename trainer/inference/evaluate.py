@@ -7,10 +7,8 @@ as ``*_raw`` columns, so its effect (on HD95 above all) is visible.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from trainer.config.settings import Settings
@@ -18,17 +16,15 @@ from trainer.data.datasets import RawDataset
 from trainer.data.prepared import iter_cases, raw_dataset
 from trainer.data.nifti import write_volume
 from trainer.errors import DataError
-from trainer.fsutil import write_csv, write_json
+from trainer.fsutil import write_json
 from trainer.inference import postprocess
 from trainer.inference.engines import describe
 from trainer.inference.outputs import check_output_folder
 from trainer.inference.predictor import Predictor
-from trainer.models.metrics import case_metrics
+from trainer.inference.scores import case_row, column_summaries, warn_undefined_hd95, write_per_case_csv
 from trainer.data.regions import RegionSet
 
 log = logging.getLogger(__name__)
-METRICS = ("dice", "hd95", "sensitivity", "specificity", "precision")
-RAW_METRICS = ("dice", "hd95")  # also reported before post-processing
 
 
 def evaluate(settings: Settings, split_name: str = "test", limit: int | None = None, out: Path | None = None,
@@ -58,37 +54,11 @@ def evaluate(settings: Settings, split_name: str = "test", limit: int | None = N
     columns = [c for c in rows[0] if c != "case"]
     summary = {"checkpoint": checkpoint, "engine": describe(predictor.engine), "split": split_name,
                "cases": len(rows), "model": settings.train.model, "dataset": dataset.describe(), "regions": list(regions.names),
-               "postprocessing": postprocess.describe(decisions), **{name: _stats([row[name] for row in rows]) for name in columns}}
-    for column in ("hd95", *(f"hd95_{r}" for r in regions.names if len(regions) > 1)):
-        if summary[column]["undefined_cases"]:
-            log.warning("%s is undefined for %d of %d case(s) (exactly one of truth/prediction empty); "
-                        "its mean/median/std cover the other %d", column, summary[column]["undefined_cases"],
-                        len(rows), summary[column]["n"])
-    _write_csv(out / "per_case.csv", rows)
+               "postprocessing": postprocess.describe(decisions), **column_summaries(rows, columns)}
+    warn_undefined_hd95(summary, regions, len(rows))
+    write_per_case_csv(out / "per_case.csv", rows)
     write_json(out / "summary.json", summary)
     return summary
-
-
-def case_row(regions: RegionSet, truth: np.ndarray, raw: np.ndarray, masks: np.ndarray,
-             spacing: tuple[float, ...]) -> dict[str, float]:
-    """Metrics of one case: per region (``dice_wt`` ...), their mean over regions (``dice`` ...),
-    and Dice/HD95 before post-processing (``dice_raw`` ...)."""
-    per_region = {region: case_metrics(truth[..., i], masks[..., i], 0.5, spacing)
-                  for i, region in enumerate(regions.names)}
-    before = {region: case_metrics(truth[..., i], raw[..., i], 0.5, spacing)
-              for i, region in enumerate(regions.names)}
-    row = {name: _mean_defined([per_region[r][name] for r in regions.names]) for name in METRICS}
-    row.update({f"{name}_raw": _mean_defined([before[r][name] for r in regions.names]) for name in RAW_METRICS})
-    if len(regions) > 1:
-        for region in regions.names:
-            row.update({f"{name}_{region}": per_region[region][name] for name in METRICS})
-            row.update({f"{name}_raw_{region}": before[region][name] for name in RAW_METRICS})
-    return row
-
-
-def _mean_defined(values: list[float]) -> float:
-    defined = [v for v in values if not math.isnan(v)]
-    return float(np.mean(defined)) if len(defined) == len(values) else float("nan")
 
 
 def validation_report(settings: Settings, progress: bool = True, **predictor_options) -> dict | None:
@@ -135,26 +105,3 @@ def run_procedure(settings: Settings, predictor: Predictor) -> dict:
     """The inference procedure a run's post-processing is decided for and applied under."""
     return postprocess.procedure(settings.model.threshold, predictor.mirrored_axes(),
                                  settings.model.tune_thresholds(settings.train.model))
-
-
-def _stats(values: list[float]) -> dict:
-    """mean/median/std over the cases where the metric is defined (``n`` of them).
-
-    A metric can be undefined for a case (HD95 when exactly one of truth and prediction is
-    empty: ``nan`` in per_case.csv). Dropping those silently would flatter the
-    summary, so their number is reported as ``undefined_cases``.
-    """
-    finite = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
-    undefined = len(values) - int(finite.size)
-    if not finite.size:
-        return {"mean": None, "median": None, "std": None, "min": None, "max": None, "n": 0,
-                "undefined_cases": undefined}
-    return {"mean": float(finite.mean()), "median": float(np.median(finite)), "std": float(finite.std()),
-            "min": float(finite.min()), "max": float(finite.max()), "n": int(finite.size),
-            "undefined_cases": undefined}
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    """One row per case; an undefined value is written as ``nan`` (float() and pandas read it back)."""
-    write_csv(path, list(rows[0]), [{k: ("nan" if isinstance(v, float) and math.isnan(v) else v)
-                                     for k, v in row.items()} for row in rows])

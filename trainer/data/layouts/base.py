@@ -17,7 +17,6 @@ could both claim something, the first wins (BraTS case folders, then nnU-Net cha
 """
 from __future__ import annotations
 
-import json
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from trainer.data.description import read_description
 from trainer.data.nifti import DEFAULT_MAX_VOXELS, Geometry, is_nifti_name
 from trainer.data.regions import LabelConvention
 from trainer.errors import DataError
@@ -126,14 +126,12 @@ def visible_files(folder: Path) -> list[Path]:
 def dataset_json_keys(root: Path) -> set[str] | None:
     """The top-level keys of ``root/dataset.json``: None when there is no such file, an empty set when it
     is unreadable or not a JSON object (the layout that reads it says what is wrong)."""
-    path = Path(root) / "dataset.json"
-    if not path.is_file():
+    if not (Path(root) / "dataset.json").is_file():
         return None
     try:
-        meta = json.loads(path.read_text(encoding="utf-8", errors="replace"))
-    except (OSError, ValueError):
+        return set(read_description(root, "a dataset folder")[1])
+    except DataError:
         return set()
-    return set(meta) if isinstance(meta, dict) else set()
 
 
 # The registry: every layout, in order (trainer/data/layouts/__init__.py registers them).

@@ -32,6 +32,7 @@ import numpy as np
 
 from trainer.config.settings import MODALITIES
 from trainer.data.brats import BratsCase, check_labels, read_brats_case
+from trainer.data import description
 from trainer.data.layouts.base import InputCase, Layout, RawCase, dataset_json_keys, visible_files
 from trainer.data.nifti import DEFAULT_MAX_VOXELS, Geometry, is_nifti_name, read_volume, strip_nifti_suffix
 from trainer.data.normalize import zscore_brain
@@ -172,19 +173,7 @@ def channel_order(root: Path) -> tuple[int, ...]:
 
 
 def _read_meta(root: Path) -> tuple[Path, dict]:
-    path = Path(root) / "dataset.json"
-    if not path.is_file():
-        raise DataError(f"{path}: not found (expected an nnU-Net v2 raw dataset folder, DatasetXXX_Name)")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise DataError(f"{path}: file is empty; expected the nnU-Net dataset description")
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-    if not isinstance(meta, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}")
-    return path, meta
+    return description.read_description(root, "an nnU-Net v2 raw dataset folder, DatasetXXX_Name")
 
 
 def _channels(names, path: Path) -> tuple[int, ...]:
