@@ -32,7 +32,7 @@ import numpy as np
 
 from trainer.config.settings import MODALITIES
 from trainer.data.brats import BratsCase, check_labels, read_brats_case
-from trainer.data import description
+from trainer.data.description import read_description as read_dataset_json
 from trainer.data.layouts.base import InputCase, Layout, RawCase, dataset_json_keys, visible_files
 from trainer.data.nifti import DEFAULT_MAX_VOXELS, Geometry, is_nifti_name, read_volume, strip_nifti_suffix
 from trainer.data.normalize import zscore_brain
@@ -173,7 +173,7 @@ def channel_order(root: Path) -> tuple[int, ...]:
 
 
 def _read_meta(root: Path) -> tuple[Path, dict]:
-    return description.read_description(root, "an nnU-Net v2 raw dataset folder, DatasetXXX_Name")
+    return read_dataset_json(root, "an nnU-Net v2 raw dataset folder, DatasetXXX_Name")
 
 
 def _channels(names, path: Path) -> tuple[int, ...]:
