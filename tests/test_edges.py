@@ -3,10 +3,8 @@
 one line and exit 2, before anything is written (or loaded), within a bounded time."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -135,9 +133,11 @@ def images(decathlon_copy) -> Path:
 
 
 def refused_predict(tmp_path: Path, inputs: Path, *args) -> str:
+    """``predict ARGS`` (or ``evaluate ARGS``) refused: one line, exit 2, nothing around ``inputs`` changed."""
     before = digest(inputs.parent)
     started = time.monotonic()
-    result = run_cli("predict", *args, "--quiet", cwd=tmp_path, timeout=REFUSAL_S)
+    command = ["predict", *args] if args[0] != "evaluate" else list(args)
+    result = run_cli(*command, "--quiet", cwd=tmp_path, timeout=REFUSAL_S)
     line = one_error_line(result)
     assert time.monotonic() - started < REFUSAL_S
     assert digest(inputs.parent) == before  # the whole dataset, bytes and names
@@ -214,6 +214,15 @@ def test_predict_o_that_cannot_be_written_is_refused(images, tmp_path, where):
         words = "cannot be written"
     line = refused_predict(tmp_path, images, "-i", images, "-o", out)
     assert words in line, line
+
+
+def test_evaluate_out_in_or_at_the_raw_dataset_is_refused(prepared_brats, brats_dataset, tmp_path):
+    case = next(p.parent for p in sorted(brats_dataset.rglob("*_seg.nii.gz")) if not p.name.startswith("."))
+    for out, words in ((brats_dataset, "is the input folder"), (case, "is the input folder"),
+                       (case / "eval", "lies inside the input folder"), (brats_dataset.parent, "contains")):
+        line = refused_predict(tmp_path, brats_dataset, "evaluate", "--data", prepared_brats, "--out", out)
+        assert line.startswith("unet-train evaluate: error: --out ") and words in line, line
+    assert not (case / "eval").exists()
 
 
 @pytest.mark.slow
@@ -307,90 +316,94 @@ def test_a_runs_own_crop_size_is_bounded_too(tmp_path):
 
 # ---------------------------------------------------------------- run-folder files
 
-def bounded(call, seconds: float, fifos: tuple[Path, ...] = ()):
-    """``call()`` in a thread; if it is still blocked after ``seconds`` (on a FIFO), a writer opens
-    and closes each FIFO so that it ends, and the test fails: it hung."""
-    import threading
+def refused_in_bounded_time(code: str, seconds: float = 30) -> str:
+    """Run ``code`` (which ends in a call expected to raise UserError) in a child Python, killed after
+    ``seconds``: a read blocked on a FIFO inside TensorFlow holds the GIL, so no thread could time it
+    out. Returns the refusal's message."""
+    import subprocess
+    import sys
+    import textwrap
 
-    outcome: dict = {}
-
-    def target():
-        try:
-            outcome["value"] = call()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        for fifo in fifos:
-            with contextlib.suppress(OSError):
-                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        thread.join(10)
-        pytest.fail(f"still blocked after {seconds} s (on {', '.join(map(str, fifos))})")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("value")
+    child = ("import os, sys\nfrom pathlib import Path\nfrom trainer.errors import UserError\ntry:\n"
+             + textwrap.indent(textwrap.dedent(code).strip(), "    ")
+             + "\nexcept UserError as exc:\n    print('REFUSED', exc)\n    sys.exit(0)\nprint('NOT REFUSED')\n")
+    try:
+        result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=seconds,
+                                cwd=Path(__file__).resolve().parents[1],
+                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still blocked after {seconds} s")
+    assert result.returncode == 0 and result.stdout.startswith("REFUSED "), result.stdout + result.stderr[-2000:]
+    return result.stdout
 
 
 def test_a_fifo_as_a_checkpoint_state_file_is_refused_not_waited_on(tmp_path):
-    from trainer.runtime.checkpoints import restore_weights
-
     best = tmp_path / "checkpoints" / "best"
     best.mkdir(parents=True)
     os.mkfifo(best / "checkpoint")
-    with pytest.raises(UserError, match=r"checkpoint state file: not a regular file \(a FIFO\)"):
-        bounded(lambda: restore_weights(None, tmp_path), 10, (best / "checkpoint",))
+    message = refused_in_bounded_time(f"""
+        from trainer.runtime.checkpoints import restore_weights
+        restore_weights(None, Path({str(tmp_path)!r}))
+    """)
+    assert "checkpoint state file: not a regular file (a FIFO)" in message, message
 
 
 def test_a_fifo_as_a_checkpoint_index_is_refused_not_waited_on(tmp_path):
-    import tensorflow as tf
-
-    from trainer.runtime.checkpoints import restore_weights
-
     best = tmp_path / "checkpoints" / "best"
     best.mkdir(parents=True)
     (best / "checkpoint").write_text('model_checkpoint_path: "best-1"\nall_model_checkpoint_paths: "best-1"\n')
     os.mkfifo(best / "best-1.index")
     (best / "best-1.data-00000-of-00001").write_bytes(b"")
-    with pytest.raises(UserError, match=r"best-1.index: not a regular file \(a FIFO\)"):
-        bounded(lambda: restore_weights(tf.keras.Sequential([tf.keras.layers.Dense(1)]), tmp_path), 10,
-                (best / "best-1.index",))
+    message = refused_in_bounded_time(f"""
+        import tensorflow as tf
+        from trainer.runtime.checkpoints import restore_weights
+        restore_weights(tf.keras.Sequential([tf.keras.layers.Dense(1)]), Path({str(tmp_path)!r}))
+    """)
+    assert "best-1.index: not a regular file (a FIFO)" in message, message
 
 
 def test_a_fifo_in_a_resumed_runs_checkpoints_is_refused(tmp_path):
-    import tensorflow as tf
-
-    from trainer.runtime.checkpoints import CheckpointStore
-
     last = tmp_path / "checkpoints" / "last"
     last.mkdir(parents=True)
     os.mkfifo(last / "checkpoint")
-    with pytest.raises(UserError, match="not a regular file"):
-        bounded(lambda: CheckpointStore(tmp_path, tf.Module(), tf.Module(), tf.Module(), 3), 10,
-                (last / "checkpoint",))
+    message = refused_in_bounded_time(f"""
+        import tensorflow as tf
+        from trainer.runtime.checkpoints import CheckpointStore
+        CheckpointStore(Path({str(tmp_path)!r}), tf.Module(), tf.Module(), tf.Module(), 3)
+    """)
+    assert "not a regular file (a FIFO)" in message, message
 
 
-def test_run_json_files_are_regular_and_small(tmp_path):
-    from trainer.inference import postprocess
-    from trainer.training.callbacks import JsonHistory
-
+def test_a_fifo_as_history_json_is_refused(tmp_path):
     os.mkfifo(tmp_path / "history.json")
-    with pytest.raises(UserError, match=r"history.json: not a regular file \(a FIFO\)"):
-        bounded(lambda: JsonHistory(tmp_path / "history.json"), 10, (tmp_path / "history.json",))
-    os.mkfifo(tmp_path / "postprocessing.json")
-    with pytest.raises(UserError, match="not a regular file"):
-        bounded(lambda: postprocess.load(tmp_path, "c", {}), 10, (tmp_path / "postprocessing.json",))
-    os.unlink(tmp_path / "postprocessing.json")
-    (tmp_path / "postprocessing.json").symlink_to("/dev/zero")
-    with pytest.raises(UserError, match="a character device"):
-        bounded(lambda: postprocess.load(tmp_path, "c", {}), 10)
-    os.unlink(tmp_path / "postprocessing.json")
-    with open(tmp_path / "postprocessing.json", "wb") as sparse:
-        sparse.truncate(2 << 20)  # a sparse file: no disk, 2 MiB of zeros to read
-    with pytest.raises(UserError, match="larger than"):
-        bounded(lambda: postprocess.load(tmp_path, "c", {}), 10)
+    message = refused_in_bounded_time(f"""
+        from trainer.training.callbacks import JsonHistory
+        JsonHistory(Path({str(tmp_path / "history.json")!r}))
+    """)
+    assert "history.json: not a regular file (a FIFO)" in message, message
+
+
+@pytest.mark.parametrize("kind, words", [("fifo", "not a regular file (a FIFO)"),
+                                         ("dev-zero", "not a regular file (a character device)"),
+                                         ("sparse", "larger than 1,048,576 bytes")])
+def test_postprocessing_json_is_regular_and_small(tmp_path, kind, words):
+    """Seen: /dev/zero or a 6 GiB sparse file here ran predict out of memory in 9-10 s. The child
+    gets 2 GiB of address space at most, so a regression fails without harming the machine."""
+    path = tmp_path / "postprocessing.json"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev-zero":
+        path.symlink_to("/dev/zero")
+    else:
+        with open(path, "wb") as sparse:
+            sparse.truncate(6 << 30)  # no disk used: 6 GiB of zeros to a reader
+    message = refused_in_bounded_time(f"""
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+        from trainer.inference import postprocess
+        postprocess.load(Path({str(tmp_path)!r}), "c", {{}})
+    """)
+    assert words in message, message
 
 
 def test_cli_predict_with_a_fifo_checkpoint_exits_2_instead_of_hanging(decathlon_copy, tmp_path):

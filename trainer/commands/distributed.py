@@ -15,7 +15,7 @@ from launcher.hosts import hosts_and_slots
 from launcher.slurm.launch import SlurmLauncher, has_job_record
 from launcher.slurm.task import task_command
 from launcher.ssh.launch import SshLauncher
-from trainer.commands.settings import load_cli_settings
+from trainer.commands.settings import load_cli_settings, pin_dataset
 from trainer.errors import UserError
 
 if TYPE_CHECKING:
@@ -31,8 +31,20 @@ CLUSTER_FLAGS = {"user": "cluster.ssh_user", "key": "cluster.ssh_key", "port": "
 
 
 def cmd_distributed(args: argparse.Namespace) -> int:
-    launcher = _launcher(args, _cluster_settings(args))
+    settings = _cluster_settings(args)
+    launcher = _launcher(args, settings if args.stop else _dataset_as_seen_here(settings))
     return launcher.stop() if args.stop else launcher.dry_run() if args.dry_run else launcher.launch()
+
+
+def _dataset_as_seen_here(settings: Settings) -> Settings:
+    """data.dataset made absolute as this folder sees it (the folder named, else the last one
+    prepared here): the roles run in the hosts' workdir, where a relative path or "the last one
+    prepared here" means another folder (seen: after `prepare` here, the chief of an SSH launch
+    found no dataset). Unchanged when none is found here: the data may be on the hosts only."""
+    try:
+        return pin_dataset(settings, check_model_data=False)
+    except UserError:
+        return settings
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

@@ -50,17 +50,18 @@ def check_output_folder(out: Path, input_folders: Iterable[Path], flag: str = "-
         raise UserError(f"{flag} {out}: exists and is not a folder; expected a folder for the outputs")
     out_chain = _existing_chain(out)
     out_id = _identity(out)
-    for folder in dict.fromkeys(Path(f) for f in input_folders):
-        folder_id = _identity(folder)
-        if folder_id is None:
-            continue
-        if folder_id == out_id:
+    folders = {folder: found for folder in dict.fromkeys(Path(f) for f in input_folders)
+               if (found := _identity(folder)) is not None}
+    for folder, found in folders.items():
+        if found == out_id:
             raise UserError(f"{flag} {out}: is the input folder {folder}; the outputs would replace the inputs "
                             f"(choose another folder)")
-        if any(found == folder_id for _, found in out_chain):
+    for folder, found in folders.items():
+        if any(found == parent for _, parent in out_chain):
             raise UserError(f"{flag} {out}: lies inside the input folder {folder}; nothing is written into an "
                             f"input folder (choose a folder outside it)")
-        if out_id is not None and any(found == out_id for _, found in _existing_chain(folder)):
+    for folder in folders if out_id is not None else ():
+        if any(found == out_id for _, found in _existing_chain(folder)):
             raise UserError(f"{flag} {out}: contains the input folder {folder}; nothing is written around the "
                             f"inputs (choose a folder outside it)")
     inputs = {found: Path(path) for path in input_files if (found := _identity(Path(path))) is not None}
