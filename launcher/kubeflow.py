@@ -37,7 +37,7 @@ from pathlib import Path
 
 import yaml
 
-from launcher.roles import CHIEF, PS, WORKER, layout_values, role_args
+from launcher.roles import CHIEF, ONE_RANK_ASKED, PS, WORKER, layout_values, role_args
 from trainer.config.settings import Settings, settings_to_yaml
 from trainer.config.values import with_values
 from trainer.errors import UserError
@@ -147,7 +147,8 @@ def mpijob(settings: Settings, user: int | None = USER_ID) -> list[dict]:
                 # launcher's PATH (the venv), libraries and thread counts reach every rank
                 "args": ["-np", str(ranks), *([] if user is not None else ["--allow-run-as-root"]),
                          "--bind-to", "none", "--map-by", "slot", *exported, "--wdir", WORKSPACE,
-                         "unet-train", "train", "--dist", "horovod", "--settings", SETTINGS_FILE],
+                         "unet-train", "train", "--dist", "horovod", "--settings", SETTINGS_FILE,
+                         *(ONE_RANK_ASKED if ranks == 1 else ())],
                 "env": [{"name": key, "value": str(value)} for key, value in thread_env.items()],
                 "resources": _resources(1, "1Gi"), "volumeMounts": _mounts(), **_container_security(user)}
     sshd = ["-De"] if user is None else ["-De", "-f", f"{USER_HOME}/.sshd_config"]

@@ -11,6 +11,9 @@ from __future__ import annotations
 from typing import Sequence
 
 CHIEF, PS, WORKER = "chief", "ps", "worker"
+# A Horovod launch of one rank is asked for by whoever wrote the launch (the launcher knows the
+# world it starts); the trainer otherwise refuses --dist horovod with one rank (runtime/launch_env.py).
+ONE_RANK_ASKED = ("--set", "train.allow_single_rank=true")
 
 
 def role_name(job: str, index: int | str) -> str:

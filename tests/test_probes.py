@@ -85,7 +85,8 @@ def test_paths_outside_the_workdir_need_no_exclude(mirror, tmp_path):
     source, workdir = mirror
     settings = settings_with(f"train.run_dir={tmp_path / 'elsewhere'}", "data.dataset=../other/ds",
                              f"data.source={tmp_path / 'raw'}", f"cluster.token_file={shutil.which('rsync')}")
-    assert mirror_excludes(settings, str(workdir), source) == ["/data/prepared/"]  # prepare's default home
+    # prepare's default home, and the hosts' environment of the default cluster.python (.venv/bin/python)
+    assert mirror_excludes(settings, str(workdir), source) == ["/data/prepared/", "/.venv"]
 
 
 # ---------------------------------------------------------------- inputs that are not regular files
@@ -182,9 +183,32 @@ def test_compressed_data_past_the_headers_size_is_refused_at_once(tmp_path):
             handle.write(zeros)
     assert bomb.stat().st_size < 16 << 20  # about 8 MB
     start = time.monotonic()
-    with pytest.raises(UserError, match="continues past the .* bytes the header describes"):
+    # refused by the compressed size before anything is unpacked, or by what follows the image
+    with pytest.raises(UserError, match="continues past the .* bytes the header describes|compressed bytes for"):
         read_volume(bomb)
     assert time.monotonic() - start < 2.0
     honest = tmp_path / "honest.nii.gz"
     honest.write_bytes(gzip.compress(plain.read_bytes()))
     assert read_volume(honest).array.shape == (48, 40, 32, 4)  # the same block alone reads
+
+
+def test_a_bind_mount_of_the_workdir_is_the_workdir(mirror, tmp_path):
+    """Issue 40: a run folder reached through a bind mount of the workdir survives the real rsync
+    --delete, and so does the hosts' environment named by an absolute or ../ cluster.python."""
+    source, workdir = mirror
+    bind = tmp_path / "bind"
+    bind.mkdir()
+    mounted = subprocess.run(["mount", "--bind", str(workdir), str(bind)], capture_output=True, text=True, timeout=30)
+    assert mounted.returncode == 0, f"mount --bind (root, as CI runs) failed: {mounted.stderr}"
+    try:
+        (workdir / "venv" / "bin").mkdir(parents=True)
+        (workdir / "venv" / "bin" / "python").write_text("#!/bin/sh\n")
+        for python in (f"{workdir}/venv/bin/python", f"{bind}/venv/bin/python"):
+            settings = settings_with(f"train.run_dir={bind / 'experiments'}", f"cluster.python={python}")
+            excludes = mirror_excludes(settings, str(workdir), source)
+            assert "/experiments/" in excludes and "/venv" in excludes, excludes
+        sync(source, workdir, excludes)
+        assert (workdir / "experiments" / "exp1" / "ckpt" / "weights").read_text() == "precious\n"
+        assert (workdir / "venv" / "bin" / "python").is_file()
+    finally:
+        subprocess.run(["umount", str(bind)], capture_output=True, timeout=30)

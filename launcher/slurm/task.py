@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping
 
-from launcher.roles import CHIEF, PS, WORKER, layout_overrides, role_args, role_name
+from launcher.roles import CHIEF, ONE_RANK_ASKED, PS, WORKER, layout_overrides, role_args, role_name
 from launcher.ssh.plan import HostFacts, cpu_choice
 from launcher.slurm.job import HOROVOD_MODE, PS_MODE, RUNNER
 from trainer.config.settings import Settings
@@ -127,6 +127,8 @@ def task_command(settings: Settings, mode: str, settings_file: str, env: Mapping
     if mode == HOROVOD_MODE:
         role, log_name = f"rank {task}", "rank0"  # only rank 0 writes its log file
         argv += ["train", "--dist", "horovod", *common]
+        if env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS")) == "1":
+            argv += list(ONE_RANK_ASKED)
     elif mode == PS_MODE:
         job, index, spec = ps_layout(settings, env)
         role = log_name = role_name(job, index)

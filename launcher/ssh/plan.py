@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from launcher.roles import CHIEF, PS, WORKER, layout_overrides, role_args, role_name
+from launcher.roles import CHIEF, ONE_RANK_ASKED, PS, WORKER, layout_overrides, role_args, role_name
 from launcher.ssh.protect import mirror_excludes
 from trainer.config.settings import Settings
 from trainer.errors import UserError
@@ -228,6 +228,8 @@ def build_plan(settings: Settings, hosts: tuple[str, ...], mode: str, ps_hosts: 
         if cluster.ssh_key:
             argv += ["-i", str(cluster.ssh_key)]
         extra = _log_file("rank0") + (("--set", "train.elastic=true") if elastic else ())
+        if elastic is None and len(hosts) * slots_per_host == 1:
+            extra += ONE_RANK_ASKED
         rank = trainer_argv(cpu[hosts[0]], "train", "--dist", "horovod", extra=extra)
         # Every rank, on every host, runs through rank.sh: it records a PID file there, so
         # stop.yml can stop ranks that horovodrun's own shutdown does not reach.

@@ -36,6 +36,11 @@ def settings_paths(settings: Settings) -> list[tuple[str, Path, bool]]:
         paths.append(("data.dataset", data.dataset, True))
     if data.source is not None:
         paths.append(("data.source", data.source, True))
+    python = Path(settings.cluster.python)
+    environment = python.parent.parent if python.parent.name == "bin" else python.parent
+    if str(environment) not in ("", "."):
+        # no trailing slash: an environment may be a symlink (a worktree's .venv), not only a folder
+        paths.append(("cluster.python (its environment)", environment, False))
     return paths
 
 
@@ -71,7 +76,36 @@ def _inside(path: Path, base: str) -> list[str]:
                 found.append(".")
             elif candidate.startswith(root.rstrip("/") + "/"):
                 found.append(candidate[len(root.rstrip("/")) + 1:])
+    by_folder = _inside_by_identity(lexical, base)
+    if by_folder is not None:
+        found.append(by_folder)
     return list(dict.fromkeys(found))
+
+
+def _inside_by_identity(path: str, base: str) -> str | None:
+    """``path`` relative to ``base`` when one of its parents (or itself) is the folder ``base`` by
+    device and inode, whatever either is called: a bind mount of the workdir, or a parent reached
+    through another mount, is the workdir. None when ``base`` does not exist here or holds no part
+    of ``path``."""
+    target = _identity(base)
+    if target is None:
+        return None
+    current, below = Path(os.path.realpath(path)), []
+    while True:
+        if _identity(str(current)) == target:
+            return "/".join(reversed(below)) or "."
+        if current.parent == current:
+            return None
+        below.append(current.name)
+        current = current.parent
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def _fold(text: str) -> str:

@@ -22,7 +22,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     cases = cases_in_folder(args.input_folder) if args.input_folder else [case_from_path(p) for p in args.inputs]
     options = PredictOptions(out=args.out, nnunet_names=args.input_folder is not None,
                              png=args.png or not args.input_folder, save_probabilities=args.save_probabilities,
-                             resume=args.resume, progress=not args.quiet)
+                             resume=args.resume, progress=not args.quiet, input_folder=args.input_folder)
     report = predict_cases(settings, cases, options, **window_options(args))
     for path in report.written:
         print(path)
