@@ -212,3 +212,33 @@ def test_a_bind_mount_of_the_workdir_is_the_workdir(mirror, tmp_path):
         assert (workdir / "venv" / "bin" / "python").is_file()
     finally:
         subprocess.run(["umount", str(bind)], capture_output=True, timeout=30)
+
+
+def test_prepared_data_that_are_not_regular_files_neither_hang_nor_flood(run_cli, prepared_brats, decathlon_dataset,
+                                                                         tmp_path):
+    """Issue 40: every prepared-data file goes through the regular-file check before h5py, numpy or
+    json opens it. A FIFO as the slices file is one line (exit 2) within seconds; FIFOs in the 3D
+    cache make those cases stale (read from their NIfTI), with no hang."""
+    import time
+
+    from trainer.data.datasets import RawDataset
+    from trainer.data.volumes import case_arrays
+
+    folder = Path(shutil.copytree(prepared_brats, tmp_path / "ds"))
+    (folder / "slices-128.h5").unlink()
+    os.mkfifo(folder / "slices-128.h5")
+    started = time.monotonic()
+    result = run_cli("train", "--data", folder, "--run-name", "f", "--quiet", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and "not a regular file" in result.stderr and "Traceback" not in result.stderr
+    assert time.monotonic() - started < 60 and not (tmp_path / "runs").exists()
+
+    prepared = run_cli("prepare", "--src", decathlon_dataset, "--out", tmp_path / "dec", "--quiet", cwd=tmp_path,
+                       timeout=120)
+    assert prepared.returncode == 0, prepared.stderr
+    cache = tmp_path / "dec" / "volumes"
+    for name in ("BRATS_001.image.npy", "BRATS_002.source.json"):
+        (cache / name).unlink()
+        os.mkfifo(cache / name)
+    arrays = bounded(lambda: case_arrays(RawDataset.open(decathlon_dataset), cache), 30)[0]
+    assert arrays["BRATS_001"].image_file is None and arrays["BRATS_002"].image_file is None
+    assert arrays["BRATS_003"].image_file == cache / "BRATS_003.image.npy"

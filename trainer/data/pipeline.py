@@ -24,6 +24,7 @@ from trainer.data.context import neighbour_rows
 from trainer.data.decathlon import channel_indices
 from trainer.data.volumes import CaseArrays
 from trainer.errors import DataError
+from trainer.fsutil import check_regular
 from trainer.data.regions import RegionSet
 
 SLICES_FORMAT = 2
@@ -56,6 +57,7 @@ class SliceSource:
         self.context_stride = context_stride
         self.channels = [MODALITIES.index(c) for c in channels]
         try:
+            check_regular(self.path, f"{self.path}: prepared slices")  # h5py would hang on a FIFO
             with h5py.File(self.path, "r") as h5:
                 version = int(h5.attrs.get("format_version", 1))
                 if version != SLICES_FORMAT:

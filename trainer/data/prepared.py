@@ -27,7 +27,7 @@ from trainer.config.settings import Settings, SplitSettings
 from trainer.data.datasets import RawCase, RawDataset
 from trainer.data.nifti import Geometry
 from trainer.errors import DataError
-from trainer.fsutil import read_regular_text, write_json
+from trainer.fsutil import check_regular, read_regular_text, write_json
 
 MANIFEST_NAME = "prepared.json"
 MANIFEST_FORMAT = 1
@@ -138,7 +138,13 @@ class PreparedDataset:
             raise DataError(f"{self.root}: no 2D slices of {image_size} x {image_size} prepared (have: {have}); "
                             f"prepare them with: unet-train prepare --model 2d --out {self.root} "
                             f"--set data.image_size={image_size}")
-        return self.root / entry["file"]
+        path = self.root / entry["file"]
+        try:
+            check_regular(path, f"{path}: prepared slices")  # before h5py opens it: a FIFO would hang it
+        except FileNotFoundError:
+            raise DataError(f"{path}: prepared slices missing although {self.manifest_path} lists them; prepare "
+                            f"them again with: unet-train prepare --model 2d --overwrite --out {self.root}") from None
+        return path
 
     def volume_cache(self) -> Path | None:
         """The 3D cache folder when prepared with one, else None (3D then reads the NIfTI source)."""

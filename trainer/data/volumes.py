@@ -16,14 +16,15 @@ import numpy as np
 from tqdm import tqdm
 
 from trainer.data.datasets import RawCase, RawDataset
-from trainer.errors import DataError
-from trainer.fsutil import atomic_dir, refuse_existing
+from trainer.errors import DataError, UserError
+from trainer.fsutil import atomic_dir, check_regular, read_regular_text, refuse_existing
 
 log = logging.getLogger(__name__)
 # Bumped when the cached arrays change meaning (2: canonical label maps instead of WT masks;
 # 3: stamps for either layout; 4: stamps by file name, size and modification time, not path);
 # a cache stamped otherwise is stale and the raw source is read.
 CACHE_FORMAT = 4
+STAMP_LIMIT = 1 << 16  # a case's stamp names a few files
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def case_arrays(dataset: RawDataset, cache_dir: Path | None) -> dict[str, CaseAr
         image_file = labels_file = None
         if cache_dir is not None:
             image_name, labels_name, stamp_name = (Path(cache_dir) / n for n in _cache_names(case.case_id))
-            if image_name.exists() and labels_name.exists() and _stamp_matches(stamp_name, _source_stamp(case)):
+            if _regular(image_name) and _regular(labels_name) and _stamp_matches(stamp_name, _source_stamp(case)):
                 image_file, labels_file = image_name, labels_name
             elif image_name.exists() or stamp_name.exists():
                 stale.append(case.case_id)
@@ -112,9 +113,19 @@ def _source_stamp(case: RawCase) -> dict:
 
 def _stamp_matches(stamp: Path, source: dict) -> bool:
     try:
-        return json.loads(stamp.read_text()) == source
-    except (OSError, ValueError):
+        return json.loads(read_regular_text(stamp, limit=STAMP_LIMIT)) == source
+    except (OSError, ValueError, UserError):
         return False
+
+
+def _regular(path: Path) -> bool:
+    """A cached array is used only when it is a regular file (np.load maps it): a FIFO or a device
+    in the cache makes the case stale, read from its NIfTI, instead of hanging or flooding a reader."""
+    try:
+        check_regular(path)
+    except (OSError, UserError):
+        return False
+    return True
 
 
 def prepare_volumes(dataset: RawDataset, cache_dir: Path | None, progress: bool = True,

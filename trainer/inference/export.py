@@ -16,7 +16,7 @@ from trainer.config.kinds import kind_of
 from trainer.config.settings import MODALITIES, Settings
 from trainer.data.prepared import prepared_dataset, raw_dataset, split_cases_of
 from trainer.errors import DataError, TrainingError, UserError
-from trainer.fsutil import atomic_dir, refuse_existing, write_json
+from trainer.fsutil import atomic_dir, check_regular, refuse_existing, write_json
 from trainer.inference.engines import (OpenVinoEngine, build_run_model, convert_keras, expected_input_shape,
                                        import_openvino, read_ir)
 from trainer.hardware.cpu import cpu_flags, local_ranks_from_environment, native_bf16_support, plan_threads
@@ -160,6 +160,7 @@ def held_out_slices(settings: Settings, count: int) -> tuple[np.ndarray, str]:
     from trainer.data.regions import RegionSet
 
     path = prepared_dataset(settings).slices_file(settings.data.image_size)
+    check_regular(path, f"{path}: prepared slices")
     with h5py.File(path, "r") as h5:
         split = next((s for s in ("val", "test", "train") if s in h5 and h5[s]["images"].shape[0]), None)
         if split is None:
