@@ -18,11 +18,13 @@ from trainer.errors import UserError
 
 Resolver = Callable[[str], list[str]]
 # Public = ipaddress's is_global, plus the IANA special-purpose blocks below. Python 3.11 calls
-# all of them private (it takes 2001::/23 and the documentation ranges wholesale), yet none is a
-# private network a cluster could be isolated on: they are routed on the internet (Teredo, AMT,
-# AS112, ORCHIDv2, DRONE DET), routed by some networks and stacks (0/8, 240/4, the benchmarking
-# blocks), or documentation / discard ranges that a real interface must not carry (seen: a PS role
-# with 2001:3::5 on an interface started its gRPC server). RFC 6598's 100.64/10 (carrier-grade NAT,
+# all of them private (it takes 2001::/23 wholesale), yet none is a private network a cluster could
+# be isolated on: they are routed on the internet (Teredo, AMT, AS112, ORCHIDv2, DRONE DET; seen: a
+# PS role with 2001:3::5 on an interface started its gRPC server), routed by some networks and
+# stacks (0/8, 240/4, the benchmarking blocks) or discard-only. The documentation ranges (TEST-NET-1/2/3,
+# 2001:db8::/32, 3fff::/20) are not listed: IANA marks them not globally reachable, so nothing on the
+# internet reaches a server there, and sandboxes carry them on real interfaces (seen: 192.0.2.2 on
+# eth0 of the machines this project's CI runs on). RFC 6598's 100.64/10 (carrier-grade NAT,
 # Tailscale) is neither global nor listed: private.
 NOT_PRIVATE_BLOCKS = tuple(ipaddress.ip_network(n) for n in (
     "2001::/32",        # Teredo
@@ -31,15 +33,10 @@ NOT_PRIVATE_BLOCKS = tuple(ipaddress.ip_network(n) for n in (
     "2001:4:112::/48",  # AS112-v6
     "2001:20::/28",     # ORCHIDv2
     "2001:30::/28",     # DRONE DET
-    "2001:db8::/32",    # documentation
-    "3fff::/20",        # documentation
     "100::/64",         # discard-only
     "0.0.0.0/8",        # "this network"
     "240.0.0.0/4",      # reserved, and the limited broadcast
     "198.18.0.0/15",    # benchmarking
-    "192.0.2.0/24",     # TEST-NET-1
-    "198.51.100.0/24",  # TEST-NET-2
-    "203.0.113.0/24",   # TEST-NET-3
 ))
 ALL_INTERFACES = ("", "0.0.0.0", "::", "*")
 
