@@ -22,7 +22,7 @@ Resolver = Callable[[str], list[str]]
 # be isolated on: they are routed on the internet (Teredo, AMT, AS112, ORCHIDv2, DRONE DET; seen: a
 # PS role with 2001:3::5 on an interface started its gRPC server), routed by some networks and
 # stacks (0/8, 240/4, the benchmarking blocks) or discard-only. The documentation ranges (TEST-NET-1/2/3,
-# 2001:db8::/32, 3fff::/20) are not listed: IANA marks them not globally reachable, so nothing on the
+# 2001:db8::/32) are not listed: IANA marks them not globally reachable, so nothing on the
 # internet reaches a server there, and sandboxes carry them on real interfaces (seen: 192.0.2.2 on
 # eth0 of the machines this project's CI runs on). RFC 6598's 100.64/10 (carrier-grade NAT,
 # Tailscale) is neither global nor listed: private.
