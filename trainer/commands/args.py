@@ -76,7 +76,7 @@ def _add_prepare(sub) -> None:
                                        "(HDF5) and/or the 3D cache, side by side")
     prepare.add_argument("--format", choices=_Registered("trainer.data.layouts", "LAYOUT_NAMES"), default=None,
                          help="layout of --src (default: detected from what the folder holds; docs/datasets.md)")
-    prepare.add_argument("--model", choices=["2d", "3d"], default=None,
+    prepare.add_argument("--model", choices=MODEL_KINDS, default=None,
                          help="prepare for this model (default: 2d for a BraTS folder, 3d for a Decathlon folder)")
     prepare.add_argument("--src", type=Path, default=None,
                          help="raw dataset folder (default data.source); recorded, absolute, in the prepared "
@@ -101,7 +101,7 @@ def _add_plan(sub) -> None:
                            "prepared here, when there is one)")
     plan.add_argument("--out", type=Path, default=None, help="plan JSON (default runs/<run>/plan.json)")
     plan.add_argument("--run-name", default=None, help="train.run_name the plan is for (default 'default')")
-    plan.add_argument("--model", choices=["2d", "3d"], default=None,
+    plan.add_argument("--model", choices=MODEL_KINDS, default=None,
                       help="plan this model (default: 3d when model.regions asks for tc/et, else 2d)")
     plan.add_argument("--nodes", type=_positive_int, default=1, help="project the speed up to N nodes (default 1)")
     plan.add_argument("--network-gbps", type=_positive_float, default=10.0,
@@ -191,7 +191,7 @@ def _add_distributed(sub) -> None:
     dist.add_argument("--max-hosts", type=_positive_int, default=None,
                       help="--elastic: hosts the job may use (default: every host)")
     dist.add_argument("--run-name", default=None, help="train.run_name (default 'default')")
-    dist.add_argument("--model", choices=["2d", "3d"], default=None, help="train.model (default 2d)")
+    dist.add_argument("--model", choices=MODEL_KINDS, default=None, help="train.model (default 2d)")
     dist.add_argument("--epochs", type=_positive_int, default=None, help="train.epochs (default 10)")
     dist.add_argument("--dry-run", action="store_true", help="print the inventory and every command, then stop")
     dist.add_argument("--stop", action="store_true", help="stop every process a previous launch of --run-name "
@@ -214,7 +214,7 @@ def _add_manifests(sub) -> None:
     manifests.add_argument("--out", type=Path, default=None,
                            help="YAML file (default runs/<run>/kubeflow-<mode>.yaml)")
     manifests.add_argument("--run-name", default=None, help="train.run_name (default 'default')")
-    manifests.add_argument("--model", choices=["2d", "3d"], default=None, help="train.model (default 2d)")
+    manifests.add_argument("--model", choices=MODEL_KINDS, default=None, help="train.model (default 2d)")
     manifests.add_argument("--epochs", type=_positive_int, default=None, help="train.epochs (default 10)")
     manifests.add_argument("--image", default=None, help="container image (default cluster.kubeflow.image)")
     manifests.add_argument("--namespace", default=None, help="Kubernetes namespace (default "
@@ -330,7 +330,7 @@ def _add_run_flags(parser: argparse.ArgumentParser, what: str) -> None:
                              "last one prepared here)")
     parser.add_argument("--run-dir", type=Path, default=None, help="folder of the runs (train.run_dir, "
                                                                    "default runs)")
-    parser.add_argument("--model", choices=["2d", "3d"], default=None,
+    parser.add_argument("--model", choices=MODEL_KINDS, default=None,
                         help="train.model (default 2d); an existing run keeps its own, and a different value "
                              "is refused")
 
@@ -353,6 +353,9 @@ class _Registered:
 
     def __contains__(self, name: object) -> bool:
         return name in self._names()
+
+
+MODEL_KINDS = _Registered("trainer.config.kinds", "KINDS")  # train.model: 2d, 3d
 
 
 def _command(sub, name: str, help_text: str) -> argparse.ArgumentParser:
