@@ -87,7 +87,7 @@ def test_two_rank_training_writes_one_run_and_resumes(prepared_brats, tmp_path):
     run, log = horovod(tmp_path, "gloo", "two", 2, prepared_brats, *exact, epochs=1)
     assert sorted(p.name for p in run.iterdir()) == sorted(
         ["checkpoints", "tensorboard", "history.csv", "history.json", "settings.yaml", "summary.json",
-         "training.log", "postprocessing.json", "validation.json"])  # validated on the source prepare recorded
+         "training.log", "postprocessing.json", "validation.json", "run.json"])  # validated on the recorded source
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "last"]
     assert sorted(p.name for p in (run / "tensorboard").iterdir()) == ["train", "validation"]
     writers = {writer_pid(f.name) for f in (run / "tensorboard").rglob("events.out.tfevents.*")}

@@ -62,13 +62,15 @@ def cmd_slurm_task(args: argparse.Namespace) -> int:
     return 1  # not reached
 
 
-def open_launcher(settings: Settings, request: LaunchRequest, stopping: bool = False) -> Launcher:
+def open_launcher(settings: Settings, request: LaunchRequest, stopping: bool = False,
+                  hosts_from_settings: bool = False) -> Launcher:
     """The Slurm launcher when cluster.scheduler is slurm (or, for --stop, when the run has a Slurm
-    job record and no --scheduler was named), else the SSH one."""
+    job record and no --scheduler was named), else the SSH one. Hosts that came from
+    cluster.hosts (not --hosts) are the SSH launcher's default and mean nothing to Slurm."""
     slurm = settings.cluster.scheduler == "slurm" or (stopping and not request.scheduler_given
                                                        and has_job_record(settings))
     if slurm:
-        if request.hosts:
+        if request.hosts and not hosts_from_settings:
             raise UserError("--hosts: not used with --scheduler slurm (Slurm picks the nodes; see --nodes, "
                             "--partition)")
         if request.elastic:
@@ -96,4 +98,5 @@ def _launcher(args: argparse.Namespace, settings) -> Launcher:
                             slots_per_host=slots, controller=getattr(args, "controller", "gloo"),
                             elastic=getattr(args, "elastic", False), min_hosts=getattr(args, "min_hosts", None),
                             max_hosts=getattr(args, "max_hosts", None), scheduler_given=args.scheduler is not None)
-    return open_launcher(settings, request, stopping=getattr(args, "stop", False))
+    return open_launcher(settings, request, stopping=getattr(args, "stop", False),
+                         hosts_from_settings=args.hosts is None)
