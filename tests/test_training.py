@@ -301,3 +301,15 @@ def test_missing_prepared_data_is_a_clear_error(tmp_path):
     assert not (tmp_path / "runs").exists()  # a failed start writes nothing into runs/
     bare = run_cli("train", "--run-dir", tmp_path / "runs", "--quiet", cwd=tmp_path, timeout=300)
     assert bare.returncode == 2 and "no prepared dataset" in bare.stderr and not (tmp_path / "runs").exists()
+
+
+def test_a_new_run_stopped_by_its_settings_leaves_no_folder(brats_dataset, tmp_path):
+    """A validation budget that cannot cover the cases is found only once the data are read (after
+    the run's log opened): the new run's folder goes, and a rerun starts clean."""
+    prepared = run_cli("prepare", "--src", brats_dataset, "--out", tmp_path / "ds", "--set",
+                       "data.split.val_fraction=0.5", "--quiet", cwd=tmp_path, timeout=300)
+    assert prepared.returncode == 0, prepared.stderr
+    result = run_cli("train", "--run-name", "tiny", "--data", tmp_path / "ds", *TINY_2D,
+                     "--set", "train.validation_steps=1", "--set", "train.batch_size=1", cwd=tmp_path, timeout=300)
+    assert result.returncode == 2 and "cannot cover the" in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "runs" / "tiny").exists()

@@ -66,7 +66,7 @@ def run_plan(settings: Settings, request: PlanRequest, progress: bool = True) ->
     planned = apply_plan(settings, plan.settings())
     shape = ModelShape.from_settings(planned, planned.train.precision)
     memory = predict_peak(shape)
-    report = {"format": PLAN_FORMAT, "settings": plan.settings(),
+    report = {"format": PLAN_FORMAT, "settings": plan.settings(), "source": str(Path(src).absolute()),
               "choices": [c.__dict__ for c in plan.choices], "dataset": data.as_dict(), "node": node.as_dict(),
               "memory": {**memory.as_dict(), "per_rank_budget_mib": plan.budget_mib,
                          "ranks_per_node": plan.ranks_per_node}}

@@ -75,6 +75,21 @@ def window_options(args: argparse.Namespace) -> dict[str, Any]:
             "precision": args.precision, "ir": args.ir}
 
 
+def _check_plan_source(plan: Path, prepared) -> None:
+    """A plan made from a raw --src names no prepared dataset: the one train found must come from
+    the same raw folder (by the folder itself), or the plan's sizes were chosen for other data."""
+    from trainer.fsutil import is_within
+    from trainer.planning.planner import plan_source
+
+    source = plan_source(plan)
+    if source is None or not source.is_dir() or not prepared.source.is_dir():
+        return
+    if not (is_within(source, prepared.source) and is_within(prepared.source, source)):
+        raise UserError(f"--plan {plan}: made for the data in {source}, but the prepared dataset {prepared.root} "
+                        f"comes from {prepared.source}; pass --data with a dataset prepared from {source} "
+                        f"(unet-train prepare --src {source})")
+
+
 def pin_dataset(settings, check_model_data: bool = True):
     """``settings`` with data.dataset resolved to the prepared dataset folder, absolute (the one named,
     else the last one prepared here), checked to hold what the settings' model trains on; the log
@@ -87,7 +102,9 @@ def pin_dataset(settings, check_model_data: bool = True):
 
     folder, how = find_dataset(settings.data.dataset)
     prepared = PreparedDataset.open(folder)
+    if settings.train.plan is not None:
+        _check_plan_source(settings.train.plan, prepared)
     if check_model_data and kind_of(settings.train.model).slices:
         prepared.slices_file(settings.data.image_size)  # refuses, naming the prepare command, when absent
-    logging.getLogger(__name__).info("dataset: %s (%s): %s", folder, how, prepared.describe())
+    logging.getLogger(__name__).info("dataset: %s", prepared.describe(how))
     return with_values(settings, {"data.dataset": str(folder)})

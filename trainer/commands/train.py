@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainer.commands.settings import load_run_settings, pin_dataset, plan_flag
 from trainer.data.prepared import raw_source
-from trainer.errors import UserError
+from trainer.errors import ConfigError, DataError, UserError
 from trainer.fsutil import write_json
 from trainer.hardware.cpu import local_ranks_from_environment
 from trainer.hardware.precision import resolve_precision
@@ -36,11 +38,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_memory(settings)
     from trainer.runtime.start import start_runtime  # loads TensorFlow: after the settings, in start_runtime's order
 
+    new_run = not settings.run_path.exists()
     runtime = start_runtime(settings)
     succeeded = False
     try:
         result = train_run(settings, runtime, progress=not args.quiet)
         succeeded = True
+    except (ConfigError, DataError):  # settings or data the run cannot use; a diverged run keeps its log
+        if new_run and runtime.is_chief:
+            forget_failed_start(settings.run_path)
+        raise
     finally:
         runtime.shutdown(succeeded)
     if runtime.is_chief:
@@ -49,6 +56,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         if line:
             print(line)
     return 0
+
+
+def forget_failed_start(run_path: Path) -> None:
+    """A new run that a user error stopped before its first checkpoint (a validation budget that
+    cannot cover the cases, data that do not fit the model...) leaves no folder behind: the error is
+    on the console, and a half-made run would be resumed from nothing."""
+    if any(run_path.glob("checkpoints/*/*.index")):
+        return
+    for handler in list(logging.getLogger().handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_path.absolute():
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    shutil.rmtree(run_path, ignore_errors=True)
 
 
 def unreachable_validation_source(settings: Settings) -> str | None:

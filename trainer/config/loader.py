@@ -18,12 +18,15 @@ def load_settings(path: Path | None, overrides: Iterable[str] = (),
                   flag_overrides: Mapping[str, Any] | None = None) -> Settings:
     """Return validated settings: file < ``--set`` overrides < explicit CLI flags."""
     raw = _read_yaml(path) if path is not None else {}
+    origins: dict[str, str] = {}  # dotted key -> the flag or --set that gave it, for messages
     for item in overrides:
         key, value = _parse_override(item)
         _assign(raw, key, value, source=f"--set {item}")
+        origins[key] = f"--set {item}"
     for key, value in (flag_overrides or {}).items():
         if value is not None:
-            _assign(raw, key, value, source=f"--{key.split('.')[-1].replace('_', '-')}")
+            origins[key] = f"--{key.split('.')[-1].replace('_', '-')}"
+            _assign(raw, key, value, source=origins[key])
     try:
         # Strict, as JSON: a wrong type is an error, never coerced (`epochs: true` is not 1,
         # `augment: 1` is not true, `epochs: 3.5` is not 3), while JSON's own forms still map
@@ -33,7 +36,7 @@ def load_settings(path: Path | None, overrides: Iterable[str] = (),
         merged = _merge(Settings().model_dump(mode="json", by_alias=True), raw)
         return Settings.model_validate_json(json.dumps(merged, default=str), strict=True)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, path)) from None
+        raise ConfigError(_format_validation_error(exc, path, origins)) from None
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -150,15 +153,20 @@ def _assign(tree: dict[str, Any], dotted: str, value: Any, source: str) -> None:
     node[parts[-1]] = copy.deepcopy(value)
 
 
-def _format_validation_error(exc: ValidationError, path: Path | None) -> str:
-    source = str(path) if path is not None else "settings"
+def _format_validation_error(exc: ValidationError, path: Path | None,
+                             origins: Mapping[str, str] | None = None) -> str:
+    default = str(path) if path is not None else "settings"
     lines = []
     for err in exc.errors():
         key = ".".join(str(part) for part in err["loc"]) or "(root)"
-        message = err["msg"]
+        source = next((how for given, how in (origins or {}).items() if key == given or key.startswith(given + ".")),
+                      default)
+        message = err["msg"].removeprefix("Value error, ")  # pydantic's wording for a validator's own message
         if err["type"] == "extra_forbidden":
-            message = "unknown key (check spelling; see settings.yaml for the valid keys)"
+            message = "unknown key (check spelling; `unet-train config show` lists every key)"
         got = err.get("input")
-        shown = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        shown = ("" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict)
+                 or f"got {got!r}" in message or f"got {list(got) if isinstance(got, tuple) else got}" in message
+                 else f" (got {got!r})")
         lines.append(f"{source}: {key}: {message}{shown}")
     return "\n".join(lines)

@@ -37,8 +37,11 @@ def prepare(settings: Settings, choice: PrepareChoice, progress: bool = True) ->
     """Prepare, record the folder as the last one prepared here, and return the line that says what
     was written."""
     src = choice.src if choice.src is not None else settings.data.source
+    if src is None and choice.out is not None and (Path(choice.out) / MANIFEST_NAME).is_file():
+        src = PreparedDataset.open(Path(choice.out)).source  # the other model's data for a folder prepared before
     if src is None:
-        raise UserError("--src: required (the raw BraTS or Decathlon folder), or set data.source")
+        raise UserError("--src: required (the raw dataset folder: BraTS, Decathlon or nnU-Net raw), or set "
+                        "data.source")
     dataset = RawDataset.open(src, settings.data.max_voxels)
     if choice.layout is not None and choice.layout != dataset.layout:
         what = named(dataset.layout).signature
@@ -58,9 +61,14 @@ def prepare(settings: Settings, choice: PrepareChoice, progress: bool = True) ->
     else:
         cached = "a normalised cache" if prepared.volume_cache() else "no cache (data.cache_volumes: false)"
         what = f"3D volumes, {prepared.volumes['cases']} case(s) checked, {cached}"
-    return (f"prepared {out}: {what} from {dataset.describe()}; split "
-            f"{len(prepared.split['train'])}/{len(prepared.split['val'])}/{len(prepared.split['test'])} cases; "
+    split = prepared.split
+    line = (f"prepared {out}: {what} from {dataset.describe()}; split "
+            f"{len(split['train'])}/{len(split['val'])}/{len(split['test'])} cases (train/val/test); "
             f"train with: unet-train train --model {model} --data {out}")
+    if not split["train"] or not split["val"]:
+        line += (f"\nwarning: {len(dataset.cases)} labelled case(s) leave no training or no validation case: "
+                 f"train needs at least one of each (data.split's fractions, or more cases)")
+    return line
 
 
 def prepare_into(dataset: RawDataset, out: Path, model: str, data: DataSettings, workers: int = 0,

@@ -82,13 +82,13 @@ class PreparedDataset:
         root = Path(root).absolute()
         path = root / MANIFEST_NAME
         if not root.is_dir():
-            raise DataError(f"{root}: prepared dataset not found (make one with: unet-train prepare --src RAW "
-                            f"--out {root})")
+            what = "a file, not a folder" if root.exists() else "not found"
+            raise DataError(f"{root}: prepared dataset {what} (make one with: unet-train prepare --src RAW "
+                            f"--out DIR, then --data DIR)")
         try:
             data = json.loads(read_regular_text(path, f"{path}: manifest", MANIFEST_LIMIT))
         except FileNotFoundError:
-            raise DataError(f"{root}: not a prepared dataset (no {MANIFEST_NAME}; make one with: unet-train "
-                            f"prepare --src RAW --out {root})") from None
+            raise DataError(f"{root}: not a prepared dataset (no {MANIFEST_NAME}); {_what_it_is(root)}") from None
         except ValueError as exc:
             raise DataError(f"{path}: malformed manifest ({exc})") from None
         return cls._checked(root, path, data)
@@ -164,18 +164,33 @@ class PreparedDataset:
                             f"--set data.source=DIR")
         return RawDataset.open(folder, **({} if max_voxels is None else {"max_voxels": max_voxels}))
 
-    def describe(self) -> str:
+    def describe(self, how: str = "") -> str:
         models = " and ".join(self.prepared_for()) or "no model yet"
-        return (f"{self.root} ({self.layout} from {self.source}; {self.fingerprint.get('cases', '?')} cases, "
+        return (f"{self.root} ({how + '; ' if how else ''}{self.layout} from {self.source}; "
+                f"{self.fingerprint.get('cases', '?')} cases, "
                 f"split {len(self.split['train'])}/{len(self.split['val'])}/{len(self.split['test'])}; "
                 f"prepared for {models})")
 
 
+def _what_it_is(folder: Path) -> str:
+    """What to do with a folder given as a prepared dataset that is none: a raw dataset is prepared
+    into a folder of its own (prepare never writes into its source)."""
+    from trainer.data.layouts import detect
+
+    try:
+        layout = detect(folder).name
+    except DataError:
+        return "make one with: unet-train prepare --src RAW --out DIR, then --data DIR"
+    return (f"it is a raw {layout} dataset: prepare it with: unet-train prepare --src {folder} (it writes "
+            f"{DEFAULT_PARENT / folder.name}), then --data that folder")
+
+
 def find_dataset(given: Path | None) -> tuple[Path, str]:
     """The prepared dataset folder a command works on, and how it was found (for the log): the one
-    given (``--data`` / ``data.dataset``), else the last one prepared from the current folder."""
+    named (``--data``, ``data.dataset`` or a run's own), else the last one prepared from the current
+    folder."""
     if given is not None:
-        return Path(given).absolute(), "--data"
+        return Path(given).absolute(), "named by --data, data.dataset or the run"
     try:
         record = json.loads(read_regular_text(LAST_PREPARED, f"{LAST_PREPARED}", 1 << 16))
         folder = Path(record["dataset"])
@@ -185,6 +200,9 @@ def find_dataset(given: Path | None) -> tuple[Path, str]:
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{LAST_PREPARED}: malformed record of the last prepared dataset ({exc}); pass "
                         f"--data DIR") from None
+    if not folder.is_dir():
+        raise DataError(f"{LAST_PREPARED} names {folder} as the last dataset prepared here, and it is gone; "
+                        f"prepare again (unet-train prepare --src RAW) or pass --data DIR")
     return folder, f"the last one prepared here ({LAST_PREPARED})"
 
 

@@ -27,9 +27,15 @@ from trainer.data.regions import RegionSet
 log = logging.getLogger(__name__)
 
 
+def default_evaluation_folder(settings: Settings, split_name: str) -> Path:
+    """runs/R/evaluation for the test split (the held-out figures), runs/R/evaluation-<split> for
+    another: scoring the validation split never replaces the test figures."""
+    return settings.run_path / ("evaluation" if split_name == "test" else f"evaluation-{split_name}")
+
+
 def evaluate(settings: Settings, split_name: str = "test", limit: int | None = None, out: Path | None = None,
              save_predictions: bool = True, progress: bool = True, **predictor_options) -> dict:
-    out = Path(out or settings.run_path / "evaluation")
+    out = Path(out or default_evaluation_folder(settings, split_name))
     dataset = raw_dataset(settings)
     # never into (or around) the dataset it reads: its root, image and label folders
     check_output_folder(out, [dataset.root, *(path.parent for case in dataset.cases

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.config.kinds import KINDS
-from trainer.config.settings import Settings
+from trainer.config.settings import ModelSettings, Settings
 from trainer.errors import UserError
 from trainer.fsutil import read_regular_text
 from trainer.planning.fingerprint import DatasetFingerprint
@@ -80,7 +80,12 @@ def make_plan(settings: Settings, data: DatasetFingerprint, node: NodeFingerprin
         why = "asked for (--model)"
     plan.add("train.model", model, why)
 
-    if node.gpus:
+    if settings.train.precision != "auto":
+        precision, why = settings.train.precision, "asked for (train.precision)"
+    elif not KINDS[model].slices and settings.model.base_filters_3d < ModelSettings().base_filters_3d:
+        precision, why = "fp32", (f"a 3D model narrower than the default ({settings.model.base_filters_3d} filters) "
+                                  f"diverged in bf16 (seen at 2, 4 and 8 filters); bf16 was measured at 16")
+    elif node.gpus:
         precision, why = "fp16", f"GPU ({node.gpus[0]['name']}): mixed float16"
     elif node.native_bf16:
         precision, why = "bf16", f"native bf16 ({node.bf16_reason}): 1.4-1.6x faster steps, same Dice"
@@ -132,7 +137,8 @@ def _plan_3d(plan: Plan, settings: Settings, data: DatasetFingerprint, precision
                          f"{peak / 1024:.1f} GB fits {plan.budget_mib / 1024:.1f} GB")
                 plan.add("train.batch_size", batch, "nnU-Net's 3D batch" if batch == 2 else
                          "batch 2 fits no crop of 32^3 or more: batch 1")
-                plan.add("model.base_filters_3d", settings.model.base_filters_3d, "the default width")
+                plan.add("model.base_filters_3d", settings.model.base_filters_3d, _width_reason(
+                    settings.model.base_filters_3d, ModelSettings().base_filters_3d))
                 plan.add("train.steps_per_epoch", 0, "one crop per training case per epoch (tumour-centred "
                                                     f"{settings.data.tumour_crop_fraction:.0%} of them)")
                 return
@@ -149,7 +155,8 @@ def _plan_2d(plan: Plan, settings: Settings, data: DatasetFingerprint, precision
                                               "about 0.03 Dice at the tumour's boundary")
             plan.add("train.batch_size", batch, f"the largest batch up to 32 whose predicted peak "
                                                 f"{peak / 1024:.1f} GB fits {plan.budget_mib / 1024:.1f} GB")
-            plan.add("model.base_filters_2d", settings.model.base_filters_2d, "the default width")
+            plan.add("model.base_filters_2d", settings.model.base_filters_2d, _width_reason(
+                settings.model.base_filters_2d, ModelSettings().base_filters_2d))
             slices = int(data.brain_extent["z"][1]) * max(1, round(data.cases * 0.7))
             plan.add("train.steps_per_epoch", 0, f"one pass over the training slices (about {slices} brain "
                                                 f"slices / global batch)")
@@ -157,9 +164,19 @@ def _plan_2d(plan: Plan, settings: Settings, data: DatasetFingerprint, precision
     raise_nothing_fits(plan, "2d")
 
 
+def _width_reason(width: int, default: int) -> str:
+    return "the default width" if width == default else f"the width asked for (the default is {default})"
+
+
 def raise_nothing_fits(plan: Plan, kind: str) -> None:
     raise UserError(f"plan: no {kind.upper()} configuration fits {plan.budget_mib / 1024:.1f} GB per rank (memory "
                     f"available less a {MARGIN:.0%} margin); use a node with more memory")
+
+
+def plan_source(path: Path) -> Path | None:
+    """The raw dataset folder a plan was made from (None for a plan that does not say)."""
+    source = json.loads(read_regular_text(Path(path), f"--plan {path}", PLAN_READ_LIMIT)).get("source")
+    return Path(source) if isinstance(source, str) and source else None
 
 
 def load_plan(path: Path) -> dict[str, object]:
