@@ -137,7 +137,8 @@ def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+def folder_identity(path: Path | str) -> tuple[int, int] | None:
+    """(device, inode) of what ``path`` names, following symlinks; None when it does not exist."""
     try:
         info = os.stat(path)
     except OSError:
@@ -150,12 +151,12 @@ def is_within(path: Path, folder: Path) -> bool:
     and inode of ``path`` and each of its parents), not by spelling: symlinks, bind mounts, ``..``
     and ``//`` all resolve to the folder they name. A ``path`` that does not exist yet is judged by
     its nearest existing parent."""
-    target = _identity(folder)
+    target = folder_identity(folder)
     if target is None:
         return False
     current = Path(os.path.realpath(path))
     while True:
-        if _identity(current) == target:
+        if folder_identity(current) == target:
             return True
         if current.parent == current:
             return False

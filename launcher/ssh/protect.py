@@ -20,6 +20,7 @@ from pathlib import Path
 from trainer.config.settings import Settings
 from trainer.data.prepared import DEFAULT_PARENT
 from trainer.errors import UserError
+from trainer.fsutil import folder_identity
 
 RSYNC_WILDCARDS = set("*?[\\")
 
@@ -87,25 +88,17 @@ def _inside_by_identity(path: str, base: str) -> str | None:
     device and inode, whatever either is called: a bind mount of the workdir, or a parent reached
     through another mount, is the workdir. None when ``base`` does not exist here or holds no part
     of ``path``."""
-    target = _identity(base)
+    target = folder_identity(base)
     if target is None:
         return None
     current, below = Path(os.path.realpath(path)), []
     while True:
-        if _identity(str(current)) == target:
+        if folder_identity(current) == target:
             return "/".join(reversed(below)) or "."
         if current.parent == current:
             return None
         below.append(current.name)
         current = current.parent
-
-
-def _identity(path: str) -> tuple[int, int] | None:
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return info.st_dev, info.st_ino
 
 
 def _fold(text: str) -> str:
