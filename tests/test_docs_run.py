@@ -62,7 +62,7 @@ from pathlib import Path
 
 import pytest
 
-from support.procs import REPO_ROOT, processes_mentioning
+from support.procs import REPO_ROOT, free_port_block, processes_mentioning
 from support.sshd_hosts import SSHD
 
 pytestmark = pytest.mark.slow  # runs every documented command: minutes, not in scripts/test.sh --fast
@@ -446,7 +446,7 @@ class Reader:
             self.env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
         # worker .. worker+2: a launch with 3 worker hosts takes the listed port + 1, + 2 (launcher/ssh/plan.py);
         # slurm_base .. +4: a PS job's 4 tasks and the chief's control port
-        base = port_block(16, ["127.0.0.1", *HOSTS.values()])
+        base = free_port_block(16, ["127.0.0.1", *HOSTS.values()])
         self.ports = {"ps": base, "worker": base + 1, "chief": base + 4, "control": base + 5, "tensorboard": base + 6,
                       "slurm_base": base + 8, "ssh": 22}   # ssh: the sshd hosts' port once started
 
@@ -575,31 +575,6 @@ def tracked_top_level() -> list[str]:
     return sorted({f.split("/", 1)[0] for f in files if f})
 
 
-def port_block(count: int, addresses: list[str]) -> int:
-    """The first of ``count`` consecutive ports free on every address, below the kernel's ephemeral
-    range: a document uses them minutes after this check, and a free port inside that range was
-    taken meanwhile by some connection's local end (seen: a Slurm PS worker's gRPC port, 7 min on)."""
-    import random
-    import socket
-
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) \
-        if Path("/proc/sys/net/ipv4/ip_local_port_range").exists() else 32768
-    for _ in range(200):
-        base = random.randrange(10000, max(10001, low - count))
-        held = []
-        try:
-            for port in range(base, base + count):
-                for address in addresses:
-                    sock = socket.socket()
-                    held.append(sock)
-                    sock.bind((address, port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in held:
-                sock.close()
-    raise RuntimeError(f"no {count} consecutive free ports below {low}")
 
 
 def block_script(block: Block) -> str:

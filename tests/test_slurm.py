@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from support.procs import child_env, kill_group, processes_mentioning, run_bounded, unet_train_cmd, wait_until_gone
+from support.procs import (child_env, free_port_block, kill_group, processes_mentioning, run_bounded, unet_train_cmd,
+                           wait_until_gone)
 from support.slurm_cluster import NODE, PARTITION, available, start_slurm_cluster
 
 pytestmark = pytest.mark.slow  # trains models or starts processes: not in scripts/test.sh --fast
@@ -43,27 +43,6 @@ def slurm():
         cluster.stop()
 
 
-def free_port_block(count: int) -> int:
-    """A base port with ``count`` consecutive free ports on 127.0.0.1 (PS mode: port_base + slot)."""
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + count > 65000:
-            continue
-        try:
-            held = []
-            for port in range(base, base + count):
-                sock = socket.socket()
-                held.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in held:
-                sock.close()
-    raise RuntimeError("no free port block")
 
 
 def tiny(prepared_brats, tmp_path, epochs: int = 1) -> list[str]:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -71,3 +72,30 @@ def wait_until_gone(text, timeout: float = 30) -> list[str]:
     while (left := processes_mentioning(text)) and time.monotonic() < deadline:
         time.sleep(0.5)
     return left
+
+
+def free_port_block(count: int, addresses: Sequence[str] = ("127.0.0.1",)) -> int:
+    """The first of ``count`` consecutive ports free on every address, below the kernel's ephemeral
+    range: a document uses them minutes after this check, and a free port inside that range was
+    taken meanwhile by some connection's local end (seen: a Slurm PS worker's gRPC port, 7 min on)."""
+    import random
+    import socket
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) \
+        if Path("/proc/sys/net/ipv4/ip_local_port_range").exists() else 32768
+    for _ in range(200):
+        base = random.randrange(10000, max(10001, low - count))
+        held = []
+        try:
+            for port in range(base, base + count):
+                for address in addresses:
+                    sock = socket.socket()
+                    held.append(sock)
+                    sock.bind((address, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free ports below {low}")
